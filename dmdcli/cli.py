@@ -1,0 +1,178 @@
+"""The `dmd` command: thin Typer wrappers over the engine. User mistakes raise UserError,
+printed here as one line with exit code 2; anything else keeps its traceback (exit 1)."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import List, Optional
+
+import click
+import typer
+from rich.console import Console
+from rich.progress import (BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn,
+                           TimeElapsedColumn, TimeRemainingColumn)
+from rich.table import Table
+from rich.text import Text
+
+from .errors import UserError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Distribution Matching Distillation: one-step generators from diffusion teachers.")
+console = Console(stderr=True)
+
+
+class RateColumn(ProgressColumn):
+    def render(self, task) -> Text:
+        return Text(f"{task.speed:.1f}/s" if task.speed else "-/s", style="cyan")
+
+
+def progress_bar(extra: str = "") -> Progress:
+    columns = [TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), RateColumn(),
+               TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn()]
+    if extra:
+        columns.append(TextColumn(extra))
+    return Progress(*columns, console=console, transient=False)
+
+
+@app.command()
+def distill(recipe: Path = typer.Argument(..., help="TOML recipe, e.g. recipes/toy2d.toml"),
+            set_: List[str] = typer.Option([], "--set", help="override: section.key=value (TOML value)"),
+            dry_run: bool = typer.Option(False, "--dry-run", help="print the resolved recipe and stop")):
+    """Distil a teacher into a one-step generator. Rerun the same command to resume."""
+    from .recipe import load_recipe, to_toml
+
+    r = load_recipe(recipe, set_)
+    if dry_run:
+        typer.echo(to_toml(r), nl=False)
+        return
+    from .trainer import distill as run_distill
+
+    run_dir = run_distill(r, lambda: progress_bar("{task.fields[losses]}"), console)
+    console.print(f"run folder: {run_dir}")
+
+
+def _teacher_from(name: str, recipe: Optional[Path], set_: List[str]):
+    from .recipe import TeacherConfig, load_recipe
+    from .teacher import build_teacher
+
+    cfg = load_recipe(recipe, set_).teacher if recipe else TeacherConfig(name=name)
+    if recipe and cfg.name != name:
+        raise UserError(f"--teacher {name} but recipe {recipe} names teacher {cfg.name!r}")
+    return build_teacher(cfg)
+
+
+@app.command("make-pairs")
+def make_pairs(teacher: str = typer.Option(..., help="teacher name, e.g. gmm"),
+               num: int = typer.Option(..., help="number of pairs"),
+               out: Path = typer.Option(..., help="output folder"),
+               recipe: Optional[Path] = typer.Option(None, help="take the teacher's settings from this recipe"),
+               set_: List[str] = typer.Option([], "--set", help="recipe override, section.key=value"),
+               steps: int = typer.Option(50, help="ODE sampler steps"),
+               sampler: str = typer.Option("ddim", help="ddim, dpmpp-2m or euler"),
+               guidance: float = typer.Option(1.0, help="CFG scale, standard form (1 = none)"),
+               seed: int = typer.Option(0), shard_size: int = typer.Option(1024), batch_size: int = typer.Option(256)):
+    """Teacher ODE (noise, output) pairs for DMD v1's regression loss. Rerun to resume."""
+    from .pairs import make_pairs as run
+
+    t = _teacher_from(teacher, recipe, set_)
+    with progress_bar() as progress:
+        manifest = run(t, out, num, seed, steps, sampler, guidance, shard_size, batch_size, progress=progress)
+    console.print(f"{sum(s['count'] for s in manifest['shards'])} pairs in {len(manifest['shards'])} shards: {out}")
+
+
+@app.command()
+def sample(run: Path = typer.Argument(..., help="run folder or checkpoint folder"),
+           num: int = typer.Option(10000, help="number of samples"),
+           out: Path = typer.Option(..., help="output folder"),
+           seed: int = typer.Option(0),
+           teacher_steps: int = typer.Option(50, help="also sample the teacher's ODE from the same noise (0: skip)"),
+           sampler: str = typer.Option("ddim", help="teacher sampler: ddim, dpmpp-2m or euler"),
+           batch_size: int = typer.Option(4096)):
+    """Sample the student (and the teacher, same noise) to OUT; writes a picture too."""
+    import torch
+
+    from .evaluate import SAMPLES_FILE, save_samples
+    from .runs import load_student
+    from .sampling import student_sample, teacher_ode
+
+    if num <= 0:
+        raise UserError(f"--num must be positive, got {num}")
+    recipe, teacher, generator, step = load_student(run)
+    g = torch.Generator().manual_seed(seed)
+    z = torch.randn(num, *teacher.sample_shape, generator=g)
+    labels = teacher.random_labels(num, g)
+    cond = teacher.encode_condition(labels)
+    results = {}
+    for who, steps in [("student", len(recipe.student.timesteps)), ("teacher", teacher_steps)]:
+        if not steps:
+            continue
+        parts, t0 = [], time.perf_counter()
+        for i in range(0, num, batch_size):
+            c = cond[i:i + batch_size] if cond is not None else None
+            if who == "student":
+                parts.append(student_sample(generator, teacher.schedule, z[i:i + batch_size], c, recipe.student.timesteps, g))
+            else:
+                parts.append(teacher_ode(teacher, z[i:i + batch_size], c, steps, recipe.teacher.guidance, sampler))
+        results[who] = (torch.cat(parts), num / (time.perf_counter() - t0), steps)
+    out.mkdir(parents=True, exist_ok=True)
+    save_samples(out / SAMPLES_FILE, results["student"][0], labels, teacher.describe(),
+                 f"student {run} step {step}, {results['student'][2]} step(s)")
+    if "teacher" in results:
+        save_samples(out / "teacher.safetensors", results["teacher"][0], labels, teacher.describe(),
+                     f"teacher {sampler} {teacher_steps} steps, guidance {recipe.teacher.guidance}")
+    teacher.save_preview(results["student"][0], results.get("teacher", (None,))[0], labels, out / "samples.png",
+                         title=f"{run} (step {step})")
+    for who, (_, rate, steps) in results.items():
+        console.print(f"{who}: {num} samples, {steps} step(s), {rate:,.0f} samples/s")
+    console.print(f"wrote {out / SAMPLES_FILE} and {out / 'samples.png'}")
+
+
+@app.command()
+def fid(samples: Path = typer.Argument(..., help="samples file or folder from `dmd sample`"),
+        ref: str = typer.Option("gmm", help="reference: 'gmm' (the exact mixture) or a samples file"),
+        json_out: Optional[Path] = typer.Option(None, "--json", help="also write the report as JSON"),
+        seed: int = typer.Option(0, help="seed for drawing exact reference samples")):
+    """Frechet distance (and mode metrics) of samples against a reference."""
+    from .evaluate import gmm_report, load_samples
+    from .io import write_json
+
+    tensors, meta = load_samples(samples)
+    desc = json.loads(meta.get("teacher", "{}"))
+    if desc.get("name") != "gmm":
+        raise UserError(f"{samples}: only samples of the 'gmm' teacher can be measured in this version")
+    report = gmm_report(tensors["x"], desc, ref, seed)
+    table = Table(title=report["metric"])
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    table.add_row("Frechet distance (GMM coords)", f"{report['frechet_distance']:.4f}")
+    table.add_row("precision (within 3 std of a mode)", f"{report['precision']:.3f}")
+    mass = report["mode_mass_ratio"]
+    table.add_row("mode mass / true weight (min .. max)", f"{min(mass):.2f} .. {max(mass):.2f}")
+    table.add_row("samples / reference", f"{report['num_samples']} / {report['num_reference']} ({report['reference']})")
+    Console().print(table)
+    if json_out:
+        write_json(json_out, report)
+
+
+def main(argv: Optional[list] = None) -> int:
+    """Entry point; returns the exit code (2 for user mistakes, with one line on stderr)."""
+    try:
+        app(args=argv, prog_name="dmd", standalone_mode=False)
+    except UserError as e:
+        console.print(f"[red]dmd: error:[/red] {e}", soft_wrap=True, highlight=False)
+        return 2
+    except click.exceptions.Exit as e:
+        return e.exit_code
+    except click.ClickException as e:
+        e.show()
+        return 2
+    except click.exceptions.Abort:
+        return 130
+    return 0
+
+
+def entry() -> None:
+    sys.exit(main())

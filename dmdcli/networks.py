@@ -1,0 +1,43 @@
+"""Small networks for low-dimensional teachers (the exact GMM): an MLP denoiser.
+
+Image teachers bring their own networks (diffusers UNets); this file is only for vectors.
+"""
+
+from __future__ import annotations
+
+import torch
+from diffusers.models.embeddings import get_timestep_embedding
+from torch import nn
+
+
+class MLPDenoiser(nn.Module):
+    """net(x_t, t, labels) -> prediction of `prediction_type` ("sample", "epsilon", ...).
+
+    Input: x_t, a sinusoidal embedding of t, and a learned class embedding whose last row
+    is the null class (for classifier-free guidance) when num_classes is set.
+    """
+
+    def __init__(self, dim: int, hidden: int = 256, layers: int = 3, num_classes: int | None = None,
+                 prediction_type: str = "epsilon", time_channels: int = 32, num_train_timesteps: int = 1000):
+        super().__init__()
+        self.prediction_type = prediction_type
+        self.time_channels = time_channels
+        self.num_train_timesteps = num_train_timesteps
+        self.num_classes = num_classes
+        self.label_embedding = nn.Embedding(num_classes + 1, hidden) if num_classes else None
+        widths = [dim + time_channels + (hidden if num_classes else 0)] + [hidden] * layers
+        body: list[nn.Module] = []
+        for a, b in zip(widths[:-1], widths[1:]):
+            body += [nn.Linear(a, b), nn.SiLU()]
+        self.body = nn.Sequential(*body, nn.Linear(hidden, dim))
+
+    def forward(self, x_t: torch.Tensor, t: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        t = t.expand(x_t.shape[0]) if t.ndim == 0 else t
+        # Scale t to [0, 1000) whatever T is, so the embedding frequencies stay meaningful.
+        temb = get_timestep_embedding(t.float() * (1000.0 / self.num_train_timesteps), self.time_channels)
+        parts = [x_t, temb.to(x_t.dtype)]
+        if self.label_embedding is not None:
+            if labels is None:
+                labels = torch.full((x_t.shape[0],), self.num_classes, device=x_t.device, dtype=torch.long)
+            parts.append(self.label_embedding(labels).to(x_t.dtype))
+        return self.body(torch.cat(parts, dim=1))

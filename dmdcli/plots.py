@@ -1,0 +1,36 @@
+"""Pictures people would rather see than read: scatter panels for vector teachers."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from .io import atomic_path
+
+
+def scatter_panels(panels: list[tuple[str, torch.Tensor]], centres: torch.Tensor | None,
+                   path: Path, title: str = "", max_points: int = 5000) -> None:
+    """One scatter per (name, samples) panel, first two coordinates, shared limits; PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 4.2), squeeze=False)
+    pts = [p[:max_points, :2].double().cpu() for _, p in panels]
+    lim = max(float(torch.cat(pts).abs().quantile(0.995)), 1.0) * 1.1
+    for ax, (name, _), p in zip(axes[0], panels, pts):
+        ax.scatter(p[:, 0], p[:, 1], s=2, alpha=0.35, linewidths=0)
+        if centres is not None:
+            ax.scatter(centres[:, 0], centres[:, 1], marker="x", c="red", s=30)
+        ax.set_title(name)
+        ax.set_xlim(-lim, lim)
+        ax.set_ylim(-lim, lim)
+        ax.set_aspect("equal")
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    with atomic_path(Path(path)) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+    plt.close(fig)

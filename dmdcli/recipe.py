@@ -1,0 +1,200 @@
+"""Recipes: TOML files validated against the dataclasses below.
+
+Parsing is tomllib's (writing, tomli_w's); this module only checks keys and types, applies
+`--set section.key=value` overrides, and resolves defaults once, so the run directory holds
+the exact recipe that ran (`recipe.toml`, itself a valid recipe).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import tomli_w
+
+from .errors import UserError
+
+
+def _choices(*values: str, default: str):
+    return field(default=default, metadata={"choices": values})
+
+
+@dataclass
+class GMMConfig:
+    """The exact teacher: a ring of `components` Gaussians, or explicit means/stds/weights."""
+    components: int = 8
+    radius: float = 3.0
+    std: float = 0.4
+    dim: int = 2
+    means: list[list[float]] = field(default_factory=list)
+    stds: list[float] = field(default_factory=list)
+    weights: list[float] = field(default_factory=list)
+    conditional: bool = False
+    hidden: int = 256      # width of the MLP generator and critic
+    layers: int = 3        # hidden layers of the MLP generator and critic
+
+
+@dataclass
+class TeacherConfig:
+    name: str = "gmm"
+    # Real-score guidance in the standard form eps_u + s (eps_c - eps_u); 1 = none.
+    guidance: float = 1.0
+    gmm: GMMConfig = field(default_factory=GMMConfig)
+
+
+@dataclass
+class RunConfig:
+    out: str = ""              # default: runs/<recipe file stem>
+    seed: int = 0
+    checkpoint_every: int = 500
+    keep_checkpoints: int = 2
+    log_every: int = 50
+    preview_samples: int = 2000
+
+
+@dataclass
+class StudentConfig:
+    # Conditioning timesteps of the generator; [999] is one step.
+    timesteps: list[int] = field(default_factory=lambda: [999])
+
+
+@dataclass
+class TrainConfig:
+    method: str = _choices("dmd2", "dmd", default="dmd2")
+    steps: int = 10000                  # iterations; the critic steps on every one
+    batch_size: int = 64
+    critic_steps_per_generator_step: int = 5
+    critic_warmup_steps: int = 0        # critic-only iterations before the generator moves
+    lr_generator: float = 2e-6
+    lr_critic: float = 2e-6
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    weight_decay: float = 0.01
+    warmup_steps: int = 500             # linear learning-rate warm-up, in optimiser steps
+    grad_clip: float = 10.0
+    dm_weight: float = 1.0
+    mixed_precision: str = _choices("no", "bf16", "fp16", default="no")
+
+
+@dataclass
+class RegressionConfig:
+    """DMD v1 only: loss on teacher ODE pairs made by `dmd make-pairs`."""
+    pairs: str = ""
+    weight: float = 0.25
+    distance: str = _choices("mse", "pseudo_huber", "lpips", default="mse")
+    batch_size: int = 0                 # 0: the training batch size
+
+
+@dataclass
+class Recipe:
+    run: RunConfig = field(default_factory=RunConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    student: StudentConfig = field(default_factory=StudentConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    regression: RegressionConfig = field(default_factory=RegressionConfig)
+
+
+_TYPE_NAMES = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}
+
+
+def _check_value(value, tp, key: str):
+    origin = typing.get_origin(tp)
+    if origin is list:
+        (inner,) = typing.get_args(tp)
+        if not isinstance(value, list):
+            raise UserError(f"recipe key '{key}' must be a list, got {value!r}")
+        return [_check_value(v, inner, f"{key}[{i}]") for i, v in enumerate(value)]
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if not isinstance(value, tp) or (tp is int and isinstance(value, bool)):
+        raise UserError(f"recipe key '{key}' must be {_TYPE_NAMES.get(tp, tp.__name__)}, got {value!r}")
+    return value
+
+
+def _build(cls, data: dict, prefix: str = ""):
+    if not isinstance(data, dict):
+        raise UserError(f"recipe key '{prefix.rstrip('.')}' must be a table (section)")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        where = f"[{prefix.rstrip('.')}]" if prefix else "the top level"
+        raise UserError(f"unknown recipe key '{prefix}{unknown[0]}' (known keys in {where}: "
+                        f"{', '.join(fields)})")
+    kwargs = {}
+    for name, value in data.items():
+        key, tp = prefix + name, hints[name]
+        if dataclasses.is_dataclass(tp):
+            kwargs[name] = _build(tp, value, key + ".")
+            continue
+        kwargs[name] = _check_value(value, tp, key)
+        choices = fields[name].metadata.get("choices")
+        if choices and value not in choices:
+            raise UserError(f"recipe key '{key}' must be one of {', '.join(map(repr, choices))}, got {value!r}")
+    return cls(**kwargs)
+
+
+def parse_override(text: str) -> tuple[list[str], object]:
+    """'train.steps=100' -> (['train', 'steps'], 100); values are TOML, or else a plain string."""
+    if "=" not in text:
+        raise UserError(f"--set {text!r}: expected section.key=value, e.g. --set train.steps=100")
+    key, raw = text.split("=", 1)
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw
+    return key.strip().split("."), value
+
+
+def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"recipe file not found: {path} (see recipes/ for examples)")
+    try:
+        data = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as e:
+        raise UserError(f"recipe {path} is not valid TOML: {e}") from None
+    for text in overrides:
+        keys, value = parse_override(text)
+        node = data
+        for k in keys[:-1]:
+            node = node.setdefault(k, {})
+            if not isinstance(node, dict):
+                raise UserError(f"--set {text!r}: '{k}' is not a section")
+        node[keys[-1]] = value
+    recipe = _build(Recipe, data)
+    if not recipe.run.out:
+        recipe.run.out = str(Path("runs") / path.stem)
+    validate(recipe)
+    return recipe
+
+
+def validate(r: Recipe) -> None:
+    """Checks across keys, each naming the key at fault."""
+    positive = {"train.steps": r.train.steps, "train.batch_size": r.train.batch_size,
+                "train.critic_steps_per_generator_step": r.train.critic_steps_per_generator_step,
+                "run.checkpoint_every": r.run.checkpoint_every, "run.log_every": r.run.log_every}
+    for key, v in positive.items():
+        if v <= 0:
+            raise UserError(f"recipe key '{key}' must be positive, got {v}")
+    if len(r.train.betas) != 2:
+        raise UserError(f"recipe key 'train.betas' must have two numbers, got {r.train.betas}")
+    if not r.student.timesteps or sorted(r.student.timesteps, reverse=True) != r.student.timesteps:
+        raise UserError("recipe key 'student.timesteps' must be a non-empty descending list, e.g. [999]")
+    if r.train.method == "dmd" and not r.regression.pairs:
+        raise UserError("train.method = 'dmd' needs regression pairs: set regression.pairs to a folder "
+                        "made by `dmd make-pairs`")
+
+
+def to_dict(recipe: Recipe) -> dict:
+    return dataclasses.asdict(recipe)
+
+
+def to_toml(recipe: Recipe) -> str:
+    return tomli_w.dumps(to_dict(recipe))
+
+
+def from_dict(data: dict) -> Recipe:
+    return _build(Recipe, data)

@@ -1,0 +1,41 @@
+"""Finding a run's recipe and newest valid checkpoint, and loading its student."""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+
+from safetensors.torch import load_file
+
+from . import checkpoint
+from .errors import UserError
+from .recipe import from_dict
+from .teacher import build_teacher
+
+
+def resolve(path: str | Path) -> tuple[Path, Path]:
+    """(run folder, checkpoint folder) for a run folder or one of its checkpoints."""
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"no run or checkpoint at {path}; give a run folder made by `dmd distill`")
+    if (path / "manifest.json").is_file() and path.parent.name == "checkpoints":
+        problem = checkpoint.verify(path)
+        if problem:
+            raise UserError(f"checkpoint {path} is unusable: {problem}")
+        return path.parent.parent, path
+    if not (path / "recipe.toml").is_file():
+        raise UserError(f"{path} is not a run folder (no recipe.toml); give a folder made by `dmd distill`")
+    ckpt = checkpoint.latest_valid(path)
+    if ckpt is None:
+        raise UserError(f"run {path} has no valid checkpoint yet; run `dmd distill {path}/recipe.toml` first")
+    return path, ckpt
+
+
+def load_student(path: str | Path, device="cpu"):
+    """(recipe, teacher, generator in eval mode, step) of a run or checkpoint."""
+    run_dir, ckpt = resolve(path)
+    recipe = from_dict(tomllib.loads((run_dir / "recipe.toml").read_text()))
+    teacher = build_teacher(recipe.teacher).to(device)
+    generator = teacher.make_generator()
+    generator.load_state_dict(load_file(str(ckpt / "generator.safetensors")))
+    return recipe, teacher, generator.to(device).eval(), checkpoint.step_of(ckpt)

@@ -1,0 +1,97 @@
+"""Noise schedules: VP (DDPM / Stable Diffusion) and EDM (VE), conversions between predictions.
+
+VP coefficients come from a diffusers scheduler's own `alphas_cumprod`, so any teacher's
+scheduler config is honoured exactly; EDM sigmas from diffusers' EDM scheduler. Only the
+conversions (SPEC section 1) are ours, done in float64 and cast back.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def _bcast(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    return v.view(-1, *([1] * (like.ndim - 1)))
+
+
+class VPSchedule:
+    """x_t = sqrt(a_t) x0 + sqrt(1 - a_t) eps with integer t in [0, T)."""
+
+    family = "vp"
+
+    def __init__(self, alphas_cumprod: torch.Tensor):
+        self.alphas_cumprod = alphas_cumprod.double().cpu()
+        self.num_train_timesteps = len(self.alphas_cumprod)
+        self._cache: dict[torch.device, torch.Tensor] = {}
+
+    @classmethod
+    def from_scheduler_config(cls, config: dict) -> "VPSchedule":
+        from diffusers import DDPMScheduler
+
+        return cls(DDPMScheduler.from_config(config).alphas_cumprod)
+
+    def _alpha_bar(self, t: torch.Tensor) -> torch.Tensor:
+        table = self._cache.get(t.device)
+        if table is None:
+            table = self._cache[t.device] = self.alphas_cumprod.to(t.device)
+        return table[t.long()]
+
+    def coefficients(self, t: torch.Tensor, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(sqrt(a_t), sqrt(1 - a_t)) in float64, shaped to broadcast against `like`."""
+        a = _bcast(self._alpha_bar(t), like)
+        return a.sqrt(), (1 - a).sqrt()
+
+    def add_noise(self, x0: torch.Tensor, eps: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        s, n = self.coefficients(t, x0)
+        return (s * x0.double() + n * eps.double()).to(x0.dtype)
+
+    def to_x0(self, pred: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, prediction_type: str) -> torch.Tensor:
+        if prediction_type == "sample":
+            return pred
+        s, n = self.coefficients(t, x_t)
+        p, x = pred.double(), x_t.double()
+        if prediction_type == "epsilon":
+            out = (x - n * p) / s
+        elif prediction_type == "v_prediction":
+            out = s * x - n * p
+        else:
+            raise ValueError(f"unknown prediction_type {prediction_type!r}")
+        return out.to(pred.dtype)
+
+    def to_eps(self, pred: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, prediction_type: str) -> torch.Tensor:
+        if prediction_type == "epsilon":
+            return pred
+        s, n = self.coefficients(t, x_t)
+        p, x = pred.double(), x_t.double()
+        if prediction_type == "sample":
+            out = (x - s * p) / n
+        elif prediction_type == "v_prediction":
+            out = n * x + s * p
+        else:
+            raise ValueError(f"unknown prediction_type {prediction_type!r}")
+        return out.to(pred.dtype)
+
+
+class EDMSchedule:
+    """x_t = x0 + sigma eps; 1000 Karras sigmas (sigma_min 0.002, sigma_max 80, rho 7),
+    ascending by index as DMD2 indexes them (SPEC section 1)."""
+
+    family = "edm"
+
+    def __init__(self, sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0,
+                 num_train_timesteps: int = 1000, sigma_data: float = 0.5):
+        from diffusers import EDMEulerScheduler
+
+        sched = EDMEulerScheduler(sigma_min=sigma_min, sigma_max=sigma_max, rho=rho,
+                                  sigma_schedule="karras", num_train_timesteps=num_train_timesteps)
+        sched.set_timesteps(num_train_timesteps)
+        # diffusers orders sigmas descending with a trailing 0; DMD2 indexes them ascending.
+        self.sigmas = sched.sigmas[:-1].double().flip(0).cpu()
+        self.num_train_timesteps = num_train_timesteps
+        self.sigma_data = sigma_data
+
+    def sigma(self, t: torch.Tensor) -> torch.Tensor:
+        return self.sigmas.to(t.device)[t.long()]
+
+    def add_noise(self, x0: torch.Tensor, eps: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return (x0.double() + _bcast(self.sigma(t), x0) * eps.double()).to(x0.dtype)

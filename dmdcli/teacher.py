@@ -1,0 +1,66 @@
+"""The teacher interface every DMD component talks to, and the registry of teachers.
+
+Whatever its noise family, a teacher answers one question (SPEC section 1):
+`x0_hat = denoise(x_t, t, cond, guidance)`. It also says how to make the two trainable
+networks (the one-step generator and the critic, i.e. the fake score) and how to encode
+conditions. The DMD math never sees more than that.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from pathlib import Path
+
+import torch
+from torch import nn
+
+
+class Teacher(ABC):
+    name: str
+    family: str              # "vp" or "edm"
+    schedule: object          # VPSchedule or EDMSchedule
+    sample_shape: tuple[int, ...]
+    num_classes: int | None   # None: unconditional
+
+    @abstractmethod
+    def denoise(self, x_t: torch.Tensor, t: torch.Tensor, cond, guidance: float = 1.0) -> torch.Tensor:
+        """The real score as an x0 prediction; guidance in the standard CFG form (1 = none)."""
+
+    @abstractmethod
+    def make_generator(self) -> nn.Module:
+        """The student: a network `net(x_t, t, cond) -> raw` with a `prediction_type` attribute."""
+
+    @abstractmethod
+    def make_critic(self) -> nn.Module:
+        """The fake score, same calling convention as the generator."""
+
+    def random_labels(self, n: int, generator: torch.Generator) -> torch.Tensor | None:
+        if not self.num_classes:
+            return None
+        return torch.randint(0, self.num_classes, (n,), generator=generator, device=generator.device)
+
+    def encode_condition(self, labels: torch.Tensor | None):
+        """Labels (or prompts, for text teachers) to what the networks take as `cond`."""
+        return labels
+
+    def to(self, device: torch.device) -> "Teacher":
+        return self
+
+    @abstractmethod
+    def describe(self) -> dict:
+        """Everything that identifies this teacher, for manifests and run records."""
+
+    def save_preview(self, student: torch.Tensor, teacher: torch.Tensor | None,
+                     labels: torch.Tensor | None, path: Path, title: str = "") -> None:
+        """Write a picture of samples (PNG) for people to look at."""
+
+
+def build_teacher(cfg) -> Teacher:
+    """Construct the teacher named by a recipe's [teacher] section."""
+    if cfg.name == "gmm":
+        from .gmm import GMMTeacher
+
+        return GMMTeacher(cfg.gmm)
+    from .errors import UserError
+
+    raise UserError(f"unknown teacher {cfg.name!r}: available teachers are 'gmm'")

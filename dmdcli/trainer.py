@@ -1,0 +1,284 @@
+"""The DMD training loop on accelerate: generator, frozen real score (the teacher), critic.
+
+Every iteration the critic (fake score) takes one step on fresh generator samples; the
+generator steps once every `critic_steps_per_generator_step` iterations after
+`critic_warmup_steps` (DMD2's two time-scale rule; DMD v1 is ratio 1 plus regression).
+To resume, run the same command again: the newest valid checkpoint in the run folder is
+loaded and training continues bitwise as if never stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from diffusers.optimization import get_scheduler
+from safetensors.torch import load_file, save_file
+
+from . import checkpoint, losses
+from .errors import UserError
+from .io import write_text
+from .pairs import PairSet
+from .recipe import Recipe, from_dict, to_dict, to_toml
+from .sampling import generator_x0, student_sample
+from .teacher import build_teacher
+
+# Keys that may change between a run and its resumption (they do not change the result).
+RESUMABLE_CHANGES = {("train", "steps"), ("run", "checkpoint_every"), ("run", "keep_checkpoints"),
+                     ("run", "log_every"), ("run", "preview_samples")}
+
+
+def _check_same_run(run_dir: Path, recipe: Recipe) -> None:
+    saved = run_dir / "recipe.toml"
+    if not saved.is_file():
+        return
+    import tomllib
+
+    old, new = to_dict(from_dict(tomllib.loads(saved.read_text()))), to_dict(recipe)
+    for section in new:
+        for key in new[section]:
+            if (section, key) not in RESUMABLE_CHANGES and old[section][key] != new[section][key]:
+                raise UserError(f"{run_dir} holds a run with a different recipe ({section}.{key}: "
+                                f"{old[section][key]!r} there, {new[section][key]!r} now); to start a new "
+                                f"run use another folder, e.g. --set run.out={run_dir}-2")
+
+
+class DMDTrainer:
+    def __init__(self, recipe: Recipe, accelerator: Accelerator | None = None):
+        self.recipe = r = recipe
+        self.run_dir = Path(r.run.out)
+        self.acc = accelerator or Accelerator(cpu=not torch.cuda.is_available(),
+                                              mixed_precision=r.train.mixed_precision)
+        device = self.acc.device
+        self.teacher = build_teacher(r.teacher).to(device)
+        self.schedule = self.teacher.schedule
+        self.pairs = (PairSet(r.regression.pairs, self.teacher.sample_shape)
+                      if r.train.method == "dmd" else None)
+        torch.manual_seed(r.run.seed)  # network initialisation
+        generator, critic = self.teacher.make_generator(), self.teacher.make_critic()
+        opt_g = torch.optim.AdamW(generator.parameters(), lr=r.train.lr_generator,
+                                  betas=tuple(r.train.betas), weight_decay=r.train.weight_decay)
+        opt_c = torch.optim.AdamW(critic.parameters(), lr=r.train.lr_critic,
+                                  betas=tuple(r.train.betas), weight_decay=r.train.weight_decay)
+        # Schedulers stay unprepared: accelerate would step them once per process.
+        self.sched_g = get_scheduler("constant_with_warmup", opt_g, num_warmup_steps=r.train.warmup_steps)
+        self.sched_c = get_scheduler("constant_with_warmup", opt_c, num_warmup_steps=r.train.warmup_steps)
+        self.generator, self.critic, self.opt_g, self.opt_c = self.acc.prepare(generator, critic, opt_g, opt_c)
+        seed = r.run.seed * 1000 + self.acc.process_index
+        self.rng = torch.Generator(device=device).manual_seed(seed)       # noise, timesteps, labels
+        self.data_rng = torch.Generator().manual_seed(seed + 1)          # pair indices
+        self.step = 0
+
+    # -- one iteration's pieces -------------------------------------------------------------
+    def _noise(self, n: int) -> torch.Tensor:
+        return torch.randn(n, *self.teacher.sample_shape, generator=self.rng, device=self.acc.device)
+
+    def _generator_input(self, z, cond):
+        """Input and timestep for the generator: pure noise at timesteps[0] or, for few-step
+        students, DMD2's backward simulation to a step index shared by all ranks."""
+        ts = self.recipe.student.timesteps
+        k = int(torch.randint(len(ts), (1,), generator=torch.Generator().manual_seed(
+            self.recipe.run.seed * 7919 + self.step))) if len(ts) > 1 else 0
+        x = student_sample(self.generator, self.schedule, z, cond, ts[:k], self.rng) if k else z
+        if k:
+            eps = torch.randn(x.shape, generator=self.rng, device=x.device)
+            x = self.schedule.add_noise(x, eps, torch.full((len(x),), ts[k], device=x.device, dtype=torch.long))
+        return x, torch.full((len(z),), ts[k], device=z.device, dtype=torch.long)
+
+    def _fake_samples(self, n: int, grad: bool):
+        labels = self.teacher.random_labels(n, self.rng)
+        cond = self.teacher.encode_condition(labels)
+        x_in, t_in = self._generator_input(self._noise(n), cond)
+        with torch.set_grad_enabled(grad), self.acc.autocast():
+            x = generator_x0(self.generator, self.schedule, x_in, t_in, cond)
+        return x, cond
+
+    def generator_step(self) -> dict:
+        r = self.recipe
+        x, cond = self._fake_samples(r.train.batch_size, grad=True)
+        t = losses.dm_timesteps(len(x), self.schedule.num_train_timesteps, self.rng, x.device)
+        x_t = self.schedule.add_noise(x.detach(), torch.randn(x.shape, generator=self.rng, device=x.device), t)
+        with torch.no_grad(), self.acc.autocast():
+            x0_real = self.teacher.denoise(x_t, t, cond, r.teacher.guidance)
+            x0_fake = generator_x0(self.critic, self.schedule, x_t, t, cond)
+        loss_dm, non_finite = losses.distribution_matching_loss(x, x0_real, x0_fake)
+        loss, logs = r.train.dm_weight * loss_dm, {"loss_dm": loss_dm.item(), "dm_non_finite": non_finite}
+        if self.pairs is not None:
+            z, y, labels = self.pairs.batch(r.regression.batch_size or r.train.batch_size, self.data_rng)
+            z, y = z.to(x.device), y.to(x.device)
+            cond_p = self.teacher.encode_condition(labels.to(x.device) if labels is not None else None)
+            t_p = torch.full((len(z),), r.student.timesteps[0], device=x.device, dtype=torch.long)
+            with self.acc.autocast():
+                pred = generator_x0(self.generator, self.schedule, z, t_p, cond_p)
+            loss_reg = losses.regression_loss(pred, y, r.regression.distance)
+            loss = loss + r.regression.weight * loss_reg
+            logs["loss_reg"] = loss_reg.item()
+        self._check_finite(loss, "generator")
+        self.acc.backward(loss)
+        logs["grad_norm_g"] = float(self.acc.clip_grad_norm_(self.generator.parameters(), r.train.grad_clip))
+        self.opt_g.step()
+        self.sched_g.step()
+        self.opt_g.zero_grad(set_to_none=True)
+        return logs
+
+    def critic_step(self) -> dict:
+        r = self.recipe
+        x, cond = self._fake_samples(r.train.batch_size, grad=False)
+        t = losses.critic_timesteps(len(x), self.schedule.num_train_timesteps, self.rng, x.device)
+        eps = torch.randn(x.shape, generator=self.rng, device=x.device)
+        x_t = self.schedule.add_noise(x, eps, t)
+        with self.acc.autocast():
+            pred = self.critic(x_t, t, cond)
+        net = self.acc.unwrap_model(self.critic)
+        if self.schedule.family == "vp":
+            loss = losses.critic_loss_vp(self.schedule.to_eps(pred, x_t, t, net.prediction_type), eps)
+        else:
+            loss = losses.critic_loss_edm(pred, x, self.schedule.sigma(t), self.schedule.sigma_data)
+        self._check_finite(loss, "critic")
+        self.acc.backward(loss)
+        self.acc.clip_grad_norm_(self.critic.parameters(), r.train.grad_clip)
+        self.opt_c.step()
+        self.sched_c.step()
+        self.opt_c.zero_grad(set_to_none=True)
+        return {"loss_critic": loss.item()}
+
+    def _check_finite(self, loss: torch.Tensor, which: str) -> None:
+        if not torch.isfinite(loss):
+            last = checkpoint.latest_valid(self.run_dir)
+            keep = f"the last good checkpoint is kept: {last}" if last else "no checkpoint was written yet"
+            raise UserError(f"the {which} loss became {loss.item()} at step {self.step}; {keep}. "
+                            f"Lower train.lr_{which} or raise train.warmup_steps, then rerun")
+
+    def is_generator_turn(self) -> bool:
+        t = self.recipe.train
+        return self.step >= t.critic_warmup_steps and (self.step - t.critic_warmup_steps) % t.critic_steps_per_generator_step == 0
+
+    def train_step(self) -> dict:
+        logs = self.generator_step() if self.is_generator_turn() else {}
+        logs.update(self.critic_step())
+        self.step += 1
+        return logs
+
+    # -- state ------------------------------------------------------------------------------
+    def save(self) -> Path | None:
+        acc, r = self.acc, self.recipe
+        if acc.is_main_process:
+            checkpoint.begin(self.run_dir, self.step)
+        acc.wait_for_everyone()
+        tmp = checkpoint.tmp_path(self.run_dir, self.step)
+        checkpoint.save_tree(tmp, f"rng-rank{acc.process_index}", {
+            "rng": self.rng.get_state(), "data_rng": self.data_rng.get_state(), "torch": torch.get_rng_state()})
+        acc.wait_for_everyone()
+        final = None
+        if acc.is_main_process:
+            save_file(acc.unwrap_model(self.generator).state_dict(), str(tmp / "generator.safetensors"))
+            save_file(acc.unwrap_model(self.critic).state_dict(), str(tmp / "critic.safetensors"))
+            checkpoint.save_tree(tmp, "state", {
+                "step": self.step, "opt_g": self.opt_g.state_dict(), "opt_c": self.opt_c.state_dict(),
+                "sched_g": self.sched_g.state_dict(), "sched_c": self.sched_c.state_dict()})
+            final = checkpoint.commit(tmp, self.step, r.run.keep_checkpoints)
+        acc.wait_for_everyone()
+        return final
+
+    def load(self, ckpt: Path) -> None:
+        acc = self.acc
+        acc.unwrap_model(self.generator).load_state_dict(load_file(str(ckpt / "generator.safetensors")))
+        acc.unwrap_model(self.critic).load_state_dict(load_file(str(ckpt / "critic.safetensors")))
+        state = checkpoint.load_tree(ckpt, "state")
+        self.opt_g.load_state_dict(state["opt_g"])
+        self.opt_c.load_state_dict(state["opt_c"])
+        self.sched_g.load_state_dict(state["sched_g"])
+        self.sched_c.load_state_dict(state["sched_c"])
+        self.step = state["step"]
+        rank_file = f"rng-rank{acc.process_index}"
+        if not (ckpt / f"{rank_file}.safetensors").is_file():
+            raise UserError(f"{ckpt} was written by fewer processes than this run has; "
+                            f"resume with the same number of processes")
+        rng = checkpoint.load_tree(ckpt, rank_file)
+        self.rng.set_state(rng["rng"])
+        self.data_rng.set_state(rng["data_rng"])
+        torch.set_rng_state(rng["torch"])
+
+    # -- the run ----------------------------------------------------------------------------
+    def preview(self, name: str) -> None:
+        if not self.acc.is_main_process or not self.recipe.run.preview_samples:
+            return
+        n = self.recipe.run.preview_samples
+        g = torch.Generator(device=self.acc.device).manual_seed(12345)
+        z = torch.randn(n, *self.teacher.sample_shape, generator=g, device=self.acc.device)
+        labels = self.teacher.random_labels(n, g)
+        x = student_sample(self.generator, self.schedule, z, self.teacher.encode_condition(labels),
+                           self.recipe.student.timesteps, g)
+        self.teacher.save_preview(x.cpu(), None, labels, self.run_dir / "previews" / f"{name}.png",
+                                  title=f"{self.recipe.train.method} student, {name}")
+
+
+def distill(recipe: Recipe, progress_factory=None, console=None) -> Path:
+    """Run (or resume) a distillation; returns the run folder."""
+    run_dir = Path(recipe.run.out)
+    _check_same_run(run_dir, recipe)
+    trainer = DMDTrainer(recipe)
+    acc = trainer.acc
+    if acc.is_main_process:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        write_text(run_dir / "recipe.toml", to_toml(recipe))
+    last = checkpoint.latest_valid(run_dir)
+    if last is not None:
+        trainer.load(last)
+        if console and acc.is_main_process:
+            console.print(f"resuming {run_dir} from {last.name}")
+    metrics_path = run_dir / "metrics.jsonl"
+    if acc.is_main_process:
+        _truncate_metrics(metrics_path, trainer.step)
+    total = recipe.train.steps
+    if trainer.step >= total:
+        if console and acc.is_main_process:
+            console.print(f"{run_dir} is already complete at step {trainer.step}")
+        return run_dir
+    sums: dict[str, float] = {}
+    counts: dict[str, int] = {}
+    t0 = time.time()
+    progress = progress_factory() if (progress_factory and acc.is_main_process) else None
+    with progress or _Null():
+        task = progress.add_task("distill", total=total, completed=trainer.step, losses="") if progress else None
+        while trainer.step < total:
+            logs = trainer.train_step()
+            for k, v in logs.items():
+                sums[k] = sums.get(k, 0.0) + v
+                counts[k] = counts.get(k, 0) + 1
+            step = trainer.step
+            if step % recipe.run.log_every == 0 or step == total:
+                means = {k: sums[k] / counts[k] for k in sums}
+                means.update(step=step, lr_generator=trainer.sched_g.get_last_lr()[0], seconds=time.time() - t0)
+                if acc.is_main_process:
+                    with open(metrics_path, "a") as f:
+                        f.write(json.dumps(means) + "\n")
+                if progress:
+                    progress.update(task, losses="  ".join(f"{k[5:]} {means[k]:.4f}" for k in sorted(means)
+                                                           if k.startswith("loss_")))
+                sums, counts = {}, {}
+            if progress:
+                progress.update(task, completed=step)
+            if step % recipe.run.checkpoint_every == 0 or step == total:
+                trainer.save()
+                trainer.preview(f"step-{step:08d}")
+    return run_dir
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Drop log lines past the checkpoint we resume from, so the log reads as one run."""
+    if not path.is_file():
+        return
+    keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+    write_text(path, "".join(line + "\n" for line in keep))
+
+
+class _Null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
