@@ -52,10 +52,10 @@ def distribution_matching_loss(x: torch.Tensor, x0_real: torch.Tensor,
     Its gradient with respect to x is grad / x.numel(): the KL gradient of eq. 7 up to a
     positive constant. x0_real and x0_fake must come from no_grad evaluations of the real
     (teacher, with guidance) and fake (critic, no guidance) scores at the same noisy x_t.
-    Compute in float32: the normaliser is a small difference of large numbers.
+    Computed in float32 at least: the normaliser is a small difference of large numbers.
     """
-    x32 = x.float()
-    grad, non_finite = dm_gradient(x32.detach(), x0_real.float(), x0_fake.float())
+    x32 = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+    grad, non_finite = dm_gradient(x32.detach(), x0_real.to(x32.dtype), x0_fake.to(x32.dtype))
     target = (x32 - grad).detach()
     return 0.5 * F.mse_loss(x32, target, reduction="mean"), non_finite
 

@@ -1,0 +1,104 @@
+"""The exact teacher and the VP schedule, against Monte Carlo and diffusers."""
+
+import pytest
+import torch
+from diffusers import DDPMScheduler
+
+from dmdcli.gmm import SCHEDULER_CONFIG, GMMTeacher, Mixture
+from dmdcli.recipe import GMMConfig
+from dmdcli.sampling import teacher_ode
+from dmdcli.schedules import EDMSchedule, VPSchedule
+
+
+def mc_posterior_mean(mixture, x_t, a, b, n=2_000_000, seed=0, labels=None):
+    """E[x0 | x_t] by self-normalised importance sampling from the prior."""
+    g = torch.Generator().manual_seed(seed)
+    x0, _ = mixture.sample(n, g, labels)
+    logw = -((x_t[None] - a * x0) ** 2).sum(1) / (2 * b * b)
+    w = torch.softmax(logw, 0)
+    return (w[:, None] * x0).sum(0)
+
+
+@pytest.mark.parametrize("t", [50, 300, 600, 900])
+def test_gmm_denoiser_matches_monte_carlo(t):
+    cfg = GMMConfig(weights=[1, 2, 1, 1, 3, 1, 1, 2], std=0.4)  # unequal weights on purpose
+    teacher = GMMTeacher(cfg)
+    g = torch.Generator().manual_seed(t)
+    tt = torch.full((3,), t)
+    x0, _ = teacher.mixture.sample(3, g)
+    x_t = teacher.schedule.add_noise(x0, torch.randn(3, 2, generator=g, dtype=torch.float64), tt)
+    exact = teacher.denoise(x_t, tt, None)
+    a, b = (c.item() for c in teacher.schedule.coefficients(torch.tensor([t]), x_t[:1]))
+    for i in range(3):
+        mc = mc_posterior_mean(teacher.mixture, x_t[i], a, b, seed=i)
+        torch.testing.assert_close(exact[i], mc, atol=0.02, rtol=0)
+
+
+def test_conditional_denoiser_and_guidance():
+    teacher = GMMTeacher(GMMConfig(conditional=True))
+    t = torch.full((4,), 700)
+    x_t = torch.randn(4, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    labels = torch.tensor([0, 1, 2, 3])
+    a, b = (c.item() for c in teacher.schedule.coefficients(torch.tensor([700]), x_t[:1]))
+    cond = teacher.denoise(x_t, t, labels, guidance=1.0)
+    for i in range(2):
+        mc = mc_posterior_mean(teacher.mixture, x_t[i], a, b, n=200_000, labels=torch.full((200_000,), i))
+        torch.testing.assert_close(cond[i], mc, atol=0.02, rtol=0)
+    uncond = teacher.denoise(x_t, t, None)
+    null = teacher.denoise(x_t, t, torch.full((4,), 8))        # null class = unconditional
+    torch.testing.assert_close(null, uncond)
+    guided = teacher.denoise(x_t, t, labels, guidance=3.0)
+    torch.testing.assert_close(guided, uncond + 3.0 * (cond - uncond))
+
+
+def test_vp_schedule_matches_diffusers_add_noise_and_conversions():
+    sched = DDPMScheduler.from_config(SCHEDULER_CONFIG)
+    vp = VPSchedule.from_scheduler_config(SCHEDULER_CONFIG)
+    g = torch.Generator().manual_seed(0)
+    x0, eps = torch.randn(5, 3, generator=g), torch.randn(5, 3, generator=g)
+    t = torch.tensor([0, 20, 500, 980, 999])
+    x_t = vp.add_noise(x0, eps, t)
+    torch.testing.assert_close(x_t, sched.add_noise(x0, eps, t))
+    torch.testing.assert_close(vp.to_x0(eps, x_t, t, "epsilon"), x0, atol=2e-4, rtol=1e-4)
+    torch.testing.assert_close(vp.to_eps(x0, x_t, t, "sample"), eps, atol=1e-4, rtol=1e-4)
+    v = vp.coefficients(t, x0)[0] * eps - vp.coefficients(t, x0)[1] * x0   # v = a eps - b x0
+    torch.testing.assert_close(vp.to_x0(v.float(), x_t, t, "v_prediction"), x0, atol=1e-5, rtol=1e-5)
+    # SD's schedule: alpha_bar at t = 999 is about 0.0047 (SPEC section 1).
+    assert abs(vp.alphas_cumprod[999].item() - 0.0047) < 2e-4
+
+
+def test_edm_sigmas_are_karras_ascending():
+    s = EDMSchedule().sigmas
+    assert len(s) == 1000 and torch.all(s[1:] > s[:-1])
+    assert abs(s[0].item() - 0.002) < 1e-9 and abs(s[-1].item() - 80.0) < 1e-6
+    i = torch.arange(1000, dtype=torch.float64) / 999
+    karras = (0.002 ** (1 / 7) + i * (80 ** (1 / 7) - 0.002 ** (1 / 7))) ** 7
+    torch.testing.assert_close(s, karras)
+
+
+@pytest.mark.parametrize("sampler", ["ddim", "dpmpp-2m", "euler"])
+def test_teacher_ode_reaches_the_mixture(sampler):
+    teacher = GMMTeacher(GMMConfig())
+    z = torch.randn(4000, 2, generator=torch.Generator().manual_seed(0))
+    x = teacher_ode(teacher, z, None, steps=50, sampler=sampler)
+    m = teacher.mixture.mode_metrics(x)
+    assert m["precision"] > 0.97
+    assert all(0.8 < r < 1.2 for r in m["mode_mass_ratio"])
+
+
+def test_teacher_one_step_from_noise_is_not_the_mixture():
+    """The teacher's own one-step x0 prediction collapses to the mean: it fails the mode test."""
+    teacher = GMMTeacher(GMMConfig())
+    z = torch.randn(10000, 2, generator=torch.Generator().manual_seed(0))
+    x = teacher.denoise(z, torch.full((10000,), 999), None)
+    assert teacher.mixture.mode_metrics(x)["precision"] < 0.2
+
+
+def test_mode_metrics_definition():
+    m = Mixture(torch.tensor([[0.0, 0.0], [10.0, 0.0]]), torch.tensor([1.0, 1.0]), torch.tensor([1.0, 3.0]))
+    x = torch.tensor([[0.5, 0.0], [9.0, 0.0], [10.0, 2.9], [5.0, 0.0]])
+    out = m.mode_metrics(x)
+    assert out["precision"] == 0.75          # (5, 0) is 5 std from both centres
+    # nearest: centre 0 gets 2 of 4 (weight 0.25 -> ratio 2.0), centre 1 gets 2 (0.75 -> 0.667)
+    assert out["mode_mass_ratio"][0] == pytest.approx(2.0)
+    assert out["mode_mass_ratio"][1] == pytest.approx(2 / 3)
