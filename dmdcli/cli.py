@@ -9,7 +9,6 @@ import time
 from pathlib import Path
 from typing import List, Optional
 
-import click
 import typer
 from rich.console import Console
 from rich.progress import (BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn,
@@ -18,6 +17,11 @@ from rich.table import Table
 from rich.text import Text
 
 from .errors import UserError
+
+try:  # Typer 0.20+ vendors click; older versions use the click package.
+    from typer._click import exceptions as click_exceptions
+except ImportError:  # pragma: no cover
+    from click import exceptions as click_exceptions
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Distribution Matching Distillation: one-step generators from diffusion teachers.")
@@ -78,8 +82,7 @@ def make_pairs(teacher: str = typer.Option(..., help="teacher name, e.g. gmm"),
     from .pairs import make_pairs as run
 
     t = _teacher_from(teacher, recipe, set_)
-    with progress_bar() as progress:
-        manifest = run(t, out, num, seed, steps, sampler, guidance, shard_size, batch_size, progress=progress)
+    manifest = run(t, out, num, seed, steps, sampler, guidance, shard_size, batch_size, progress_factory=progress_bar)
     console.print(f"{sum(s['count'] for s in manifest['shards'])} pairs in {len(manifest['shards'])} shards: {out}")
 
 
@@ -162,14 +165,14 @@ def main(argv: Optional[list] = None) -> int:
     try:
         app(args=argv, prog_name="dmd", standalone_mode=False)
     except UserError as e:
-        console.print(f"[red]dmd: error:[/red] {e}", soft_wrap=True, highlight=False)
+        console.print(Text("dmd: error: ", style="red") + Text(str(e)), soft_wrap=True, highlight=False)
         return 2
-    except click.exceptions.Exit as e:
+    except typer.Exit as e:
         return e.exit_code
-    except click.ClickException as e:
+    except click_exceptions.ClickException as e:
         e.show()
-        return 2
-    except click.exceptions.Abort:
+        return e.exit_code
+    except typer.Abort:
         return 130
     return 0
 

@@ -11,6 +11,7 @@ can be regenerated and checked, and shards can be made in any order by any rank.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 from pathlib import Path
@@ -21,7 +22,7 @@ from safetensors.torch import load_file, save_file
 
 from .errors import UserError
 from .io import atomic_path, sha256, write_json
-from .sampling import teacher_ode
+from .sampling import SAMPLERS, teacher_ode
 
 FORMAT = "dmd-pairs/1"
 
@@ -66,11 +67,15 @@ def _shard_done(out: Path, s: int) -> dict | None:
 
 def make_pairs(teacher, out: Path, num: int, seed: int = 0, steps: int = 50, sampler: str = "ddim",
                guidance: float = 1.0, shard_size: int = 1024, batch_size: int = 256,
-               rank: int = 0, world: int = 1, progress=None) -> dict:
+               rank: int = 0, world: int = 1, progress_factory=None) -> dict:
     """Generate (or finish generating) `num` pairs into `out`; returns the manifest."""
     out = Path(out)
     if num <= 0 or shard_size <= 0 or batch_size <= 0:
         raise UserError("--num, --shard-size and --batch-size must be positive")
+    if sampler not in SAMPLERS:
+        raise UserError(f"unknown sampler {sampler!r}: choose one of {', '.join(SAMPLERS)}")
+    if steps < 1:
+        raise UserError(f"--steps must be at least 1, got {steps}")
     settings = _settings(teacher, num, seed, steps, sampler, guidance, shard_size)
     manifest_path = out / "manifest.json"
     if manifest_path.is_file():
@@ -84,33 +89,39 @@ def make_pairs(teacher, out: Path, num: int, seed: int = 0, steps: int = 50, sam
 
     num_shards = math.ceil(num / shard_size)
     mine = [s for s in range(num_shards) if s % world == rank]
-    todo = [s for s in mine if _shard_done(out, s) is None
-            or _shard_done(out, s)["count"] != min(shard_size, num - s * shard_size)]
-    task = progress.add_task("pairs", total=sum(min(shard_size, num - s * shard_size) for s in mine)) if progress else None
-    if progress:
-        progress.update(task, completed=sum(min(shard_size, num - s * shard_size) for s in mine if s not in todo))
-    for s in todo:
-        start, count = s * shard_size, min(shard_size, num - s * shard_size)
-        noise, outputs, labels = [], [], []
-        for b in range(start, start + count, batch_size):
-            idx = range(b, min(b + batch_size, start + count))
-            z = pair_noise(seed, idx, teacher.sample_shape)
-            y = pair_labels(idx, teacher.num_classes)
-            noise.append(z)
-            outputs.append(teacher_ode(teacher, z, teacher.encode_condition(y), steps, guidance, sampler).float())
-            if y is not None:
-                labels.append(y)
-            if progress:
-                progress.advance(task, len(idx))
-        tensors = {"noise": torch.cat(noise), "output": torch.cat(outputs)}
-        if labels:
-            tensors["label"] = torch.cat(labels)
-        name = _shard_name(s)
-        with atomic_path(out / f"{name}.safetensors") as tmp:
-            save_file(tensors, str(tmp), metadata={"start": str(start), "count": str(count)})
-        write_json(out / f"{name}.json", {"file": f"{name}.safetensors", "start": start, "count": count,
-                                          "sha256": sha256(out / f"{name}.safetensors")})
+    todo = [s for s in mine if (_shard_done(out, s) or {}).get("count") != min(shard_size, num - s * shard_size)]
+    progress = progress_factory() if progress_factory else contextlib.nullcontext()
+    with progress:
+        if progress_factory:
+            task = progress.add_task("pairs", total=sum(min(shard_size, num - s * shard_size) for s in mine),
+                                     completed=sum(min(shard_size, num - s * shard_size) for s in mine if s not in todo))
+        for s in todo:
+            _make_shard(teacher, out, s, num, seed, steps, sampler, guidance, shard_size, batch_size,
+                        (lambda n: progress.advance(task, n)) if progress_factory else None)
     return finalize(out, num, num_shards) if rank == 0 else {}
+
+
+def _make_shard(teacher, out, s, num, seed, steps, sampler, guidance, shard_size, batch_size, advance) -> None:
+    start, count = s * shard_size, min(shard_size, num - s * shard_size)
+    noise, outputs, labels = [], [], []
+    for b in range(start, start + count, batch_size):
+        idx = range(b, min(b + batch_size, start + count))
+        z = pair_noise(seed, idx, teacher.sample_shape)
+        y = pair_labels(idx, teacher.num_classes)
+        noise.append(z)
+        outputs.append(teacher_ode(teacher, z, teacher.encode_condition(y), steps, guidance, sampler).float())
+        if y is not None:
+            labels.append(y)
+        if advance:
+            advance(len(idx))
+    tensors = {"noise": torch.cat(noise), "output": torch.cat(outputs)}
+    if labels:
+        tensors["label"] = torch.cat(labels)
+    name = _shard_name(s)
+    with atomic_path(out / f"{name}.safetensors") as tmp:
+        save_file(tensors, str(tmp), metadata={"start": str(start), "count": str(count)})
+    write_json(out / f"{name}.json", {"file": f"{name}.safetensors", "start": start, "count": count,
+                                      "sha256": sha256(out / f"{name}.safetensors")})
 
 
 def finalize(out: Path, num: int, num_shards: int) -> dict:

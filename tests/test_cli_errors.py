@@ -1,0 +1,100 @@
+"""Bad input: one line naming the problem and the fix, exit code 2, no traceback."""
+
+import tomllib
+
+import pytest
+import tomli_w
+
+from dmdcli.cli import main
+
+
+def run(capsys, *args):
+    code = main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def one_error_line(err: str) -> str:
+    lines = [line for line in err.strip().splitlines() if line.strip()]
+    assert len(lines) == 1, err
+    assert "Traceback" not in err
+    return lines[0]
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("train.lerning_rate", 1, "unknown recipe key 'train.lerning_rate' (known keys in [train]: method, steps,"),
+    ("train.steps", "100", "recipe key 'train.steps' must be an integer, got '100'"),
+    ("train.batch_size", 1.5, "recipe key 'train.batch_size' must be an integer, got 1.5"),
+    ("train.method", "dmd3", "recipe key 'train.method' must be one of 'dmd2', 'dmd', got 'dmd3'"),
+    ("teacher.gmm.std", "wide", "recipe key 'teacher.gmm.std' must be a number, got 'wide'"),
+    ("teacher.gmm.conditional", 1, "recipe key 'teacher.gmm.conditional' must be true or false, got 1"),
+    ("train.betas", 0.9, "recipe key 'train.betas' must be a list, got 0.9"),
+    ("bogus.x", 1, "unknown recipe key 'bogus' (known keys in the top level: run, teacher,"),
+    ("train", 3, "recipe key 'train' must be a table (section)"),
+    ("train.steps", 0, "recipe key 'train.steps' must be positive, got 0"),
+    ("student.timesteps", [499, 999], "recipe key 'student.timesteps' must be a non-empty descending list"),
+    ("teacher.name", "sdxxl", "unknown teacher 'sdxxl': available teachers are 'gmm'"),
+])
+def test_bad_recipe_key(capsys, tiny_recipe, key, value, message):
+    path = tiny_recipe()
+    data = tomllib.loads(path.read_text())
+    *sections, last = key.split(".")
+    node = data
+    for name in sections:
+        node = node.setdefault(name, {})
+    node[last] = value
+    path.write_text(tomli_w.dumps(data))
+    code, _, err = run(capsys, "distill", path)
+    assert code == 2
+    assert message in one_error_line(err)
+
+
+def test_missing_pairs_folder(tmp_path, capsys, tiny_recipe):
+    path = tiny_recipe(method="dmd", extra=f'\n[regression]\npairs = "{tmp_path}/nope"\n')
+    code, _, err = run(capsys, "distill", path)
+    assert code == 2
+    assert one_error_line(err).endswith(
+        f"pairs folder not found or not made by `dmd make-pairs`: {tmp_path}/nope (no manifest.json); "
+        f"run `dmd make-pairs ... --out {tmp_path}/nope` first")
+
+
+def test_dmd_without_pairs(capsys, tiny_recipe):
+    code, _, err = run(capsys, "distill", tiny_recipe(method="dmd"))
+    assert code == 2
+    assert "train.method = 'dmd' needs regression pairs: set regression.pairs" in one_error_line(err)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["distill", "no/such/recipe.toml"], "recipe file not found: no/such/recipe.toml"),
+    (["distill", "{recipe}", "--set", "train.steps"], "expected section.key=value"),
+    (["distill", "{recipe}", "--set", "train.stepz=3"], "unknown recipe key 'train.stepz'"),
+    (["distill", "{recipe}", "--set", "train.steps=many"], "'train.steps' must be an integer, got 'many'"),
+    (["sample", "{tmp}/none", "--out", "{tmp}/s"], "no run or checkpoint at"),
+    (["sample", "{tmp}", "--out", "{tmp}/s"], "is not a run folder (no recipe.toml)"),
+    (["fid", "{tmp}/none.safetensors"], "samples not found:"),
+    (["fid", "{recipe}"], "is not a readable safetensors samples file"),
+    (["make-pairs", "--teacher", "sdxxl", "--num", "4", "--out", "{tmp}/p"], "unknown teacher 'sdxxl'"),
+    (["make-pairs", "--teacher", "gmm", "--num", "0", "--out", "{tmp}/p"], "must be positive"),
+    (["make-pairs", "--teacher", "gmm", "--num", "4", "--out", "{tmp}/p", "--sampler", "heun3"],
+     "unknown sampler 'heun3'"),
+])
+def test_bad_command_line(tmp_path, capsys, tiny_recipe, args, message):
+    recipe = tiny_recipe()
+    args = [a.format(recipe=recipe, tmp=tmp_path) for a in args]
+    code, _, err = run(capsys, *args)
+    assert code == 2
+    assert message in one_error_line(err)
+
+
+def test_invalid_toml(tmp_path, capsys):
+    path = tmp_path / "bad.toml"
+    path.write_text("[train\nsteps = 3\n")
+    code, _, err = run(capsys, "distill", path)
+    assert code == 2
+    assert one_error_line(err).startswith(f"dmd: error: recipe {path} is not valid TOML")
+
+
+def test_unknown_option_is_a_usage_error(capsys):
+    code, _, err = run(capsys, "distill", "x.toml", "--no-such-flag")
+    assert code == 2
+    assert "No such option: --no-such-flag" in err
