@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# The toy2d benchmark: recipes/toy2d.toml as shipped, 10,000 one-step samples, metrics
+# against the exact mixture, beside the teacher's 50-step DDIM from the same noise.
+# Usage: bench/toy2d.sh [SEED]   (run from the repository root after `make test` set up .venv)
+set -euo pipefail
+seed=${1:-0}
+out=runs/bench-toy2d-seed$seed
+rm -rf "$out"
+bin=.venv/bin
+start=$(date +%s.%N)
+$bin/dmd distill recipes/toy2d.toml --set run.out="$out" --set run.seed="$seed"
+mid=$(date +%s.%N)
+$bin/dmd sample "$out" --num 10000 --out "$out/samples" --teacher-steps 50
+$bin/dmd fid "$out/samples" --ref gmm --json "$out/student.json"
+$bin/dmd fid "$out/samples/teacher.safetensors" --ref gmm --json "$out/teacher.json"
+$bin/python - "$out" "$start" "$mid" <<'PY'
+import json, sys
+out, start, mid = sys.argv[1], float(sys.argv[2]), float(sys.argv[3])
+for who in ("student", "teacher"):
+    r = json.load(open(f"{out}/{who}.json"))
+    m = r["mode_mass_ratio"]
+    print(f"{who}: precision {r['precision']:.3f}, mode mass {min(m):.2f}..{max(m):.2f}, "
+          f"Frechet (GMM coords) {r['frechet_distance']:.4f}, n={r['num_samples']}")
+print(f"distill wall time: {mid - start:.0f} s")
+PY

@@ -1,0 +1,98 @@
+"""A run killed after a checkpoint and rerun with the same command ends bitwise equal to an
+uninterrupted run (CPU); a changed recipe is refused rather than mixed in."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+from safetensors.torch import load_file
+
+from conftest import ROOT, run_dmd
+
+
+def final_weights(run_dir, steps):
+    ckpt = run_dir / "checkpoints" / f"step-{steps:08d}"
+    return {name: load_file(str(ckpt / f"{name}.safetensors")) for name in ("generator", "critic", "state")}
+
+
+def assert_bitwise_equal(a, b):
+    for name in a:
+        assert a[name].keys() == b[name].keys()
+        for k in a[name]:
+            assert a[name][k].dtype == b[name][k].dtype
+            assert a[name][k].shape == b[name][k].shape and (a[name][k] == b[name][k]).all(), (name, k)
+
+
+def metrics(run_dir):
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    for row in rows:
+        row.pop("seconds")
+    return rows
+
+
+def test_killed_run_resumes_bitwise(tmp_path, tiny_recipe):
+    steps = 400
+    straight = tiny_recipe("straight", steps=steps, checkpoint_every=25)
+    killed = tiny_recipe("killed", steps=steps, checkpoint_every=25)
+    done = run_dmd("distill", straight)
+    assert done.returncode == 0, done.stderr
+
+    run_dir = tmp_path / "runs" / "killed"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "dmdcli", "distill", str(killed)], cwd=ROOT, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while time.time() < deadline and not (run_dir / "checkpoints" / "step-00000050").exists():
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (run_dir / "checkpoints" / f"step-{steps:08d}").exists(), "the run finished before the kill"
+    assert (run_dir / "checkpoints" / "step-00000050").exists()
+
+    again = run_dmd("distill", killed)
+    assert again.returncode == 0, again.stderr
+    assert "resuming" in again.stderr
+    assert_bitwise_equal(final_weights(tmp_path / "runs" / "straight", steps), final_weights(run_dir, steps))
+    assert metrics(tmp_path / "runs" / "straight") == metrics(run_dir)
+    # Rotation kept only the newest two checkpoints, and no temporary folder is left.
+    names = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
+    assert names == [f"step-{steps - 25:08d}", f"step-{steps:08d}"]
+
+
+def test_rerun_of_finished_run_is_a_no_op_and_longer_run_continues(tmp_path, tiny_recipe, capsys):
+    from dmdcli.cli import main
+
+    path = tiny_recipe(steps=20, checkpoint_every=10)
+    assert main(["distill", str(path)]) == 0
+    assert main(["distill", str(path)]) == 0
+    assert "already complete at step 20" in capsys.readouterr().err
+    # Extending train.steps is allowed and continues from step 20.
+    assert main(["distill", str(path), "--set", "train.steps=30"]) == 0
+    assert (tmp_path / "runs" / "tiny" / "checkpoints" / "step-00000030").is_dir()
+
+
+def test_changed_recipe_is_refused(tmp_path, tiny_recipe, capsys):
+    from dmdcli.cli import main
+
+    path = tiny_recipe(steps=10, checkpoint_every=10)
+    assert main(["distill", str(path)]) == 0
+    capsys.readouterr()
+    assert main(["distill", str(path), "--set", "train.lr_critic=0.5"]) == 2
+    err = capsys.readouterr().err
+    assert "holds a run with a different recipe (train.lr_critic: 0.001 there, 0.5 now)" in err
+    assert f"--set run.out={tmp_path / 'runs' / 'tiny'}-2" in err.replace("\n", "")
+
+
+def test_saved_recipe_reruns_the_same_run(tmp_path, tiny_recipe):
+    """recipe.toml in the run folder is the resolved recipe and itself a valid recipe."""
+    from dmdcli.recipe import load_recipe, to_dict
+
+    path = tiny_recipe(steps=10, checkpoint_every=10)
+    assert run_dmd("distill", path).returncode == 0
+    saved = tmp_path / "runs" / "tiny" / "recipe.toml"
+    assert to_dict(load_recipe(saved)) == to_dict(load_recipe(path))
+    dry = run_dmd("distill", path, "--dry-run")
+    assert dry.returncode == 0 and dry.stdout == saved.read_text()
