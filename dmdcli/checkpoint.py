@@ -87,9 +87,18 @@ def commit(tmp: Path, step: int, keep: int) -> Path:
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
+    _fsync_dir(final.parent)  # the rename is durable before any older checkpoint goes
     for old in list_checkpoints(tmp.parent.parent)[:-keep] if keep > 0 else []:
         shutil.rmtree(old)
     return final
+
+
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def list_checkpoints(run_dir: Path) -> list[Path]:

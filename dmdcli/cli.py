@@ -101,8 +101,8 @@ def sample(run: Path = typer.Argument(..., help="run folder or checkpoint folder
     from .runs import load_student
     from .sampling import student_sample, teacher_ode
 
-    if num <= 0:
-        raise UserError(f"--num must be positive, got {num}")
+    if num <= 0 or batch_size <= 0:
+        raise UserError(f"--num and --batch-size must be positive, got {num} and {batch_size}")
     recipe, teacher, generator, step = load_student(run)
     g = torch.Generator().manual_seed(seed)
     z = torch.randn(num, *teacher.sample_shape, generator=g)

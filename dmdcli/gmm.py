@@ -41,7 +41,10 @@ class Mixture:
     @classmethod
     def from_config(cls, cfg) -> "Mixture":
         if cfg.means:
-            means = torch.tensor(cfg.means, dtype=torch.float64)
+            try:
+                means = torch.tensor(cfg.means, dtype=torch.float64)
+            except ValueError:
+                means = torch.zeros(0)
             k = means.shape[0]
             if means.ndim != 2:
                 raise UserError("teacher.gmm.means must be a list of equal-length lists of numbers")
@@ -50,6 +53,8 @@ class Mixture:
             if cfg.dim < 2:
                 raise UserError("teacher.gmm.dim must be at least 2 for a ring; give 'means' for 1-D mixtures")
             k = cfg.components
+            if k < 1:
+                raise UserError(f"teacher.gmm.components must be at least 1, got {k}")
             angle = torch.arange(k, dtype=torch.float64) * (2 * math.pi / k)
             means = torch.zeros(k, cfg.dim, dtype=torch.float64)
             means[:, 0], means[:, 1] = cfg.radius * angle.cos(), cfg.radius * angle.sin()
@@ -135,7 +140,9 @@ class GMMTeacher(Teacher):
         return self._mlp("epsilon")
 
     def describe(self) -> dict:
-        return {"name": self.name, "gmm": asdict(self.cfg), "scheduler": self.scheduler_config}
+        # The mixture and its schedule define the teacher; the MLP sizes do not.
+        mixture = {k: v for k, v in asdict(self.cfg).items() if k not in ("hidden", "layers")}
+        return {"name": self.name, "gmm": mixture, "scheduler": self.scheduler_config}
 
     def save_preview(self, student, teacher, labels, path: Path, title: str = "") -> None:
         from .plots import scatter_panels

@@ -138,7 +138,7 @@ def finalize(out: Path, num: int, num_shards: int) -> dict:
 class PairSet:
     """All pairs of a complete folder in memory; batches drawn by index with a torch.Generator."""
 
-    def __init__(self, folder: str | Path, expect_shape: tuple[int, ...] | None = None):
+    def __init__(self, folder: str | Path, teacher=None):
         folder = Path(folder)
         manifest_path = folder / "manifest.json"
         if not manifest_path.is_file():
@@ -158,9 +158,10 @@ class PairSet:
         self.output = torch.cat(parts["output"])
         self.label = torch.cat(parts["label"]) if "label" in parts else None
         self.manifest = manifest
-        if expect_shape is not None and tuple(self.noise.shape[1:]) != tuple(expect_shape):
-            raise UserError(f"pairs in {folder} have shape {tuple(self.noise.shape[1:])} but the teacher "
-                            f"makes {tuple(expect_shape)}; make pairs with the same teacher")
+        if teacher is not None and manifest["teacher"] != teacher.describe():
+            raise UserError(f"pairs in {folder} were made by another teacher than the recipe's "
+                            f"({manifest['teacher'].get('name')}, settings differ); make pairs with "
+                            f"`dmd make-pairs --recipe RECIPE` so they use the recipe's teacher")
 
     def __len__(self) -> int:
         return len(self.noise)

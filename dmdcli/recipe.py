@@ -175,14 +175,30 @@ def validate(r: Recipe) -> None:
     """Checks across keys, each naming the key at fault."""
     positive = {"train.steps": r.train.steps, "train.batch_size": r.train.batch_size,
                 "train.critic_steps_per_generator_step": r.train.critic_steps_per_generator_step,
-                "run.checkpoint_every": r.run.checkpoint_every, "run.log_every": r.run.log_every}
+                "train.lr_generator": r.train.lr_generator, "train.lr_critic": r.train.lr_critic,
+                "run.checkpoint_every": r.run.checkpoint_every, "run.log_every": r.run.log_every,
+                "teacher.gmm.hidden": r.teacher.gmm.hidden, "teacher.gmm.layers": r.teacher.gmm.layers,
+                "teacher.gmm.dim": r.teacher.gmm.dim}
     for key, v in positive.items():
         if v <= 0:
             raise UserError(f"recipe key '{key}' must be positive, got {v}")
+    not_negative = {"train.critic_warmup_steps": r.train.critic_warmup_steps, "train.warmup_steps":
+                    r.train.warmup_steps, "train.weight_decay": r.train.weight_decay, "train.grad_clip":
+                    r.train.grad_clip, "run.preview_samples": r.run.preview_samples, "run.keep_checkpoints":
+                    r.run.keep_checkpoints, "regression.batch_size": r.regression.batch_size,
+                    "regression.weight": r.regression.weight}
+    for key, v in not_negative.items():
+        if v < 0:
+            raise UserError(f"recipe key '{key}' must not be negative, got {v}")
     if len(r.train.betas) != 2:
         raise UserError(f"recipe key 'train.betas' must have two numbers, got {r.train.betas}")
-    if not r.student.timesteps or sorted(r.student.timesteps, reverse=True) != r.student.timesteps:
-        raise UserError("recipe key 'student.timesteps' must be a non-empty descending list, e.g. [999]")
+    ts = r.student.timesteps
+    if not ts or any(a <= b for a, b in zip(ts, ts[1:])) or not all(0 <= t <= 999 for t in ts):
+        raise UserError(f"recipe key 'student.timesteps' must be a non-empty, strictly descending list "
+                        f"of timesteps in 0..999, e.g. [999] or [999, 749, 499, 249]; got {ts}")
+    if r.regression.distance == "lpips":
+        raise UserError("regression.distance = 'lpips' needs LPIPS network weights, which this version "
+                        "cannot load yet; use 'pseudo_huber' or 'mse'")
     if r.train.method == "dmd" and not r.regression.pairs:
         raise UserError("train.method = 'dmd' needs regression pairs: set regression.pairs to a folder "
                         "made by `dmd make-pairs`")

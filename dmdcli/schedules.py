@@ -95,3 +95,9 @@ class EDMSchedule:
 
     def add_noise(self, x0: torch.Tensor, eps: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         return (x0.double() + _bcast(self.sigma(t), x0) * eps.double()).to(x0.dtype)
+
+    def to_x0(self, pred: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, prediction_type: str) -> torch.Tensor:
+        """EDM networks are preconditioned to return x0 (D(x; sigma)) directly."""
+        if prediction_type != "sample":
+            raise ValueError(f"EDM networks predict x0 ('sample'), not {prediction_type!r}")
+        return pred

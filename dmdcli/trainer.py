@@ -55,8 +55,7 @@ class DMDTrainer:
         device = self.acc.device
         self.teacher = build_teacher(r.teacher).to(device)
         self.schedule = self.teacher.schedule
-        self.pairs = (PairSet(r.regression.pairs, self.teacher.sample_shape)
-                      if r.train.method == "dmd" else None)
+        self.pairs = PairSet(r.regression.pairs, self.teacher) if r.train.method == "dmd" else None
         torch.manual_seed(r.run.seed)  # network initialisation
         generator, critic = self.teacher.make_generator(), self.teacher.make_critic()
         opt_g = torch.optim.AdamW(generator.parameters(), lr=r.train.lr_generator,
@@ -82,7 +81,7 @@ class DMDTrainer:
         ts = self.recipe.student.timesteps
         k = int(torch.randint(len(ts), (1,), generator=torch.Generator().manual_seed(
             self.recipe.run.seed * 7919 + self.step))) if len(ts) > 1 else 0
-        x = student_sample(self.generator, self.schedule, z, cond, ts[:k], self.rng) if k else z
+        x = student_sample(self.acc.unwrap_model(self.generator), self.schedule, z, cond, ts[:k], self.rng) if k else z
         if k:
             eps = torch.randn(x.shape, generator=self.rng, device=x.device)
             x = self.schedule.add_noise(x, eps, torch.full((len(x),), ts[k], device=x.device, dtype=torch.long))
@@ -136,7 +135,8 @@ class DMDTrainer:
         if self.schedule.family == "vp":
             loss = losses.critic_loss_vp(self.schedule.to_eps(pred, x_t, t, net.prediction_type), eps)
         else:
-            loss = losses.critic_loss_edm(pred, x, self.schedule.sigma(t), self.schedule.sigma_data)
+            x0_pred = self.schedule.to_x0(pred, x_t, t, net.prediction_type)
+            loss = losses.critic_loss_edm(x0_pred, x, self.schedule.sigma(t), self.schedule.sigma_data)
         self._check_finite(loss, "critic")
         self.acc.backward(loss)
         self.acc.clip_grad_norm_(self.critic.parameters(), r.train.grad_clip)
@@ -146,11 +146,16 @@ class DMDTrainer:
         return {"loss_critic": loss.item()}
 
     def _check_finite(self, loss: torch.Tensor, which: str) -> None:
-        if not torch.isfinite(loss):
+        """Stop every rank together (not one alone, which would hang the others) on NaN/inf."""
+        bad = (~torch.isfinite(loss.detach())).float().reshape(1)
+        if self.acc.num_processes > 1:
+            bad = self.acc.reduce(bad, reduction="sum")
+        if bad.item():
             last = checkpoint.latest_valid(self.run_dir)
             keep = f"the last good checkpoint is kept: {last}" if last else "no checkpoint was written yet"
-            raise UserError(f"the {which} loss became {loss.item()} at step {self.step}; {keep}. "
-                            f"Lower train.lr_{which} or raise train.warmup_steps, then rerun")
+            raise UserError(f"the {which} loss became {loss.item()} at step {self.step}; {keep}. Start a new "
+                            f"run with a lower train.lr_{which} or more train.warmup_steps "
+                            f"(--set run.out=... --set train.lr_{which}=...)")
 
     def is_generator_turn(self) -> bool:
         t = self.recipe.train
@@ -177,8 +182,10 @@ class DMDTrainer:
             save_file(acc.unwrap_model(self.generator).state_dict(), str(tmp / "generator.safetensors"))
             save_file(acc.unwrap_model(self.critic).state_dict(), str(tmp / "critic.safetensors"))
             checkpoint.save_tree(tmp, "state", {
-                "step": self.step, "opt_g": self.opt_g.state_dict(), "opt_c": self.opt_c.state_dict(),
-                "sched_g": self.sched_g.state_dict(), "sched_c": self.sched_c.state_dict()})
+                "step": self.step, "num_processes": acc.num_processes,
+                "opt_g": self.opt_g.state_dict(), "opt_c": self.opt_c.state_dict(),
+                "sched_g": self.sched_g.state_dict(), "sched_c": self.sched_c.state_dict(),
+                "scaler": acc.scaler.state_dict() if acc.scaler is not None else None})
             final = checkpoint.commit(tmp, self.step, r.run.keep_checkpoints)
         acc.wait_for_everyone()
         return final
@@ -192,12 +199,13 @@ class DMDTrainer:
         self.opt_c.load_state_dict(state["opt_c"])
         self.sched_g.load_state_dict(state["sched_g"])
         self.sched_c.load_state_dict(state["sched_c"])
+        if state["scaler"] is not None and acc.scaler is not None:
+            acc.scaler.load_state_dict(state["scaler"])
         self.step = state["step"]
-        rank_file = f"rng-rank{acc.process_index}"
-        if not (ckpt / f"{rank_file}.safetensors").is_file():
-            raise UserError(f"{ckpt} was written by fewer processes than this run has; "
-                            f"resume with the same number of processes")
-        rng = checkpoint.load_tree(ckpt, rank_file)
+        if state["num_processes"] != acc.num_processes:
+            raise UserError(f"{ckpt} was written by {state['num_processes']} process(es) and this run has "
+                            f"{acc.num_processes}; resume with the same number (accelerate launch --num_processes)")
+        rng = checkpoint.load_tree(ckpt, f"rng-rank{acc.process_index}")
         self.rng.set_state(rng["rng"])
         self.data_rng.set_state(rng["data_rng"])
         torch.set_rng_state(rng["torch"])
@@ -210,7 +218,7 @@ class DMDTrainer:
         g = torch.Generator(device=self.acc.device).manual_seed(12345)
         z = torch.randn(n, *self.teacher.sample_shape, generator=g, device=self.acc.device)
         labels = self.teacher.random_labels(n, g)
-        x = student_sample(self.generator, self.schedule, z, self.teacher.encode_condition(labels),
+        x = student_sample(self.acc.unwrap_model(self.generator), self.schedule, z, self.teacher.encode_condition(labels),
                            self.recipe.student.timesteps, g)
         self.teacher.save_preview(x.cpu(), None, labels, self.run_dir / "previews" / f"{name}.png",
                                   title=f"{self.recipe.train.method} student, {name}")
@@ -250,7 +258,9 @@ def distill(recipe: Recipe, progress_factory=None, console=None) -> Path:
                 sums[k] = sums.get(k, 0.0) + v
                 counts[k] = counts.get(k, 0) + 1
             step = trainer.step
-            if step % recipe.run.log_every == 0 or step == total:
+            at_checkpoint = step % recipe.run.checkpoint_every == 0 or step == total
+            # Log windows also close at checkpoints, so a resumed run logs the same windows.
+            if step % recipe.run.log_every == 0 or at_checkpoint:
                 means = {k: sums[k] / counts[k] for k in sums}
                 means.update(step=step, lr_generator=trainer.sched_g.get_last_lr()[0], seconds=time.time() - t0)
                 if acc.is_main_process:
@@ -262,7 +272,7 @@ def distill(recipe: Recipe, progress_factory=None, console=None) -> Path:
                 sums, counts = {}, {}
             if progress:
                 progress.update(task, completed=step)
-            if step % recipe.run.checkpoint_every == 0 or step == total:
+            if at_checkpoint:
                 trainer.save()
                 trainer.preview(f"step-{step:08d}")
     return run_dir
@@ -272,7 +282,13 @@ def _truncate_metrics(path: Path, step: int) -> None:
     """Drop log lines past the checkpoint we resume from, so the log reads as one run."""
     if not path.is_file():
         return
-    keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+    keep = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line)["step"] <= step:
+                keep.append(line)
+        except (ValueError, KeyError, TypeError):
+            pass  # a line half-written by a killed run
     write_text(path, "".join(line + "\n" for line in keep))
 
 

@@ -32,7 +32,16 @@ def one_error_line(err: str) -> str:
     ("bogus.x", 1, "unknown recipe key 'bogus' (known keys in the top level: run, teacher,"),
     ("train", 3, "recipe key 'train' must be a table (section)"),
     ("train.steps", 0, "recipe key 'train.steps' must be positive, got 0"),
-    ("student.timesteps", [499, 999], "recipe key 'student.timesteps' must be a non-empty descending list"),
+    ("student.timesteps", [499, 999], "recipe key 'student.timesteps' must be a non-empty, strictly descending"),
+    ("student.timesteps", [1000], "of timesteps in 0..999, e.g. [999] or [999, 749, 499, 249]; got [1000]"),
+    ("student.timesteps", [999, 999], "got [999, 999]"),
+    ("regression.distance", "lpips", "regression.distance = 'lpips' needs LPIPS network weights"),
+    ("train.lr_critic", -1e-3, "recipe key 'train.lr_critic' must be positive, got -0.001"),
+    ("teacher.gmm.layers", 0, "recipe key 'teacher.gmm.layers' must be positive, got 0"),
+    ("run.preview_samples", -5, "recipe key 'run.preview_samples' must not be negative, got -5"),
+    ("teacher.gmm.components", 0, "teacher.gmm.components must be at least 1, got 0"),
+    ("teacher.gmm.means", [[0.0, 1.0], [2.0]], "teacher.gmm.means must be a list of equal-length lists"),
+    ("teacher.gmm.weights", [1.0, 2.0], "teacher.gmm: means, stds and weights must have the same length (8"),
     ("teacher.name", "sdxxl", "unknown teacher 'sdxxl': available teachers are 'gmm'"),
 ])
 def test_bad_recipe_key(capsys, tiny_recipe, key, value, message):
@@ -71,6 +80,7 @@ def test_dmd_without_pairs(capsys, tiny_recipe):
     (["distill", "{recipe}", "--set", "train.steps=many"], "'train.steps' must be an integer, got 'many'"),
     (["sample", "{tmp}/none", "--out", "{tmp}/s"], "no run or checkpoint at"),
     (["sample", "{tmp}", "--out", "{tmp}/s"], "is not a run folder (no recipe.toml)"),
+    (["sample", "{tmp}", "--out", "{tmp}/s", "--batch-size", "0"], "--num and --batch-size must be positive"),
     (["fid", "{tmp}/none.safetensors"], "samples not found:"),
     (["fid", "{recipe}"], "is not a readable safetensors samples file"),
     (["make-pairs", "--teacher", "sdxxl", "--num", "4", "--out", "{tmp}/p"], "unknown teacher 'sdxxl'"),
@@ -98,3 +108,14 @@ def test_unknown_option_is_a_usage_error(capsys):
     code, _, err = run(capsys, "distill", "x.toml", "--no-such-flag")
     assert code == 2
     assert "No such option: --no-such-flag" in err
+
+
+def test_pairs_from_another_teacher_are_refused(tmp_path, capsys, tiny_recipe):
+    out = tmp_path / "p"
+    assert main(["make-pairs", "--teacher", "gmm", "--num", "8", "--out", str(out), "--steps", "2"]) == 0
+    path = tiny_recipe(method="dmd", extra=f'\n[regression]\npairs = "{out}"\n')
+    path.write_text(path.read_text().replace("[teacher.gmm]\n", "[teacher.gmm]\nradius = 5.0\n"))
+    capsys.readouterr()
+    code, _, err = run(capsys, "distill", path)
+    assert code == 2
+    assert f"pairs in {out} were made by another teacher than the recipe's (gmm, settings differ)" in one_error_line(err)

@@ -96,3 +96,16 @@ def test_saved_recipe_reruns_the_same_run(tmp_path, tiny_recipe):
     assert to_dict(load_recipe(saved)) == to_dict(load_recipe(path))
     dry = run_dmd("distill", path, "--dry-run")
     assert dry.returncode == 0 and dry.stdout == saved.read_text()
+
+
+def test_half_written_metrics_line_is_dropped_on_resume(tmp_path, tiny_recipe):
+    from dmdcli.cli import main
+
+    path = tiny_recipe(steps=20, checkpoint_every=10)
+    assert main(["distill", str(path), "--set", "train.steps=10"]) == 0
+    log = tmp_path / "runs" / "tiny" / "metrics.jsonl"
+    with open(log, "a") as f:
+        f.write('{"step": 12, "loss_crit')      # a kill in the middle of a write
+    assert main(["distill", str(path)]) == 0
+    steps = [json.loads(line)["step"] for line in log.read_text().splitlines()]
+    assert steps == [10, 20]
