@@ -59,11 +59,14 @@ def distill(recipe: Path = typer.Argument(..., help="TOML recipe, e.g. recipes/t
 
 
 def _teacher_from(name: str, recipe: Optional[Path], set_: List[str]):
-    from .recipe import TeacherConfig, load_recipe
+    """--teacher NAME (gmm, sd, unet2d, or an alias such as sd15), settings from --recipe/--set."""
+    from .hub import ALIASES
+    from .recipe import load_recipe, recipe_from_data
     from .teacher import build_teacher
 
-    cfg = load_recipe(recipe, set_).teacher if recipe else TeacherConfig(name=name)
-    if recipe and cfg.name != name:
+    data = {"teacher": {"name": "sd", "sd": {"model": name}}} if name in ALIASES else {"teacher": {"name": name}}
+    cfg = load_recipe(recipe, set_).teacher if recipe else recipe_from_data(data, set_).teacher
+    if recipe and cfg.name != data["teacher"]["name"]:
         raise UserError(f"--teacher {name} but recipe {recipe} names teacher {cfg.name!r}")
     return build_teacher(cfg)
 

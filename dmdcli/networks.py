@@ -41,3 +41,26 @@ class MLPDenoiser(nn.Module):
                 labels = torch.full((x_t.shape[0],), self.num_classes, device=x_t.device, dtype=torch.long)
             parts.append(self.label_embedding(labels).to(x_t.dtype))
         return self.body(torch.cat(parts, dim=1))
+
+
+class UNetDenoiser(nn.Module):
+    """A diffusers UNet in our calling convention: net(x_t, t, cond) -> prediction.
+
+    cond is text embeddings for UNet2DConditionModel, class labels (last = null class) for a
+    class-conditional UNet2DModel, None for an unconditional one.
+    """
+
+    def __init__(self, unet: nn.Module, prediction_type: str, null_class: int | None = None):
+        super().__init__()
+        self.unet = unet
+        self.prediction_type = prediction_type
+        self.null_class = null_class
+        self.text_conditioned = hasattr(unet.config, "cross_attention_dim") and unet.config.cross_attention_dim
+
+    def forward(self, x_t: torch.Tensor, t: torch.Tensor, cond=None) -> torch.Tensor:
+        dtype = self.unet.dtype
+        if self.text_conditioned:
+            return self.unet(x_t.to(dtype), t, encoder_hidden_states=cond.to(dtype)).sample
+        if self.null_class is not None and cond is None:
+            cond = torch.full((x_t.shape[0],), self.null_class, device=x_t.device, dtype=torch.long)
+        return self.unet(x_t.to(dtype), t, class_labels=cond).sample

@@ -36,12 +36,6 @@ def pair_noise(seed: int, indices, shape: tuple[int, ...]) -> torch.Tensor:
     return out
 
 
-def pair_labels(indices, num_classes: int | None) -> torch.Tensor | None:
-    if not num_classes:
-        return None
-    return torch.as_tensor(list(indices), dtype=torch.long) % num_classes
-
-
 def _settings(teacher, num, seed, steps, sampler, guidance, shard_size) -> dict:
     return {"format": FORMAT, "teacher": teacher.describe(), "sampler": sampler, "steps": steps,
             "guidance": guidance, "seed": seed, "shard_size": shard_size,
@@ -107,7 +101,7 @@ def _make_shard(teacher, out, s, num, seed, steps, sampler, guidance, shard_size
     for b in range(start, start + count, batch_size):
         idx = range(b, min(b + batch_size, start + count))
         z = pair_noise(seed, idx, teacher.sample_shape)
-        y = pair_labels(idx, teacher.num_classes)
+        y = teacher.condition_ids(idx)
         noise.append(z)
         outputs.append(teacher_ode(teacher, z, teacher.encode_condition(y), steps, guidance, sampler).float())
         if y is not None:

@@ -34,3 +34,16 @@ def scatter_panels(panels: list[tuple[str, torch.Tensor]], centres: torch.Tensor
     with atomic_path(Path(path)) as tmp:
         fig.savefig(tmp, format="png", dpi=100)
     plt.close(fig)
+
+
+def image_grid(images: torch.Tensor, path: Path, nrow: int = 8) -> None:
+    """Images in [-1, 1], (N, C, H, W), as one PNG grid."""
+    from torchvision.utils import make_grid
+
+    grid = make_grid(((images.float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8), nrow=nrow, padding=2)
+    from PIL import Image
+
+    arr = grid.permute(1, 2, 0).numpy()
+    image = Image.fromarray(arr[:, :, 0] if arr.shape[2] == 1 else arr)
+    with atomic_path(Path(path)) as tmp:
+        image.save(tmp, format="PNG")

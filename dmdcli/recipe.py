@@ -38,11 +38,32 @@ class GMMConfig:
 
 
 @dataclass
+class SDConfig:
+    """Stable Diffusion from diffusers: a local folder, a Hub id, or the alias "sd15"."""
+    model: str = "sd15"
+    revision: str = ""
+    prompts: str = ""          # training prompts: a text file, one per line
+    resolution: int = 0        # pixels; 0: the UNet's own sample size x the VAE factor
+    dtype: str = _choices("auto", "float32", "bfloat16", "float16", default="auto")
+
+
+@dataclass
+class UNet2DConfig:
+    """A diffusers UNet2DModel folder (unet/ and scheduler/, or the model folder itself
+    with a scheduler/ beside its config)."""
+    model: str = ""
+    revision: str = ""
+    dtype: str = _choices("auto", "float32", "bfloat16", "float16", default="auto")
+
+
+@dataclass
 class TeacherConfig:
     name: str = "gmm"
     # Real-score guidance in the standard form eps_u + s (eps_c - eps_u); 1 = none.
     guidance: float = 1.0
     gmm: GMMConfig = field(default_factory=GMMConfig)
+    sd: SDConfig = field(default_factory=SDConfig)
+    unet2d: UNet2DConfig = field(default_factory=UNet2DConfig)
 
 
 @dataclass
@@ -156,6 +177,14 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
         data = tomllib.loads(path.read_text())
     except tomllib.TOMLDecodeError as e:
         raise UserError(f"recipe {path} is not valid TOML: {e}") from None
+    recipe = recipe_from_data(data, overrides)
+    if not recipe.run.out:
+        recipe.run.out = str(Path("runs") / path.stem)
+    return recipe
+
+
+def recipe_from_data(data: dict, overrides: list[str] = ()) -> Recipe:
+    """A validated recipe from TOML data plus `--set` overrides."""
     for text in overrides:
         keys, value = parse_override(text)
         node = data
@@ -165,8 +194,6 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
                 raise UserError(f"--set {text!r}: '{k}' is not a section")
         node[keys[-1]] = value
     recipe = _build(Recipe, data)
-    if not recipe.run.out:
-        recipe.run.out = str(Path("runs") / path.stem)
     validate(recipe)
     return recipe
 

@@ -39,6 +39,13 @@ class Teacher(ABC):
             return None
         return torch.randint(0, self.num_classes, (n,), generator=generator, device=generator.device)
 
+    def condition_ids(self, indices) -> torch.Tensor | None:
+        """Conditions of pair indices, assigned by global index (i % classes) so that several
+        ranks never repeat one order."""
+        if not self.num_classes:
+            return None
+        return torch.as_tensor(list(indices), dtype=torch.long) % self.num_classes
+
     def encode_condition(self, labels: torch.Tensor | None):
         """Labels (or prompts, for text teachers) to what the networks take as `cond`."""
         return labels
@@ -61,6 +68,14 @@ def build_teacher(cfg) -> Teacher:
         from .gmm import GMMTeacher
 
         return GMMTeacher(cfg.gmm)
+    if cfg.name == "sd":
+        from .diffusers_teachers import SDTeacher
+
+        return SDTeacher(cfg.sd)
+    if cfg.name == "unet2d":
+        from .diffusers_teachers import UNet2DTeacher
+
+        return UNet2DTeacher(cfg.unet2d)
     from .errors import UserError
 
-    raise UserError(f"unknown teacher {cfg.name!r}: available teachers are 'gmm'")
+    raise UserError(f"unknown teacher {cfg.name!r}: available teachers are 'gmm', 'sd', 'unet2d'")

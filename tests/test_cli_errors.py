@@ -42,7 +42,7 @@ def one_error_line(err: str) -> str:
     ("teacher.gmm.components", 0, "teacher.gmm.components must be at least 1, got 0"),
     ("teacher.gmm.means", [[0.0, 1.0], [2.0]], "teacher.gmm.means must be a list of equal-length lists"),
     ("teacher.gmm.weights", [1.0, 2.0], "teacher.gmm: means, stds and weights must have the same length (8"),
-    ("teacher.name", "sdxxl", "unknown teacher 'sdxxl': available teachers are 'gmm'"),
+    ("teacher.name", "sdxxl", "unknown teacher 'sdxxl': available teachers are 'gmm', 'sd', 'unet2d'"),
 ])
 def test_bad_recipe_key(capsys, tiny_recipe, key, value, message):
     path = tiny_recipe()

@@ -1,0 +1,214 @@
+"""Teachers from diffusers models: Stable Diffusion (`sd`, text-conditioned latents) and
+pixel-space UNet2DModel (`unet2d`, optionally class-conditional with a null class).
+
+The real score is the frozen teacher UNet; the generator and the critic start as trainable
+fp32 copies of it (SPEC section 6), the generator fed at the conditioning timestep.
+Guidance is the standard form pred_u + s (pred_c - pred_u), applied to the UNet's own
+prediction (epsilon or v; both are affine in x0 at a fixed x_t, so this equals CFG on eps).
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from . import hub
+from .errors import UserError
+from .losses import classifier_free_guidance
+from .networks import UNetDenoiser
+from .schedules import VPSchedule
+from .teacher import Teacher
+
+
+def _dtype(name: str) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if torch.cuda.is_available() else torch.float32
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+class UNetTeacher(Teacher):
+    """What SD and pixel UNet teachers share: CFG around a frozen UNet, trainable copies, grids."""
+
+    family = "vp"
+    conditional = False
+
+    def _setup(self, unet, scheduler_config: dict, dtype: torch.dtype, null_class: int | None = None):
+        self.scheduler_config = dict(scheduler_config)
+        self.prediction_type = self.scheduler_config.get("prediction_type", "epsilon")
+        if self.prediction_type not in ("epsilon", "v_prediction", "sample"):
+            raise UserError(f"teacher scheduler has prediction_type {self.prediction_type!r}; "
+                            f"supported: epsilon, v_prediction, sample")
+        self.schedule = VPSchedule.from_scheduler_config(self.scheduler_config)
+        self._trainable = unet.float()   # kept for copies; the frozen real score is cast below
+        real = copy.deepcopy(unet)
+        self.real = UNetDenoiser((real.to(dtype) if dtype != torch.float32 else real).eval().requires_grad_(False),
+                                 self.prediction_type, null_class)
+        self.null_class = null_class
+        self.device = torch.device("cpu")
+
+    def _copy(self) -> UNetDenoiser:
+        net = UNetDenoiser(copy.deepcopy(self._trainable).float().train().requires_grad_(True),
+                           self.prediction_type, self.null_class)
+        return net
+
+    make_generator = _copy
+    make_critic = _copy
+
+    def null_condition(self, n: int):
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def denoise(self, x_t, t, cond, guidance: float = 1.0):
+        t = t.expand(x_t.shape[0]) if t.ndim == 0 else t
+        if cond is None and self.conditional:
+            cond = self.null_condition(len(x_t))
+        if guidance == 1.0 or not self.conditional:
+            pred = self.real(x_t, t, cond).float()
+        else:
+            uncond = self.null_condition(len(x_t))
+            both = self.real(torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([uncond, cond])).float()
+            pred_u, pred_c = both.chunk(2)
+            pred = classifier_free_guidance(pred_u, pred_c, guidance)
+        return self.schedule.to_x0(pred, x_t.float(), t, self.prediction_type)
+
+    def to(self, device):
+        self.device = torch.device(device)
+        self.real.to(device)
+        return self
+
+    def to_images(self, x: torch.Tensor) -> torch.Tensor:
+        """Samples to images in [-1, 1] (decoded for latent teachers)."""
+        return x
+
+    def save_preview(self, student, teacher, labels, path: Path, title: str = "") -> None:
+        from .plots import image_grid
+
+        rows = [self.to_images(student[:32])]
+        if teacher is not None:
+            rows.append(self.to_images(teacher[:32]))
+        image_grid(torch.cat(rows), path, nrow=min(8, len(rows[0])))
+
+
+class SDTeacher(UNetTeacher):
+    """Stable Diffusion: latents with the VAE's scaling factor, CLIP text embeddings."""
+
+    name = "sd"
+    conditional = True
+
+    def __init__(self, cfg):
+        from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+        from transformers import CLIPTextModel, CLIPTokenizer
+
+        self.cfg = cfg
+        self.model = hub.resolve(cfg.model)
+        dtype = _dtype(cfg.dtype)
+        unet = hub.load(UNet2DConditionModel, cfg.model, "unet", cfg.revision)
+        scheduler_config = dict(hub.load(DDPMScheduler, cfg.model, "scheduler", cfg.revision).config)
+        self.vae = hub.load(AutoencoderKL, cfg.model, "vae", cfg.revision, torch_dtype=dtype).eval()
+        self.vae.requires_grad_(False)
+        self.text_encoder = hub.load(CLIPTextModel, cfg.model, "text_encoder", cfg.revision, torch_dtype=dtype).eval()
+        self.text_encoder.requires_grad_(False)
+        self.tokenizer = hub.load(CLIPTokenizer, cfg.model, "tokenizer", cfg.revision)
+        self._setup(unet, scheduler_config, dtype)
+        size = unet.config.sample_size if not cfg.resolution else cfg.resolution // self.vae_scale_factor
+        self.sample_shape = (unet.config.in_channels, size, size)
+        self.num_classes = None
+        self.prompts = self._read_prompts(cfg.prompts)
+        self._empty = None
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    @staticmethod
+    def _read_prompts(path: str) -> list[str]:
+        if not path:
+            return []
+        p = Path(path)
+        if not p.is_file():
+            raise UserError(f"prompts file not found: {path} (teacher.sd.prompts: a text file, one prompt per line)")
+        prompts = [line.strip() for line in p.read_text().splitlines() if line.strip()]
+        if not prompts:
+            raise UserError(f"prompts file {path} holds no prompt (one per line)")
+        return prompts
+
+    def to(self, device):
+        super().to(device)
+        self.vae.to(device)
+        self.text_encoder.to(device)
+        self._empty = None
+        return self
+
+    def random_labels(self, n, generator):
+        if not self.prompts:
+            raise UserError("the sd teacher needs training prompts: set teacher.sd.prompts to a text file "
+                            "with one prompt per line")
+        return torch.randint(0, len(self.prompts), (n,), generator=generator, device=generator.device)
+
+    @torch.no_grad()
+    def encode_text(self, texts: list[str]) -> torch.Tensor:
+        ids = self.tokenizer(texts, padding="max_length", max_length=self.tokenizer.model_max_length,
+                             truncation=True, return_tensors="pt").input_ids.to(self.device)
+        return self.text_encoder(ids)[0]
+
+    def condition_ids(self, indices):
+        if not self.prompts:
+            raise UserError("the sd teacher needs prompts: set teacher.sd.prompts to a text file "
+                            "with one prompt per line")
+        return torch.as_tensor(list(indices), dtype=torch.long) % len(self.prompts)
+
+    def encode_condition(self, labels):
+        """Prompt indices to text embeddings, computed once per batch for all three networks."""
+        return self.encode_text([self.prompts[i] for i in labels.tolist()])
+
+    def null_condition(self, n: int):
+        if self._empty is None:
+            self._empty = self.encode_text([""])   # SD's unconditional: the empty prompt
+        return self._empty.expand(n, -1, -1)
+
+    @torch.no_grad()
+    def to_images(self, x):
+        vae_dtype = next(self.vae.parameters()).dtype
+        return self.vae.decode(x.to(self.device, vae_dtype) / self.vae.config.scaling_factor).sample.float().clamp(-1, 1)
+
+    def describe(self) -> dict:
+        import hashlib
+
+        prompts = hashlib.sha256("\n".join(self.prompts).encode()).hexdigest()
+        return {"name": self.name, "model": self.model, "revision": self.cfg.revision, "prompts_sha256": prompts,
+                "scheduler": self.scheduler_config, "sample_shape": list(self.sample_shape)}
+
+
+class UNet2DTeacher(UNetTeacher):
+    """A pixel-space UNet2DModel; class-conditional when it has class embeddings, the last
+    of which is the null class used for guidance."""
+
+    name = "unet2d"
+
+    def __init__(self, cfg):
+        from diffusers import DDPMScheduler, UNet2DModel
+
+        self.cfg = cfg
+        if not cfg.model:
+            raise UserError("teacher.unet2d.model is empty: give a diffusers folder with unet/ and scheduler/")
+        folder = Path(cfg.model)
+        pipeline_style = (folder / "unet").is_dir()
+        unet = hub.load(UNet2DModel, cfg.model, "unet" if pipeline_style else None, cfg.revision)
+        scheduler_config = dict(hub.load(DDPMScheduler, cfg.model, "scheduler", cfg.revision).config)
+        embeds = unet.config.num_class_embeds
+        self.num_classes = (embeds - 1) if embeds else None
+        self.conditional = bool(embeds)
+        self._setup(unet, scheduler_config, _dtype(cfg.dtype), null_class=self.num_classes)
+        size = unet.config.sample_size
+        size = (size, size) if isinstance(size, int) else tuple(size)
+        self.sample_shape = (unet.config.in_channels, *size)
+
+    def null_condition(self, n: int):
+        return torch.full((n,), self.null_class, device=self.device, dtype=torch.long)
+
+    def describe(self) -> dict:
+        return {"name": self.name, **asdict(self.cfg), "scheduler": self.scheduler_config,
+                "sample_shape": list(self.sample_shape)}

@@ -1,0 +1,40 @@
+"""Loading diffusers/transformers components from a local folder or the Hugging Face Hub,
+with one clear line (UserError) when a model cannot be had, offline above all."""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+from .errors import UserError
+
+ALIASES = {"sd15": "stable-diffusion-v1-5/stable-diffusion-v1-5"}
+_HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
+
+
+def resolve(model: str) -> str:
+    return ALIASES.get(model, model)
+
+
+def load(cls, model: str, subfolder: str | None = None, revision: str = "", **kwargs):
+    """cls.from_pretrained(model, subfolder) or a UserError naming the model and the fix."""
+    repo = resolve(model)
+    local = Path(repo).expanduser()
+    if local.exists():
+        where = local / subfolder if subfolder else local
+        if not where.is_dir():
+            raise UserError(f"{local} has no '{subfolder}' folder; give a diffusers model folder "
+                            f"(as written by save_pretrained)")
+        return cls.from_pretrained(str(local), subfolder=subfolder, **kwargs)
+    if not _HUB_ID.match(repo):
+        raise UserError(f"model folder not found: {model}; give a local diffusers folder or a Hub id (owner/name)")
+    try:
+        return cls.from_pretrained(repo, subfolder=subfolder, revision=revision or None, **kwargs)
+    except (OSError, ValueError) as e:
+        offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0", "false", "False")
+        why = "is not available offline (HF_HUB_OFFLINE is set and it is not in the Hugging Face cache)" if offline \
+            else f"could not be loaded ({str(e).splitlines()[0][:200]})"
+        raise UserError(f"teacher model '{repo}' {why}; download it where there is a network "
+                        f"(huggingface-cli download {repo}) or point the recipe at a local folder "
+                        f"made by save_pretrained") from None

@@ -1,0 +1,165 @@
+"""Real diffusers teachers on tiny random-weight models of the real architectures."""
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from dmdcli.cli import main
+from dmdcli.recipe import SDConfig, UNet2DConfig
+from tiny_models import save_tiny_sd, save_tiny_unet2d
+
+
+@pytest.fixture(scope="module")
+def sd_folder(tmp_path_factory):
+    return save_tiny_sd(tmp_path_factory.mktemp("sd") / "tiny-sd")
+
+
+@pytest.fixture(scope="module")
+def unet_folder(tmp_path_factory):
+    return save_tiny_unet2d(tmp_path_factory.mktemp("unet") / "tiny-unet")
+
+
+@pytest.fixture
+def prompts(tmp_path):
+    path = tmp_path / "prompts.txt"
+    path.write_text("a red shoe\na cat on a mat\n\nan old bridge at dusk\n")
+    return path
+
+
+def test_sd_teacher_x0_and_guidance_by_hand(sd_folder, prompts):
+    from dmdcli.diffusers_teachers import SDTeacher
+
+    teacher = SDTeacher(SDConfig(model=str(sd_folder), prompts=str(prompts)))
+    assert teacher.prompts == ["a red shoe", "a cat on a mat", "an old bridge at dusk"]
+    g = torch.Generator().manual_seed(0)
+    x_t = torch.randn(2, *teacher.sample_shape, generator=g)
+    t = torch.tensor([999, 400])
+    cond = teacher.encode_condition(torch.tensor([0, 2]))
+    x0 = teacher.denoise(x_t, t, cond, guidance=4.5)
+    assert x0.shape == x_t.shape == (2, 4, 8, 8)
+    # By hand: the UNet's eps with the empty prompt and with the prompt, standard CFG, then x0.
+    unet = teacher.real.unet
+    empty = teacher.encode_text(["", ""])
+    with torch.no_grad():
+        eps_u = unet(x_t, t, encoder_hidden_states=empty).sample
+        eps_c = unet(x_t, t, encoder_hidden_states=cond).sample
+    eps = eps_u + 4.5 * (eps_c - eps_u)
+    a = teacher.schedule.alphas_cumprod[t].view(-1, 1, 1, 1)
+    torch.testing.assert_close(x0, ((x_t.double() - (1 - a).sqrt() * eps.double()) / a.sqrt()).float(),
+                               atol=1e-4, rtol=1e-4)
+    assert not torch.allclose(x0, teacher.denoise(x_t, t, cond, guidance=1.0))
+
+
+def test_sd_v_prediction_teacher(tmp_path):
+    from dmdcli.diffusers_teachers import SDTeacher
+
+    folder = save_tiny_sd(tmp_path / "v", prediction_type="v_prediction")
+    teacher = SDTeacher(SDConfig(model=str(folder)))
+    x_t, t = torch.randn(1, 4, 8, 8), torch.tensor([500])
+    with torch.no_grad():
+        v = teacher.real.unet(x_t, t, encoder_hidden_states=teacher.encode_text([""])).sample
+    a = teacher.schedule.alphas_cumprod[500]
+    expected = a.sqrt() * x_t.double() - (1 - a).sqrt() * v.double()
+    torch.testing.assert_close(teacher.denoise(x_t, t, None), expected.float(), atol=1e-5, rtol=1e-5)
+
+
+def sd_recipe(tmp_path, sd_folder, prompts, steps=2):
+    path = tmp_path / "sd.toml"
+    path.write_text(f"""
+[run]
+out = "{tmp_path / 'runs' / 'sd'}"
+checkpoint_every = 1
+log_every = 1
+preview_samples = 4
+
+[teacher]
+name = "sd"
+guidance = 1.75
+
+[teacher.sd]
+model = "{sd_folder}"
+prompts = "{prompts}"
+
+[train]
+steps = {steps}
+batch_size = 2
+critic_steps_per_generator_step = 1
+lr_generator = 1e-5
+lr_critic = 1e-5
+warmup_steps = 0
+""")
+    return path
+
+
+def test_sd_distill_two_iterations_writes_checkpoint_and_resumes(tmp_path, sd_folder, prompts, capsys):
+    path = sd_recipe(tmp_path, sd_folder, prompts)
+    assert main(["distill", str(path)]) == 0
+    run = tmp_path / "runs" / "sd"
+    ckpt = run / "checkpoints" / "step-00000002"
+    weights = load_file(str(ckpt / "generator.safetensors"))
+    assert any(k.startswith("unet.") for k in weights)
+    assert (run / "previews" / "step-00000002.png").is_file()
+    assert main(["distill", str(path), "--set", "train.steps=3"]) == 0
+    assert "resuming" in capsys.readouterr().err
+    assert (run / "checkpoints" / "step-00000003").is_dir()
+
+
+def test_sd_without_prompts_is_one_line(tmp_path, sd_folder, capsys):
+    path = sd_recipe(tmp_path, sd_folder, "")
+    path.write_text(path.read_text().replace('prompts = ""\n', ""))
+    assert main(["distill", str(path)]) == 2
+    assert "the sd teacher needs training prompts: set teacher.sd.prompts" in capsys.readouterr().err
+
+
+def test_hub_id_offline_is_one_line(capsys, monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))   # an empty cache
+    assert main(["make-pairs", "--teacher", "sd15", "--num", "2", "--out", str(tmp_path / "p")]) == 2
+    err = capsys.readouterr().err
+    assert "teacher model 'stable-diffusion-v1-5/stable-diffusion-v1-5' is not available offline" in err
+    assert "point the recipe at a local folder" in err and "Traceback" not in err
+
+
+def test_missing_local_folder_is_one_line(capsys, tmp_path):
+    code = main(["make-pairs", "--teacher", "unet2d", "--set", f"teacher.unet2d.model={tmp_path}/none",
+                 "--num", "2", "--out", str(tmp_path / "p")])
+    assert code == 2
+    assert f"model folder not found: {tmp_path}/none" in capsys.readouterr().err
+
+
+def test_unet2d_make_pairs_and_distill(tmp_path, unet_folder):
+    from dmdcli.diffusers_teachers import UNet2DTeacher
+
+    teacher = UNet2DTeacher(UNet2DConfig(model=str(unet_folder)))
+    assert teacher.num_classes == 3 and teacher.sample_shape == (1, 16, 16)
+    pairs = tmp_path / "pairs"
+    assert main(["make-pairs", "--teacher", "unet2d", "--set", f"teacher.unet2d.model={unet_folder}",
+                 "--num", "6", "--out", str(pairs), "--steps", "2", "--guidance", "2.0"]) == 0
+    shard = load_file(str(pairs / "shard-00000.safetensors"))
+    assert shard["noise"].shape == shard["output"].shape == (6, 1, 16, 16)
+    assert shard["label"].tolist() == [0, 1, 2, 0, 1, 2]
+    recipe = tmp_path / "u.toml"
+    recipe.write_text(f"""
+[run]
+out = "{tmp_path / 'runs' / 'u'}"
+checkpoint_every = 2
+preview_samples = 4
+[teacher]
+name = "unet2d"
+guidance = 2.0
+[teacher.unet2d]
+model = "{unet_folder}"
+[train]
+method = "dmd"
+steps = 2
+batch_size = 2
+critic_steps_per_generator_step = 1
+warmup_steps = 0
+[regression]
+pairs = "{pairs}"
+""")
+    assert main(["distill", str(recipe)]) == 0
+    out = tmp_path / "samples"
+    assert main(["sample", str(tmp_path / "runs" / "u"), "--num", "4", "--out", str(out), "--teacher-steps", "2"]) == 0
+    assert load_file(str(out / "samples.safetensors"))["x"].shape == (4, 1, 16, 16)
+    assert (out / "samples.png").read_bytes()[:4] == b"\x89PNG"
