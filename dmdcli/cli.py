@@ -58,6 +58,22 @@ def distill(recipe: Path = typer.Argument(..., help="TOML recipe, e.g. recipes/t
     console.print(f"run folder: {run_dir}")
 
 
+@app.command("train-teacher")
+def train_teacher(recipe: Path = typer.Argument(..., help="TOML recipe, e.g. recipes/fashion-teacher.toml"),
+                  set_: List[str] = typer.Option([], "--set", help="override: section.key=value (TOML value)"),
+                  dry_run: bool = typer.Option(False, "--dry-run", help="print the resolved recipe and stop")):
+    """Train a class-conditional diffusion teacher (UNet2DModel) on an image dataset. Rerun to resume."""
+    from .recipe import TeacherRecipe, load_recipe, to_toml
+    from .teacher_training import train_teacher as run
+
+    r = load_recipe(recipe, set_, TeacherRecipe)
+    if dry_run:
+        typer.echo(to_toml(r), nl=False)
+        return
+    out = run(r, lambda: progress_bar("{task.fields[losses]}"), console)
+    console.print(f"teacher saved: {out} (use it with teacher.name = \"unet2d\", teacher.unet2d.model = \"{out}\")")
+
+
 def _teacher_from(name: str, recipe: Optional[Path], set_: List[str]):
     """--teacher NAME (gmm, sd, unet2d, or an alias such as sd15), settings from --recipe/--set."""
     from .hub import ALIASES

@@ -31,13 +31,14 @@ RESUMABLE_CHANGES = {("train", "steps"), ("run", "checkpoint_every"), ("run", "k
                      ("run", "log_every"), ("run", "preview_samples")}
 
 
-def _check_same_run(run_dir: Path, recipe: Recipe) -> None:
+def check_same_run(run_dir: Path, recipe) -> None:
+    """Refuse to resume a run folder with a recipe that differs in a key that matters."""
     saved = run_dir / "recipe.toml"
     if not saved.is_file():
         return
     import tomllib
 
-    old, new = to_dict(from_dict(tomllib.loads(saved.read_text()))), to_dict(recipe)
+    old, new = to_dict(from_dict(tomllib.loads(saved.read_text()), type(recipe))), to_dict(recipe)
     for section in new:
         for key in new[section]:
             if (section, key) not in RESUMABLE_CHANGES and old[section][key] != new[section][key]:
@@ -227,7 +228,7 @@ class DMDTrainer:
 def distill(recipe: Recipe, progress_factory=None, console=None) -> Path:
     """Run (or resume) a distillation; returns the run folder."""
     run_dir = Path(recipe.run.out)
-    _check_same_run(run_dir, recipe)
+    check_same_run(run_dir, recipe)
     trainer = DMDTrainer(recipe)
     acc = trainer.acc
     if acc.is_main_process:

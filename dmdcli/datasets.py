@@ -1,0 +1,87 @@
+"""Image datasets for teacher training and GAN/reference images, offline first.
+
+`fashion-mnist`: Debian's `dataset-fashion-mnist` package files when present (read by
+torchvision's FashionMNIST, shapes checked), else the Hub copy
+`zalando-datasets/fashion_mnist` through `datasets`. `imagefolder:PATH`: any folder of
+class sub-folders, through `datasets`. Images come back in [-1, 1], labels as integers.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from .errors import UserError
+
+DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("DMD_CACHE", Path.home() / ".cache" / "dmd"))
+
+
+def _fashion_mnist(train: bool):
+    from torchvision.datasets import FashionMNIST
+    from torchvision.datasets.utils import extract_archive
+
+    root = cache_dir() / "fashion-mnist"
+    raw = root / "FashionMNIST" / "raw"
+    if not all((raw / name.removesuffix(".gz")).is_file() for name, _ in FashionMNIST.resources):
+        if not DEBIAN_FASHION_MNIST.is_dir():
+            return None
+        raw.mkdir(parents=True, exist_ok=True)
+        for name, _ in FashionMNIST.resources:   # Debian recompressed them: other .gz md5 sums
+            src = DEBIAN_FASHION_MNIST / name
+            if not src.is_file():
+                raise UserError(f"{src} is missing; reinstall dataset-fashion-mnist")
+            tmp = raw / f".{name}.tmp"
+            shutil.copyfile(src, tmp)
+            os.replace(tmp, raw / name)
+            extract_archive(str(raw / name), str(raw), remove_finished=True)
+    ds = FashionMNIST(str(root), train=train, download=False)
+    if ds.data.shape[1:] != (28, 28) or len(ds.data) != (60000 if train else 10000):
+        raise UserError(f"Fashion-MNIST in {raw} has an unexpected shape {tuple(ds.data.shape)}; delete it to rebuild")
+    return ds.data.unsqueeze(1), ds.targets.long(), len(ds.classes)
+
+
+def _hf(name: str, split: str, data_dir: str | None = None):
+    import datasets
+
+    try:
+        ds = datasets.load_dataset(name, data_dir=data_dir, split=split, cache_dir=str(cache_dir() / "hf"))
+    except Exception as e:  # datasets raises many types for "not found / offline"
+        raise UserError(f"dataset {data_dir or name!r} could not be loaded ({str(e).splitlines()[0][:160]}); "
+                        f"give imagefolder:PATH or fashion-mnist") from None
+    ds = ds.with_format("torch")
+    images = torch.stack([img if img.ndim == 3 else img.unsqueeze(-1) for img in ds["image"]])
+    images = images.permute(0, 3, 1, 2) if images.shape[-1] in (1, 3) else images
+    labels = ds["label"].long() if "label" in ds.column_names else torch.zeros(len(ds), dtype=torch.long)
+    return images, labels, int(labels.max()) + 1
+
+
+def load_images(spec: str, split: str = "train", image_size: int = 32, limit: int = 0):
+    """(images in [-1, 1] (N, C, S, S), labels (N,), number of classes)."""
+    if spec == "fashion-mnist":
+        got = _fashion_mnist(split == "train") or _hf("zalando-datasets/fashion_mnist", split)
+    elif spec.startswith("imagefolder:"):
+        folder = spec.split(":", 1)[1]
+        if not Path(folder).is_dir():
+            raise UserError(f"image folder not found: {folder}")
+        got = _hf("imagefolder", split, data_dir=folder)
+    else:
+        got = _hf(spec, split)
+    images, labels, classes = got
+    if limit:
+        images, labels = images[:limit], labels[:limit]
+    x = images.float() / 127.5 - 1
+    h = x.shape[-1]
+    if h < image_size and (image_size - h) % 2 == 0:
+        pad = (image_size - h) // 2   # 28 -> 32 by a border of background, as DDPM did for MNIST
+        x = F.pad(x, (pad, pad, pad, pad), value=-1.0)
+    elif h != image_size:
+        x = F.interpolate(x, size=(image_size, image_size), mode="bilinear", antialias=True, align_corners=False)
+    return x.contiguous(), labels, classes
