@@ -106,49 +106,41 @@ def make_pairs(teacher: str = typer.Option(..., help="teacher name, e.g. gmm"),
 
 
 @app.command()
-def sample(run: Path = typer.Argument(..., help="run folder or checkpoint folder"),
+def sample(run: Optional[Path] = typer.Argument(None, help="run or checkpoint folder (omit with --teacher)"),
            num: int = typer.Option(10000, help="number of samples"),
            out: Path = typer.Option(..., help="output folder"),
-           seed: int = typer.Option(0),
-           teacher_steps: int = typer.Option(50, help="also sample the teacher's ODE from the same noise (0: skip)"),
+           teacher: Optional[str] = typer.Option(None, help="sample this teacher alone (gmm, sd, unet2d, sd15)"),
+           set_: List[str] = typer.Option([], "--set", help="teacher setting, section.key=value"),
+           teacher_steps: int = typer.Option(50, help="teacher ODE steps; with a run, from the same noise (0: skip)"),
+           guidance: Optional[float] = typer.Option(None, help="teacher CFG scale, standard form (default: the recipe's, else 1)"),
            sampler: str = typer.Option("ddim", help="teacher sampler: ddim, dpmpp-2m or euler"),
-           batch_size: int = typer.Option(4096)):
-    """Sample the student (and the teacher, same noise) to OUT; writes a picture too."""
-    import torch
-
-    from .evaluate import SAMPLES_FILE, save_samples
+           seed: int = typer.Option(0), batch_size: int = typer.Option(256)):
+    """Sample a student (and its teacher, same noise and conditions), or a teacher alone."""
+    from .evaluate import SAMPLES_FILE
+    from .generate import make_samples
     from .runs import load_student
-    from .sampling import student_sample, teacher_ode
+    from .sampling import SAMPLERS
 
     if num <= 0 or batch_size <= 0:
         raise UserError(f"--num and --batch-size must be positive, got {num} and {batch_size}")
-    recipe, teacher, generator, step = load_student(run)
-    g = torch.Generator().manual_seed(seed)
-    z = torch.randn(num, *teacher.sample_shape, generator=g)
-    labels = teacher.random_labels(num, g)
-    cond = teacher.encode_condition(labels)
-    results = {}
-    for who, steps in [("student", len(recipe.student.timesteps)), ("teacher", teacher_steps)]:
-        if not steps:
-            continue
-        parts, t0 = [], time.perf_counter()
-        for i in range(0, num, batch_size):
-            c = cond[i:i + batch_size] if cond is not None else None
-            if who == "student":
-                parts.append(student_sample(generator, teacher.schedule, z[i:i + batch_size], c, recipe.student.timesteps, g))
-            else:
-                parts.append(teacher_ode(teacher, z[i:i + batch_size], c, steps, recipe.teacher.guidance, sampler))
-        results[who] = (torch.cat(parts), num / (time.perf_counter() - t0), steps)
-    out.mkdir(parents=True, exist_ok=True)
-    save_samples(out / SAMPLES_FILE, results["student"][0], labels, teacher.describe(),
-                 f"student {run} step {step}, {results['student'][2]} step(s)")
-    if "teacher" in results:
-        save_samples(out / "teacher.safetensors", results["teacher"][0], labels, teacher.describe(),
-                     f"teacher {sampler} {teacher_steps} steps, guidance {recipe.teacher.guidance}")
-    teacher.save_preview(results["student"][0], results.get("teacher", (None,))[0], labels, out / "samples.png",
-                         title=f"{run} (step {step})")
+    if sampler not in SAMPLERS:
+        raise UserError(f"unknown sampler {sampler!r}: choose one of {', '.join(SAMPLERS)}")
+    if (run is None) == (teacher is None):
+        raise UserError("give a run folder to sample a student, or --teacher NAME to sample a teacher alone")
+    if run is not None:
+        recipe, t, generator, step = load_student(run)
+        results = make_samples(out, num, t, generator=generator, timesteps=recipe.student.timesteps,
+                               student_source=f"student {run} step {step}, {len(recipe.student.timesteps)} step(s)",
+                               teacher_steps=teacher_steps, sampler=sampler, seed=seed, batch_size=batch_size,
+                               guidance=recipe.teacher.guidance if guidance is None else guidance)
+    else:
+        if teacher_steps < 1:
+            raise UserError("--teacher-steps must be at least 1 when sampling a teacher alone")
+        results = make_samples(out, num, _teacher_from(teacher, None, set_), teacher_steps=teacher_steps,
+                               guidance=1.0 if guidance is None else guidance, sampler=sampler, seed=seed,
+                               batch_size=batch_size)
     for who, (_, rate, steps) in results.items():
-        console.print(f"{who}: {num} samples, {steps} step(s), {rate:,.0f} samples/s")
+        console.print(f"{who}: {num} samples, {steps} step(s), {rate:,.1f} samples/s")
     console.print(f"wrote {out / SAMPLES_FILE} and {out / 'samples.png'}")
 
 

@@ -86,10 +86,14 @@ class UNetTeacher(Teacher):
     def save_preview(self, student, teacher, labels, path: Path, title: str = "") -> None:
         from .plots import image_grid
 
-        rows = [self.to_images(student[:32])]
+        # Conditions go by global index (i % classes), so with one column per class each
+        # column of the grid is one class; the teacher's block (same noise) sits below.
+        nrow = min(self.num_classes or 8, len(student))
+        n = max(nrow, min(len(student), 100) // nrow * nrow)
+        blocks = [self.to_images(student[:n])]
         if teacher is not None:
-            rows.append(self.to_images(teacher[:32]))
-        image_grid(torch.cat(rows), path, nrow=min(8, len(rows[0])))
+            blocks.append(self.to_images(teacher[:n]))
+        image_grid(torch.cat(blocks), path, nrow=nrow)
 
 
 class SDTeacher(UNetTeacher):
@@ -194,7 +198,7 @@ class UNet2DTeacher(UNetTeacher):
         self.cfg = cfg
         if not cfg.model:
             raise UserError("teacher.unet2d.model is empty: give a diffusers folder with unet/ and scheduler/")
-        folder = Path(cfg.model)
+        folder = Path(hub.resolve(cfg.model))
         pipeline_style = (folder / "unet").is_dir()
         unet = hub.load(UNet2DModel, cfg.model, "unet" if pipeline_style else None, cfg.revision)
         scheduler_config = dict(hub.load(DDPMScheduler, cfg.model, "scheduler", cfg.revision).config)

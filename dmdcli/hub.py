@@ -10,10 +10,14 @@ from pathlib import Path
 from .errors import UserError
 
 ALIASES = {"sd15": "stable-diffusion-v1-5/stable-diffusion-v1-5"}
+# Teachers shipped inside the package (diffusers folders), by name.
+SHIPPED = {"fashion-mnist": Path(__file__).resolve().parent / "assets" / "fashion-teacher"}
 _HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 
 
 def resolve(model: str) -> str:
+    if model in SHIPPED:
+        return str(SHIPPED[model])
     return ALIASES.get(model, model)
 
 

@@ -163,3 +163,25 @@ pairs = "{pairs}"
     assert main(["sample", str(tmp_path / "runs" / "u"), "--num", "4", "--out", str(out), "--teacher-steps", "2"]) == 0
     assert load_file(str(out / "samples.safetensors"))["x"].shape == (4, 1, 16, 16)
     assert (out / "samples.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_sample_teacher_alone_by_global_index(tmp_path, unet_folder):
+    out = tmp_path / "t"
+    assert main(["sample", "--teacher", "unet2d", "--set", f"teacher.unet2d.model={unet_folder}", "--num", "7",
+                 "--out", str(out), "--teacher-steps", "2", "--guidance", "1.5", "--batch-size", "3"]) == 0
+    tensors = load_file(str(out / "samples.safetensors"))
+    assert tensors["x"].shape == (7, 1, 16, 16)
+    assert tensors["label"].tolist() == [0, 1, 2, 0, 1, 2, 0]
+    # Batching does not change what sample i is.
+    out2 = tmp_path / "t2"
+    assert main(["sample", "--teacher", "unet2d", "--set", f"teacher.unet2d.model={unet_folder}", "--num", "7",
+                 "--out", str(out2), "--teacher-steps", "2", "--guidance", "1.5", "--batch-size", "7"]) == 0
+    torch.testing.assert_close(load_file(str(out2 / "samples.safetensors"))["x"], tensors["x"], atol=1e-3, rtol=1e-3)
+    from PIL import Image
+
+    assert Image.open(out / "samples.png").size == (3 * 18 + 2, 2 * 18 + 2)   # 3 classes a row, 2 rows
+
+
+def test_sample_needs_a_run_or_a_teacher(tmp_path, capsys):
+    assert main(["sample", "--out", str(tmp_path / "x")]) == 2
+    assert "give a run folder to sample a student, or --teacher NAME" in capsys.readouterr().err

@@ -1,0 +1,58 @@
+"""Making sample sets from a student run or from a teacher: batches, timing, files.
+
+The noise of sample i is a pure function of (seed, i) and its condition is assigned by
+global index (class i % classes, prompt i % prompts), so any subset can be regenerated
+and several ranks never repeat one order.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+
+from .evaluate import SAMPLES_FILE, save_samples
+from .pairs import pair_noise
+from .sampling import student_sample, teacher_ode
+
+
+def _batched(fn, num: int, batch_size: int, teacher, seed: int):
+    parts, t0 = [], time.perf_counter()
+    for start in range(0, num, batch_size):
+        idx = range(start, min(start + batch_size, num))
+        labels = teacher.condition_ids(idx)
+        z = pair_noise(seed, idx, teacher.sample_shape).to(getattr(teacher, "device", "cpu"))
+        cond = teacher.encode_condition(labels.to(z.device) if labels is not None else None)
+        parts.append(fn(z, cond, torch.Generator(z.device).manual_seed(seed * 1_000_003 + start)).cpu())
+    return torch.cat(parts), num / (time.perf_counter() - t0)
+
+
+def make_samples(out: Path, num: int, teacher, *, generator=None, timesteps=(999,), student_source: str = "",
+                 teacher_steps: int = 50, guidance: float = 1.0, sampler: str = "ddim", seed: int = 0,
+                 batch_size: int = 256) -> dict:
+    """Write samples.safetensors (the student's, or the teacher's when there is no student),
+    teacher.safetensors beside a student's when teacher_steps > 0, and samples.png.
+    Returns {who: (samples, samples per second, steps)}."""
+    results = {}
+    if generator is not None:
+        x, rate = _batched(lambda z, c, g: student_sample(generator, teacher.schedule, z, c, list(timesteps), g),
+                           num, batch_size, teacher, seed)
+        results["student"] = (x, rate, len(timesteps))
+    if teacher_steps:
+        x, rate = _batched(lambda z, c, g: teacher_ode(teacher, z, c, teacher_steps, guidance, sampler),
+                           num, batch_size, teacher, seed)
+        results["teacher"] = (x, rate, teacher_steps)
+    labels = teacher.condition_ids(range(num))
+    out.mkdir(parents=True, exist_ok=True)
+    teacher_source = f"teacher {sampler} {teacher_steps} steps, guidance {guidance}"
+    if "student" in results:
+        save_samples(out / SAMPLES_FILE, results["student"][0], labels, teacher.describe(), student_source)
+        if "teacher" in results:
+            save_samples(out / "teacher.safetensors", results["teacher"][0], labels, teacher.describe(), teacher_source)
+    else:
+        save_samples(out / SAMPLES_FILE, results["teacher"][0], labels, teacher.describe(), teacher_source)
+    main = results.get("student", results.get("teacher"))[0]
+    other = results["teacher"][0] if "student" in results and "teacher" in results else None
+    teacher.save_preview(main, other, labels, out / "samples.png", title=student_source or teacher_source)
+    return results
