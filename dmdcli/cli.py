@@ -3,9 +3,9 @@ printed here as one line with exit code 2; anything else keeps its traceback (ex
 
 from __future__ import annotations
 
+import errno
 import json
 import sys
-import time
 from pathlib import Path
 from typing import List, Optional
 
@@ -17,6 +17,7 @@ from rich.table import Table
 from rich.text import Text
 
 from .errors import UserError
+from .stopping import Stopped
 
 try:  # Typer 0.20+ vendors click; older versions use the click package.
     from typer._click import exceptions as click_exceptions
@@ -25,7 +26,7 @@ except ImportError:  # pragma: no cover
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Distribution Matching Distillation: one-step generators from diffusion teachers.")
-console = Console(stderr=True)
+console = Console(stderr=True, soft_wrap=True)  # long paths stay on one line
 
 
 class RateColumn(ProgressColumn):
@@ -177,6 +178,16 @@ def main(argv: Optional[list] = None) -> int:
         app(args=argv, prog_name="dmd", standalone_mode=False)
     except UserError as e:
         console.print(Text("dmd: error: ", style="red") + Text(str(e)), soft_wrap=True, highlight=False)
+        return 2
+    except Stopped as e:
+        console.print(f"dmd: {e}", soft_wrap=True, highlight=False)
+        return 128 + e.signum
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EACCES, errno.EROFS, errno.EDQUOT):
+            raise
+        console.print(Text("dmd: error: ", style="red") + Text(f"cannot write {e.filename or 'a file'}: "
+                      f"{e.strerror}; free space or choose another output folder (nothing half-written is kept)"),
+                      soft_wrap=True, highlight=False)
         return 2
     except typer.Exit as e:
         return e.exit_code

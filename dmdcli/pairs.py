@@ -23,6 +23,7 @@ from safetensors.torch import load_file, save_file
 from .errors import UserError
 from .io import atomic_path, sha256, write_json
 from .sampling import SAMPLERS, teacher_ode
+from .stopping import StopRequest, Stopped
 
 FORMAT = "dmd-pairs/1"
 
@@ -85,13 +86,20 @@ def make_pairs(teacher, out: Path, num: int, seed: int = 0, steps: int = 50, sam
     mine = [s for s in range(num_shards) if s % world == rank]
     todo = [s for s in mine if (_shard_done(out, s) or {}).get("count") != min(shard_size, num - s * shard_size)]
     progress = progress_factory() if progress_factory else contextlib.nullcontext()
-    with progress:
+    with progress, StopRequest() as stop:
         if progress_factory:
             task = progress.add_task("pairs", total=sum(min(shard_size, num - s * shard_size) for s in mine),
                                      completed=sum(min(shard_size, num - s * shard_size) for s in mine if s not in todo))
+
+        def advance(n: int) -> None:
+            if progress_factory:
+                progress.advance(task, n)
+            if stop.requested:   # the shard in hand is dropped: finished shards are all on disk
+                raise Stopped(stop.signum, f"stopped; {out} keeps its finished shards; run the same "
+                                           f"command again to resume")
+
         for s in todo:
-            _make_shard(teacher, out, s, num, seed, steps, sampler, guidance, shard_size, batch_size,
-                        (lambda n: progress.advance(task, n)) if progress_factory else None)
+            _make_shard(teacher, out, s, num, seed, steps, sampler, guidance, shard_size, batch_size, advance)
     return finalize(out, num, num_shards) if rank == 0 else {}
 
 
@@ -106,8 +114,7 @@ def _make_shard(teacher, out, s, num, seed, steps, sampler, guidance, shard_size
         outputs.append(teacher_ode(teacher, z, teacher.encode_condition(y), steps, guidance, sampler).float())
         if y is not None:
             labels.append(y)
-        if advance:
-            advance(len(idx))
+        advance(len(idx))
     tensors = {"noise": torch.cat(noise), "output": torch.cat(outputs)}
     if labels:
         tensors["label"] = torch.cat(labels)

@@ -23,6 +23,7 @@ from . import checkpoint
 from .datasets import load_images
 from .io import write_text
 from .recipe import TeacherRecipe, to_toml
+from .stopping import StopRequest, Stopped
 from .trainer import check_same_run
 
 SCHEDULER = {"num_train_timesteps": 1000, "beta_schedule": "linear", "beta_start": 1e-4, "beta_end": 0.02,
@@ -70,7 +71,7 @@ def train_teacher(r: TeacherRecipe, progress_factory=None, console=None) -> Path
             console.print(f"resuming {run_dir} from {last.name}")
     progress = progress_factory() if progress_factory else None
     t0, loss_sum, n = time.time(), 0.0, 0
-    with progress if progress else _nullcontext():
+    with progress if progress else _nullcontext(), StopRequest() as stop:
         task = progress.add_task("teacher", total=r.train.steps, completed=step, losses="") if progress else None
         while step < r.train.steps:
             idx = torch.randint(0, len(images), (r.train.batch_size,), generator=rng)
@@ -98,12 +99,15 @@ def train_teacher(r: TeacherRecipe, progress_factory=None, console=None) -> Path
                 loss_sum, n = 0.0, 0
             if progress:
                 progress.update(task, completed=step)
-            if at_checkpoint:
+            if at_checkpoint or stop.requested:
                 tmp = checkpoint.begin(run_dir, step)
                 save_file(acc.unwrap_model(unet).state_dict(), str(tmp / "unet.safetensors"))
                 checkpoint.save_tree(tmp, "state", {"step": step, "opt": opt.state_dict(), "rng": rng.get_state(),
                                                     "lr_sched": lr_sched.state_dict(), "ema": ema.state_dict()})
                 checkpoint.commit(tmp, step, r.run.keep_checkpoints)
+            if stop.requested:
+                raise Stopped(stop.signum, f"stopped at step {step} with a checkpoint; run the same command "
+                                           f"again to resume")
     export_teacher(acc.unwrap_model(unet), ema, noise_sched, run_dir / "teacher")
     return run_dir / "teacher"
 

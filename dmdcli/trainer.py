@@ -24,6 +24,7 @@ from .io import write_text
 from .pairs import PairSet
 from .recipe import Recipe, from_dict, to_dict, to_toml
 from .sampling import generator_x0, student_sample
+from .stopping import StopRequest, Stopped
 from .teacher import build_teacher
 
 # Keys that may change between a run and its resumption (they do not change the result).
@@ -251,7 +252,7 @@ def distill(recipe: Recipe, progress_factory=None, console=None) -> Path:
     counts: dict[str, int] = {}
     t0 = time.time()
     progress = progress_factory() if (progress_factory and acc.is_main_process) else None
-    with progress or _Null():
+    with progress or _Null(), StopRequest() as stop:
         task = progress.add_task("distill", total=total, completed=trainer.step, losses="") if progress else None
         while trainer.step < total:
             logs = trainer.train_step()
@@ -273,10 +274,21 @@ def distill(recipe: Recipe, progress_factory=None, console=None) -> Path:
                 sums, counts = {}, {}
             if progress:
                 progress.update(task, completed=step)
-            if at_checkpoint:
+            stopping = _any_rank(acc, stop.requested)
+            if at_checkpoint or stopping:
                 trainer.save()
                 trainer.preview(f"step-{step:08d}")
+            if stopping:
+                raise Stopped(stop.signum or 15, f"stopped at step {step} with a checkpoint; "
+                                                 f"run the same command again to resume")
     return run_dir
+
+
+def _any_rank(acc: Accelerator, flag: bool) -> bool:
+    """True on every rank if it is true on any (so all ranks stop at the same step)."""
+    if acc.num_processes == 1:
+        return flag
+    return bool(acc.reduce(torch.tensor([float(flag)], device=acc.device), reduction="sum").item())
 
 
 def _truncate_metrics(path: Path, step: int) -> None:
