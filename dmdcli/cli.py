@@ -89,21 +89,50 @@ def _teacher_from(name: str, recipe: Optional[Path], set_: List[str]):
 
 
 @app.command("make-pairs")
-def make_pairs(teacher: str = typer.Option(..., help="teacher name, e.g. gmm"),
+def make_pairs(teacher: str = typer.Option(..., help="teacher: gmm, sd, unet2d, or an alias such as sd15"),
                num: int = typer.Option(..., help="number of pairs"),
                out: Path = typer.Option(..., help="output folder"),
                recipe: Optional[Path] = typer.Option(None, help="take the teacher's settings from this recipe"),
-               set_: List[str] = typer.Option([], "--set", help="recipe override, section.key=value"),
+               set_: List[str] = typer.Option([], "--set", help="teacher setting, section.key=value"),
+               prompts: Optional[str] = typer.Option(None, help="sd: prompts FILE (one a line) or HF_DATASET[:column]"),
                steps: int = typer.Option(50, help="ODE sampler steps"),
-               sampler: str = typer.Option("ddim", help="ddim, dpmpp-2m or euler"),
-               guidance: float = typer.Option(1.0, help="CFG scale, standard form (1 = none)"),
-               seed: int = typer.Option(0), shard_size: int = typer.Option(1024), batch_size: int = typer.Option(256)):
-    """Teacher ODE (noise, output) pairs for DMD v1's regression loss. Rerun to resume."""
-    from .pairs import make_pairs as run
+               sampler: str = typer.Option("ddim", help="ddim (eta 0), dpmpp-2m or euler"),
+               guidance: Optional[float] = typer.Option(None, help="CFG scale, standard form (default: sd 3, else 1)"),
+               seed: int = typer.Option(0), shard_size: int = typer.Option(1024), batch_size: int = typer.Option(256),
+               verify: int = typer.Option(0, help="instead of making pairs, check hashes and regenerate N of them")):
+    """Teacher ODE (noise, output) pairs for DMD v1's regression loss. Rerun to resume;
+    under `accelerate launch` every process makes its own shards of one index space."""
+    from .pairs import PairSettings, make_pairs_on_all_ranks, verify_pairs
 
+    if prompts is not None:
+        set_ = [*set_, f"teacher.sd.prompts={json.dumps(prompts)}"]
     t = _teacher_from(teacher, recipe, set_)
-    manifest = run(t, out, num, seed, steps, sampler, guidance, shard_size, batch_size, progress_factory=progress_bar)
-    console.print(f"{sum(s['count'] for s in manifest['shards'])} pairs in {len(manifest['shards'])} shards: {out}")
+    if verify:
+        _report_problems(verify_pairs(out, t, verify, seed), f"{out}: every shard matches its hash and "
+                                                               f"{verify} regenerated pairs match")
+        return
+    settings = PairSettings(steps, sampler, guidance if guidance is not None else (3.0 if t.name == "sd" else 1.0),
+                            seed, shard_size)
+    manifest = make_pairs_on_all_ranks(t, out, num, settings, batch_size, progress_factory=progress_bar)
+    if manifest:
+        console.print(f"{sum(s['count'] for s in manifest['shards'])} pairs in {len(manifest['shards'])} shards: "
+                      f"{out} ({t.name}, {settings.sampler} {settings.steps} steps, guidance {settings.guidance})")
+
+
+@app.command("pairs-check")
+def pairs_check(folder: Path = typer.Argument(..., help="a folder made by `dmd make-pairs`")):
+    """Check that a pairs folder is complete and every shard matches its sha256."""
+    from .pairs import verify_pairs
+
+    _report_problems(verify_pairs(folder), f"{folder}: complete, every shard matches its hash")
+
+
+def _report_problems(problems: list, ok: str) -> None:
+    if problems:
+        for line in problems[:-1]:
+            console.print(f"dmd: {line}", highlight=False)
+        raise UserError(problems[-1])
+    console.print(ok)
 
 
 @app.command()
@@ -137,7 +166,10 @@ def sample(run: Optional[Path] = typer.Argument(None, help="run or checkpoint fo
     else:
         if teacher_steps < 1:
             raise UserError("--teacher-steps must be at least 1 when sampling a teacher alone")
-        results = make_samples(out, num, _teacher_from(teacher, None, set_), teacher_steps=teacher_steps,
+        import torch
+
+        t = _teacher_from(teacher, None, set_).to("cuda" if torch.cuda.is_available() else "cpu")
+        results = make_samples(out, num, t, teacher_steps=teacher_steps,
                                guidance=1.0 if guidance is None else guidance, sampler=sampler, seed=seed,
                                batch_size=batch_size)
     for who, (_, rate, steps) in results.items():

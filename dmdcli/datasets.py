@@ -41,8 +41,15 @@ def _fashion_mnist(train: bool):
             tmp = raw / f".{name}.tmp"
             shutil.copyfile(src, tmp)
             os.replace(tmp, raw / name)
-            extract_archive(str(raw / name), str(raw), remove_finished=True)
-    ds = FashionMNIST(str(root), train=train, download=False)
+            try:
+                extract_archive(str(raw / name), str(raw), remove_finished=True)
+            except (OSError, EOFError) as e:
+                raise UserError(f"could not unpack {name} into {raw} ({e}); delete {root} to rebuild") from None
+    try:
+        ds = FashionMNIST(str(root), train=train, download=False)
+    except (RuntimeError, AssertionError, OSError, EOFError):
+        raise UserError(f"Fashion-MNIST files in {raw} are damaged (a run killed while unpacking?); "
+                        f"delete {root} to rebuild") from None
     if ds.data.shape[1:] != (28, 28) or len(ds.data) != (60000 if train else 10000):
         raise UserError(f"Fashion-MNIST in {raw} has an unexpected shape {tuple(ds.data.shape)}; delete it to rebuild")
     return ds.data.unsqueeze(1), ds.targets.long(), len(ds.classes)
@@ -56,10 +63,15 @@ def _hf(name: str, split: str, data_dir: str | None = None):
     except Exception as e:  # datasets raises many types for "not found / offline"
         raise UserError(f"dataset {data_dir or name!r} could not be loaded ({str(e).splitlines()[0][:160]}); "
                         f"give imagefolder:PATH or fashion-mnist") from None
-    ds = ds.with_format("torch")
-    images = torch.stack([img if img.ndim == 3 else img.unsqueeze(-1) for img in ds["image"]])
-    images = images.permute(0, 3, 1, 2) if images.shape[-1] in (1, 3) else images
-    labels = ds["label"].long() if "label" in ds.column_names else torch.zeros(len(ds), dtype=torch.long)
+    import numpy as np
+
+    first = ds[0]["image"]
+    mode = "L" if first.mode in ("L", "1", "I", "F") else "RGB"   # one mode and size for all
+    size = first.size
+    images = torch.from_numpy(np.stack([np.asarray(img.convert(mode).resize(size)) for img in ds["image"]]))
+    images = images.unsqueeze(1) if images.ndim == 3 else images.permute(0, 3, 1, 2)
+    labels = (torch.as_tensor(ds["label"]).long() if "label" in ds.column_names
+              else torch.zeros(len(ds), dtype=torch.long))
     return images, labels, int(labels.max()) + 1
 
 
@@ -85,3 +97,21 @@ def load_images(spec: str, split: str = "train", image_size: int = 32, limit: in
     elif h != image_size:
         x = F.interpolate(x, size=(image_size, image_size), mode="bilinear", antialias=True, align_corners=False)
     return x.contiguous(), labels, classes
+
+
+def load_text_column(spec: str) -> list[str]:
+    """Texts of NAME[:column] from a Hub or local dataset (default column: the first of
+    text, prompt, caption)."""
+    import datasets
+
+    name, _, column = spec.partition(":")
+    try:
+        ds = datasets.load_dataset(name, split="train", cache_dir=str(cache_dir() / "hf"))
+    except Exception as e:  # datasets raises many types for "not found / offline"
+        raise UserError(f"prompt dataset {name!r} could not be loaded ({str(e).splitlines()[0][:160]}); "
+                        f"give a text file with one prompt per line") from None
+    column = column or next((c for c in ("text", "prompt", "caption") if c in ds.column_names), "")
+    if column not in ds.column_names:
+        raise UserError(f"prompt dataset {name!r} has no column {column!r} (columns: {', '.join(ds.column_names)}); "
+                        f"give NAME:COLUMN")
+    return list(ds[column])

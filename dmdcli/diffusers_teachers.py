@@ -34,6 +34,8 @@ class UNetTeacher(Teacher):
 
     family = "vp"
     conditional = False
+    preview_limit = 64
+    preview_batch = 16
 
     def _setup(self, unet, scheduler_config: dict, dtype: torch.dtype, null_class: int | None = None):
         self.scheduler_config = dict(scheduler_config)
@@ -110,12 +112,18 @@ class SDTeacher(UNetTeacher):
         self.model = hub.resolve(cfg.model)
         dtype = _dtype(cfg.dtype)
         unet = hub.load(UNet2DConditionModel, cfg.model, "unet", cfg.revision)
+        if unet.config.addition_embed_type is not None:
+            raise UserError(f"{cfg.model} looks like SDXL (its UNet needs added conditions); the sd teacher "
+                            f"supports SD 1.x/2.x UNets")
         scheduler_config = dict(hub.load(DDPMScheduler, cfg.model, "scheduler", cfg.revision).config)
         self.vae = hub.load(AutoencoderKL, cfg.model, "vae", cfg.revision, torch_dtype=dtype).eval()
         self.vae.requires_grad_(False)
         self.text_encoder = hub.load(CLIPTextModel, cfg.model, "text_encoder", cfg.revision, torch_dtype=dtype).eval()
         self.text_encoder.requires_grad_(False)
         self.tokenizer = hub.load(CLIPTokenizer, cfg.model, "tokenizer", cfg.revision)
+        if unet.config.in_channels != self.vae.config.latent_channels:
+            raise UserError(f"{cfg.model}: the UNet takes {unet.config.in_channels} channels, the VAE makes "
+                            f"{self.vae.config.latent_channels} (an inpainting model?); give a text-to-image model")
         self._setup(unet, scheduler_config, dtype)
         size = unet.config.sample_size if not cfg.resolution else cfg.resolution // self.vae_scale_factor
         self.sample_shape = (unet.config.in_channels, size, size)
@@ -128,15 +136,22 @@ class SDTeacher(UNetTeacher):
         return 2 ** (len(self.vae.config.block_out_channels) - 1)
 
     @staticmethod
-    def _read_prompts(path: str) -> list[str]:
-        if not path:
+    def _read_prompts(spec: str) -> list[str]:
+        """A text file (one prompt a line) or a Hub/local dataset as NAME[:column]."""
+        if not spec:
             return []
-        p = Path(path)
-        if not p.is_file():
-            raise UserError(f"prompts file not found: {path} (teacher.sd.prompts: a text file, one prompt per line)")
-        prompts = [line.strip() for line in p.read_text().splitlines() if line.strip()]
+        p = Path(spec)
+        if p.is_file():
+            prompts = [line.strip() for line in p.read_text().splitlines() if line.strip()]
+        elif p.suffix in (".txt", ".csv") or "/" not in spec or p.is_absolute():
+            raise UserError(f"prompts file not found: {spec} (teacher.sd.prompts: a text file, one prompt "
+                            f"per line, or a dataset as NAME[:column])")
+        else:
+            from .datasets import load_text_column
+
+            prompts = [t.strip() for t in load_text_column(spec) if t and t.strip()]
         if not prompts:
-            raise UserError(f"prompts file {path} holds no prompt (one per line)")
+            raise UserError(f"prompts {spec} hold no prompt")
         return prompts
 
     def to(self, device):
@@ -174,9 +189,11 @@ class SDTeacher(UNetTeacher):
         return self._empty.expand(n, -1, -1)
 
     @torch.no_grad()
-    def to_images(self, x):
+    def to_images(self, x, chunk: int = 8):
+        """Decode latents in chunks (a 512-px decode of many latents at once needs tens of GB)."""
         vae_dtype = next(self.vae.parameters()).dtype
-        return self.vae.decode(x.to(self.device, vae_dtype) / self.vae.config.scaling_factor).sample.float().clamp(-1, 1)
+        return torch.cat([self.vae.decode(part.to(self.device, vae_dtype) / self.vae.config.scaling_factor)
+                          .sample.float().clamp(-1, 1).cpu() for part in x.split(chunk)])
 
     def describe(self) -> dict:
         import hashlib

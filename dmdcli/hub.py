@@ -30,7 +30,11 @@ def load(cls, model: str, subfolder: str | None = None, revision: str = "", **kw
         if not where.is_dir():
             raise UserError(f"{local} has no '{subfolder}' folder; give a diffusers model folder "
                             f"(as written by save_pretrained)")
-        return cls.from_pretrained(str(local), subfolder=subfolder, **kwargs)
+        try:
+            return cls.from_pretrained(str(local), subfolder=subfolder, **kwargs)
+        except (OSError, ValueError, KeyError) as e:
+            raise UserError(f"cannot load {cls.__name__} from {where}: {str(e).splitlines()[0][:200]}; "
+                            f"is it the right kind of model folder, with its weights?") from None
     if not _HUB_ID.match(repo):
         raise UserError(f"model folder not found: {model}; give a local diffusers folder or a Hub id (owner/name)")
     try:

@@ -1,12 +1,13 @@
 """The pair store for DMD v1's regression loss: (noise, teacher ODE output) pairs.
 
 Layout of a pairs folder:
-  manifest.json          settings (teacher, sampler, steps, guidance, seed, shapes) + shards
-  shard-00000.safetensors  tensors `noise`, `output` (and `label` for class teachers)
+  manifest.json            settings (teacher, sampler, steps, guidance, seed, shapes) + shards
+  shard-00000.safetensors  tensors `noise`, `output` (and `label`: class or prompt index)
   shard-00000.json         this shard's index range and sha256, written after the shard
 Every file is written under a temporary name and renamed. The noise of pair i is a pure
-function of (seed, i), and labels are assigned by global index (i % classes), so any pair
-can be regenerated and checked, and shards can be made in any order by any rank.
+function of (seed, i), and conditions are assigned by global index (i % classes or
+prompts), so any pair can be regenerated and checked, and shards can be made in any order
+by any rank: the set is the same whatever the number of processes.
 """
 
 from __future__ import annotations
@@ -14,11 +15,13 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from .errors import UserError
 from .io import atomic_path, sha256, write_json
@@ -26,6 +29,23 @@ from .sampling import SAMPLERS, teacher_ode
 from .stopping import StopRequest, Stopped
 
 FORMAT = "dmd-pairs/1"
+
+
+@dataclass
+class PairSettings:
+    steps: int = 50
+    sampler: str = "ddim"
+    guidance: float = 1.0
+    seed: int = 0
+    shard_size: int = 1024
+
+    def check(self) -> None:
+        if self.shard_size <= 0:
+            raise UserError(f"--shard-size must be positive, got {self.shard_size}")
+        if self.sampler not in SAMPLERS:
+            raise UserError(f"unknown sampler {self.sampler!r}: choose one of {', '.join(SAMPLERS)}")
+        if self.steps < 1:
+            raise UserError(f"--steps must be at least 1, got {self.steps}")
 
 
 def pair_noise(seed: int, indices, shape: tuple[int, ...]) -> torch.Tensor:
@@ -37,15 +57,26 @@ def pair_noise(seed: int, indices, shape: tuple[int, ...]) -> torch.Tensor:
     return out
 
 
-def _settings(teacher, num, seed, steps, sampler, guidance, shard_size) -> dict:
-    return {"format": FORMAT, "teacher": teacher.describe(), "sampler": sampler, "steps": steps,
-            "guidance": guidance, "seed": seed, "shard_size": shard_size,
-            "sample_shape": list(teacher.sample_shape), "num_classes": teacher.num_classes,
-            "dtype": "float32"}
+@torch.no_grad()
+def teacher_pairs(teacher, indices, settings: PairSettings) -> dict:
+    """Noise, ODE output and condition ids of the given pair indices (on the CPU)."""
+    z = pair_noise(settings.seed, indices, teacher.sample_shape)
+    y = teacher.condition_ids(indices)
+    device = getattr(teacher, "device", torch.device("cpu"))
+    cond = teacher.encode_condition(y.to(device) if y is not None else None)
+    x = teacher_ode(teacher, z.to(device), cond, settings.steps, settings.guidance, settings.sampler)
+    out = {"noise": z, "output": x.float().cpu()}
+    if y is not None:
+        out["label"] = y
+    return out
 
 
 def _shard_name(s: int) -> str:
     return f"shard-{s:05d}"
+
+
+def _count(s: int, num: int, shard_size: int) -> int:
+    return min(shard_size, num - s * shard_size)
 
 
 def _shard_done(out: Path, s: int) -> dict | None:
@@ -60,67 +91,56 @@ def _shard_done(out: Path, s: int) -> dict | None:
     return record if sha256(data_path) == record.get("sha256") else None
 
 
-def make_pairs(teacher, out: Path, num: int, seed: int = 0, steps: int = 50, sampler: str = "ddim",
-               guidance: float = 1.0, shard_size: int = 1024, batch_size: int = 256,
-               rank: int = 0, world: int = 1, progress_factory=None) -> dict:
-    """Generate (or finish generating) `num` pairs into `out`; returns the manifest."""
+def make_pairs(teacher, out: Path, num: int, settings: PairSettings, batch_size: int = 256,
+               rank: int = 0, world: int = 1, barrier=lambda: None, progress_factory=None) -> dict:
+    """Generate (or finish generating) `num` pairs into `out`; rank r makes shards s with
+    s % world == r. Returns the manifest (on rank 0; {} elsewhere)."""
     out = Path(out)
-    if num <= 0 or shard_size <= 0 or batch_size <= 0:
-        raise UserError("--num, --shard-size and --batch-size must be positive")
-    if sampler not in SAMPLERS:
-        raise UserError(f"unknown sampler {sampler!r}: choose one of {', '.join(SAMPLERS)}")
-    if steps < 1:
-        raise UserError(f"--steps must be at least 1, got {steps}")
-    settings = _settings(teacher, num, seed, steps, sampler, guidance, shard_size)
+    if num <= 0 or batch_size <= 0:
+        raise UserError(f"--num and --batch-size must be positive, got {num} and {batch_size}")
+    settings.check()
+    expected = {"format": FORMAT, "teacher": teacher.describe(), **asdict(settings),
+                "sample_shape": list(teacher.sample_shape), "num_classes": teacher.num_classes, "dtype": "float32"}
     manifest_path = out / "manifest.json"
-    if manifest_path.is_file():
-        old = json.loads(manifest_path.read_text())
-        changed = [k for k in settings if old.get(k) != settings[k]]
-        if changed:
-            raise UserError(f"{out} holds pairs made with other settings ({', '.join(changed)} differ); "
-                            f"use another --out or delete the folder")
-    elif rank == 0:
-        write_json(manifest_path, {**settings, "num": num, "complete": False, "shards": []})
-
-    num_shards = math.ceil(num / shard_size)
+    if rank == 0 and not manifest_path.is_file():
+        write_json(manifest_path, {**expected, "num": num, "complete": False, "shards": []})
+    barrier()
+    old = json.loads(manifest_path.read_text())
+    changed = [k for k in expected if old.get(k) != expected[k]]
+    if changed:
+        raise UserError(f"{out} holds pairs made with other settings ({', '.join(changed)} differ); "
+                        f"use another --out or delete the folder")
+    num_shards = math.ceil(num / settings.shard_size)
     mine = [s for s in range(num_shards) if s % world == rank]
-    todo = [s for s in mine if (_shard_done(out, s) or {}).get("count") != min(shard_size, num - s * shard_size)]
+    todo = [s for s in mine if (_shard_done(out, s) or {}).get("count") != _count(s, num, settings.shard_size)]
     progress = progress_factory() if progress_factory else contextlib.nullcontext()
     with progress, StopRequest() as stop:
         if progress_factory:
-            task = progress.add_task("pairs", total=sum(min(shard_size, num - s * shard_size) for s in mine),
-                                     completed=sum(min(shard_size, num - s * shard_size) for s in mine if s not in todo))
-
-        def advance(n: int) -> None:
-            if progress_factory:
-                progress.advance(task, n)
-            if stop.requested:   # the shard in hand is dropped: finished shards are all on disk
-                raise Stopped(stop.signum, f"stopped; {out} keeps its finished shards; run the same "
-                                           f"command again to resume")
-
+            task = progress.add_task("pairs", total=sum(_count(s, num, settings.shard_size) for s in mine),
+                                     completed=sum(_count(s, num, settings.shard_size) for s in mine if s not in todo))
         for s in todo:
-            _make_shard(teacher, out, s, num, seed, steps, sampler, guidance, shard_size, batch_size, advance)
+            start, count = s * settings.shard_size, _count(s, num, settings.shard_size)
+            parts: dict[str, list] = {}
+            for b in range(start, start + count, batch_size):
+                for k, v in teacher_pairs(teacher, range(b, min(b + batch_size, start + count)), settings).items():
+                    parts.setdefault(k, []).append(v)
+                if progress_factory:
+                    progress.advance(task, min(batch_size, start + count - b))
+                if stop.requested:   # the shard in hand is dropped: finished shards are all on disk
+                    raise Stopped(stop.signum, f"stopped; {out} keeps its finished shards; run the same "
+                                               f"command again to resume")
+            _write_shard(out, s, start, {k: torch.cat(v) for k, v in parts.items()})
+    barrier()
     return finalize(out, num, num_shards) if rank == 0 else {}
 
 
-def _make_shard(teacher, out, s, num, seed, steps, sampler, guidance, shard_size, batch_size, advance) -> None:
-    start, count = s * shard_size, min(shard_size, num - s * shard_size)
-    noise, outputs, labels = [], [], []
-    for b in range(start, start + count, batch_size):
-        idx = range(b, min(b + batch_size, start + count))
-        z = pair_noise(seed, idx, teacher.sample_shape)
-        y = teacher.condition_ids(idx)
-        noise.append(z)
-        outputs.append(teacher_ode(teacher, z, teacher.encode_condition(y), steps, guidance, sampler).float())
-        if y is not None:
-            labels.append(y)
-        advance(len(idx))
-    tensors = {"noise": torch.cat(noise), "output": torch.cat(outputs)}
-    if labels:
-        tensors["label"] = torch.cat(labels)
+def _write_shard(out: Path, s: int, start: int, tensors: dict) -> None:
     name = _shard_name(s)
+    count = len(tensors["noise"])
     with atomic_path(out / f"{name}.safetensors") as tmp:
-        save_file(tensors, str(tmp), metadata={"start": str(start), "count": str(count)})
+        # One metadata key: safetensors writes several in a per-process order, which would
+        # make equal shards differ in bytes (and sha256) between ranks.
+        save_file(tensors, str(tmp), metadata={"range": f"{start}:{count}"})
     write_json(out / f"{name}.json", {"file": f"{name}.safetensors", "start": start, "count": count,
                                       "sha256": sha256(out / f"{name}.safetensors")})
 
@@ -136,37 +156,115 @@ def finalize(out: Path, num: int, num_shards: int) -> dict:
     return manifest
 
 
-class PairSet:
-    """All pairs of a complete folder in memory; batches drawn by index with a torch.Generator."""
+def read_manifest(folder: Path) -> dict:
+    manifest_path = Path(folder) / "manifest.json"
+    if not manifest_path.is_file():
+        raise UserError(f"pairs folder not found or not made by `dmd make-pairs`: {folder} "
+                        f"(no manifest.json); run `dmd make-pairs ... --out {folder}` first")
+    try:
+        return json.loads(manifest_path.read_text())
+    except ValueError:
+        raise UserError(f"{manifest_path} is corrupt; rerun the `dmd make-pairs` command to rebuild it") from None
 
-    def __init__(self, folder: str | Path, teacher=None):
-        folder = Path(folder)
-        manifest_path = folder / "manifest.json"
-        if not manifest_path.is_file():
-            raise UserError(f"pairs folder not found or not made by `dmd make-pairs`: {folder} "
-                            f"(no manifest.json); run `dmd make-pairs ... --out {folder}` first")
-        manifest = json.loads(manifest_path.read_text())
+
+def check_shards(folder: Path, manifest: dict) -> list[str]:
+    """Problems with the shard files (missing, truncated, flipped bits), one line each."""
+    problems = []
+    for record in manifest.get("shards", []):
+        path = Path(folder) / record["file"]
+        if not path.is_file():
+            problems.append(f"pair shard {path} is missing")
+        elif sha256(path) != record["sha256"]:
+            problems.append(f"pair shard {path} is corrupt (sha256 mismatch)")
+    return problems
+
+
+class PairSet(torch.utils.data.Dataset):
+    """The pairs of a complete folder, memory-mapped shard by shard (safetensors' own mmap),
+    opened lazily in each process, so DataLoader workers and ranks can share one folder."""
+
+    def __init__(self, folder: str | Path, teacher=None, verify: bool = True):
+        self.folder = Path(folder)
+        manifest = read_manifest(self.folder)
         if not manifest.get("complete"):
             raise UserError(f"pairs in {folder} are incomplete; rerun the same `dmd make-pairs` command to finish them")
-        parts: dict[str, list] = {}
-        for record in manifest["shards"]:
-            path = folder / record["file"]
-            if not path.is_file() or sha256(path) != record["sha256"]:
-                raise UserError(f"pair shard {path} is missing or corrupt; rerun `dmd make-pairs` to rebuild it")
-            for k, v in load_file(str(path)).items():
-                parts.setdefault(k, []).append(v)
-        self.noise = torch.cat(parts["noise"])
-        self.output = torch.cat(parts["output"])
-        self.label = torch.cat(parts["label"]) if "label" in parts else None
-        self.manifest = manifest
+        if verify:
+            problems = check_shards(self.folder, manifest)
+            if problems:
+                raise UserError(f"{problems[0]}; rerun the `dmd make-pairs` command to rebuild it")
         if teacher is not None and manifest["teacher"] != teacher.describe():
             raise UserError(f"pairs in {folder} were made by another teacher than the recipe's "
                             f"({manifest['teacher'].get('name')}, settings differ); make pairs with "
                             f"`dmd make-pairs --recipe RECIPE` so they use the recipe's teacher")
+        self.manifest = manifest
+        self.shards = sorted(manifest["shards"], key=lambda r: r["start"])
+        self.starts = torch.tensor([r["start"] for r in self.shards])
+        self._handles: dict = {}
 
     def __len__(self) -> int:
-        return len(self.noise)
+        return int(self.manifest["num"])
+
+    def _open(self, k: int):
+        if k not in self._handles:
+            self._handles[k] = safe_open(str(self.folder / self.shards[k]["file"]), framework="pt")
+        return self._handles[k]
+
+    def __getstate__(self):            # DataLoader workers reopen their own handles
+        return {**self.__dict__, "_handles": {}}
+
+    def rows(self, indices: torch.Tensor) -> dict:
+        """Rows of the given global indices, read from the mapped shards."""
+        shard_of = torch.searchsorted(self.starts, indices, right=True) - 1
+        keys = [k for k in ("noise", "output", "label") if k in self._open(0).keys()]
+        out = {k: [None] * len(indices) for k in keys}
+        for pos, (i, k) in enumerate(zip(indices.tolist(), shard_of.tolist())):
+            row = i - self.shards[k]["start"]
+            for key in keys:
+                out[key][pos] = self._open(k).get_slice(key)[row:row + 1]
+        return {k: torch.cat(v) for k, v in out.items()}
+
+    def __getitem__(self, i: int) -> dict:
+        return {k: v[0] for k, v in self.rows(torch.tensor([i])).items()}
 
     def batch(self, n: int, generator: torch.Generator):
-        idx = torch.randint(0, len(self), (n,), generator=generator)
-        return self.noise[idx], self.output[idx], (self.label[idx] if self.label is not None else None)
+        """n pairs drawn uniformly with replacement by `generator` (resumable by its state)."""
+        rows = self.rows(torch.randint(0, len(self), (n,), generator=generator))
+        return rows["noise"], rows["output"], rows.get("label")
+
+
+def make_pairs_on_all_ranks(teacher, out: Path, num: int, settings: PairSettings, batch_size: int = 256,
+                            progress_factory=None) -> dict:
+    """make_pairs under `accelerate launch` (or alone): each process its own shards."""
+    from accelerate import PartialState
+
+    state = PartialState(cpu=not torch.cuda.is_available())
+    teacher.to(state.device)
+    return make_pairs(teacher, out, num, settings, batch_size, state.process_index, state.num_processes,
+                      state.wait_for_everyone, progress_factory if state.is_main_process else None)
+
+
+def verify_pairs(folder: Path, teacher=None, count: int = 0, seed: int = 0, atol: float = 1e-4) -> list[str]:
+    """Problems found: completeness, every shard's sha256, and (with a teacher) `count`
+    pairs drawn by `seed` regenerated from their index: noise bitwise, output within atol."""
+    folder = Path(folder)
+    manifest = read_manifest(folder)
+    problems = check_shards(folder, manifest)
+    made = sum(r["count"] for r in manifest.get("shards", []))
+    if not manifest.get("complete") or made != manifest.get("num"):
+        problems.append(f"{folder} is incomplete ({made} of {manifest.get('num')} pairs); rerun the same "
+                        f"`dmd make-pairs` command to finish it")
+    if problems or teacher is None or count <= 0:
+        return problems
+    if manifest["teacher"] != teacher.describe():
+        return [f"pairs in {folder} were made by another teacher than the one given"]
+    settings = PairSettings(**{k: manifest[k] for k in asdict(PairSettings())})
+    pairs = PairSet(folder, verify=False)
+    idx = torch.randperm(len(pairs), generator=torch.Generator().manual_seed(seed))[:count].sort().values
+    stored, fresh = pairs.rows(idx), teacher_pairs(teacher, idx.tolist(), settings)
+    for pos, i in enumerate(idx.tolist()):
+        if not torch.equal(stored["noise"][pos], fresh["noise"][pos]):
+            problems.append(f"pair {i}: stored noise differs from the noise of (seed, {i})")
+        elif not torch.allclose(stored["output"][pos], fresh["output"][pos], atol=atol, rtol=0):
+            diff = (stored["output"][pos] - fresh["output"][pos]).abs().max().item()
+            problems.append(f"pair {i}: stored output differs from the teacher's by up to {diff:.3g}")
+    return problems

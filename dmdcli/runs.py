@@ -31,8 +31,11 @@ def resolve(path: str | Path) -> tuple[Path, Path]:
     return path, ckpt
 
 
-def load_student(path: str | Path, device="cpu"):
+def load_student(path: str | Path, device=None):
     """(recipe, teacher, generator in eval mode, step) of a run or checkpoint."""
+    import torch
+
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     run_dir, ckpt = resolve(path)
     recipe = from_dict(tomllib.loads((run_dir / "recipe.toml").read_text()))
     teacher = build_teacher(recipe.teacher).to(device)

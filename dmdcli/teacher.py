@@ -21,6 +21,9 @@ class Teacher(ABC):
     schedule: object          # VPSchedule or EDMSchedule
     sample_shape: tuple[int, ...]
     num_classes: int | None   # None: unconditional
+    device = torch.device("cpu")
+    preview_limit: int | None = None   # at most this many samples in a preview picture
+    preview_batch: int | None = None   # generate previews in batches of this size
 
     @abstractmethod
     def denoise(self, x_t: torch.Tensor, t: torch.Tensor, cond, guidance: float = 1.0) -> torch.Tensor:

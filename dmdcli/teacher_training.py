@@ -54,6 +54,7 @@ def train_teacher(r: TeacherRecipe, progress_factory=None, console=None) -> Path
     lr_sched = get_scheduler("constant_with_warmup", opt, num_warmup_steps=r.train.warmup_steps)
     noise_sched = DDPMScheduler(**SCHEDULER)
     unet, opt = acc.prepare(unet, opt)
+    ema.to(acc.device)
     rng = torch.Generator().manual_seed(r.run.seed)
     step = 0
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -65,6 +66,7 @@ def train_teacher(r: TeacherRecipe, progress_factory=None, console=None) -> Path
         opt.load_state_dict(state["opt"])
         lr_sched.load_state_dict(state["lr_sched"])
         ema.load_state_dict(state["ema"])
+        ema.to(acc.device)
         rng.set_state(state["rng"])
         step = state["step"]
         if console:

@@ -89,18 +89,35 @@ class DMDTrainer:
             x = self.schedule.add_noise(x, eps, torch.full((len(x),), ts[k], device=x.device, dtype=torch.long))
         return x, torch.full((len(z),), ts[k], device=z.device, dtype=torch.long)
 
-    def _fake_samples(self, n: int, grad: bool):
+    def _generator_inputs(self, n: int):
         labels = self.teacher.random_labels(n, self.rng)
         cond = self.teacher.encode_condition(labels)
         x_in, t_in = self._generator_input(self._noise(n), cond)
+        return x_in, t_in, cond
+
+    def _fake_samples(self, n: int, grad: bool):
+        x_in, t_in, cond = self._generator_inputs(n)
         with torch.set_grad_enabled(grad), self.acc.autocast():
             x = generator_x0(self.generator, self.schedule, x_in, t_in, cond)
         return x, cond
 
     def generator_step(self) -> dict:
         r = self.recipe
-        x, cond = self._fake_samples(r.train.batch_size, grad=True)
-        t = losses.dm_timesteps(len(x), self.schedule.num_train_timesteps, self.rng, x.device)
+        x_in, t_in, cond = self._generator_inputs(r.train.batch_size)
+        n = len(x_in)
+        if self.pairs is not None:
+            # DMD v1: the regression batch (pair noise at the first timestep) rides in the same
+            # forward pass, so DDP sees one forward per backward.
+            z, y, labels = self.pairs.batch(r.regression.batch_size or r.train.batch_size, self.data_rng)
+            z, y = z.to(x_in.device), y.to(x_in.device)
+            cond_p = self.teacher.encode_condition(labels.to(x_in.device) if labels is not None else None)
+            x_in = torch.cat([x_in, z])
+            t_in = torch.cat([t_in, torch.full((len(z),), r.student.timesteps[0], device=z.device, dtype=torch.long)])
+            cond = torch.cat([cond, cond_p]) if cond is not None else None
+        with self.acc.autocast():
+            out = generator_x0(self.generator, self.schedule, x_in, t_in, cond)
+        x, cond = out[:n], (cond[:n] if cond is not None else None)
+        t = losses.dm_timesteps(n, self.schedule.num_train_timesteps, self.rng, x.device)
         x_t = self.schedule.add_noise(x.detach(), torch.randn(x.shape, generator=self.rng, device=x.device), t)
         with torch.no_grad(), self.acc.autocast():
             x0_real = self.teacher.denoise(x_t, t, cond, r.teacher.guidance)
@@ -108,13 +125,7 @@ class DMDTrainer:
         loss_dm, non_finite = losses.distribution_matching_loss(x, x0_real, x0_fake)
         loss, logs = r.train.dm_weight * loss_dm, {"loss_dm": loss_dm.item(), "dm_non_finite": non_finite}
         if self.pairs is not None:
-            z, y, labels = self.pairs.batch(r.regression.batch_size or r.train.batch_size, self.data_rng)
-            z, y = z.to(x.device), y.to(x.device)
-            cond_p = self.teacher.encode_condition(labels.to(x.device) if labels is not None else None)
-            t_p = torch.full((len(z),), r.student.timesteps[0], device=x.device, dtype=torch.long)
-            with self.acc.autocast():
-                pred = generator_x0(self.generator, self.schedule, z, t_p, cond_p)
-            loss_reg = losses.regression_loss(pred, y, r.regression.distance)
+            loss_reg = losses.regression_loss(out[n:], y, r.regression.distance)
             loss = loss + r.regression.weight * loss_reg
             logs["loss_reg"] = loss_reg.item()
         self._check_finite(loss, "generator")
@@ -216,13 +227,17 @@ class DMDTrainer:
     def preview(self, name: str) -> None:
         if not self.acc.is_main_process or not self.recipe.run.preview_samples:
             return
-        n = self.recipe.run.preview_samples
+        n = min(self.recipe.run.preview_samples, self.teacher.preview_limit or self.recipe.run.preview_samples)
         g = torch.Generator(device=self.acc.device).manual_seed(12345)
         z = torch.randn(n, *self.teacher.sample_shape, generator=g, device=self.acc.device)
-        labels = self.teacher.random_labels(n, g)
-        x = student_sample(self.acc.unwrap_model(self.generator), self.schedule, z, self.teacher.encode_condition(labels),
-                           self.recipe.student.timesteps, g)
-        self.teacher.save_preview(x.cpu(), None, labels, self.run_dir / "previews" / f"{name}.png",
+        labels = self.teacher.condition_ids(range(n))      # by index: one grid column per class
+        labels = labels.to(self.acc.device) if labels is not None else None
+        generator = self.acc.unwrap_model(self.generator)
+        batch = self.teacher.preview_batch or n
+        x = torch.cat([student_sample(generator, self.schedule, z[i:i + batch],
+                                      self.teacher.encode_condition(labels[i:i + batch] if labels is not None else None),
+                                      self.recipe.student.timesteps, g).cpu() for i in range(0, n, batch)])
+        self.teacher.save_preview(x, None, labels, self.run_dir / "previews" / f"{name}.png",
                                   title=f"{self.recipe.train.method} student, {name}")
 
 

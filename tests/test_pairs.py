@@ -10,34 +10,35 @@ from safetensors.torch import load_file
 from dmdcli.cli import main
 from dmdcli.errors import UserError
 from dmdcli.gmm import GMMTeacher
-from dmdcli.pairs import PairSet, make_pairs, pair_noise
+from dmdcli.pairs import PairSet, PairSettings, make_pairs, pair_noise
 from dmdcli.recipe import GMMConfig
 from dmdcli.sampling import teacher_ode
 
 
 def test_pairs_are_pure_functions_of_seed_and_index(tmp_path):
     teacher = GMMTeacher(GMMConfig(conditional=True))
-    manifest = make_pairs(teacher, tmp_path / "p", num=70, seed=7, steps=8, shard_size=32, batch_size=16)
+    manifest = make_pairs(teacher, tmp_path / "p", 70, PairSettings(steps=8, seed=7, shard_size=32), batch_size=16)
     assert manifest["complete"] and [s["count"] for s in manifest["shards"]] == [32, 32, 6]
     pairs = PairSet(tmp_path / "p")
     for i in (0, 33, 69):
         z = pair_noise(7, [i], (2,))
-        assert torch.equal(z[0], pairs.noise[i])
-        assert pairs.label[i].item() == i % 8                 # labels by global index
+        stored = pairs[i]
+        assert torch.equal(z[0], stored["noise"])
+        assert stored["label"].item() == i % 8                 # labels by global index
         y = teacher_ode(teacher, z, torch.tensor([i % 8]), steps=8)
-        assert torch.equal(y[0].float(), pairs.output[i])     # regenerated alone: bitwise equal
+        assert torch.equal(y[0].float(), stored["output"])     # regenerated alone: bitwise equal
     assert not torch.equal(pair_noise(7, [1], (2,)), pair_noise(8, [1], (2,)))
 
 
 def test_make_pairs_resumes_and_rebuilds_only_what_is_missing_or_corrupt(tmp_path):
     teacher = GMMTeacher(GMMConfig())
     out = tmp_path / "p"
-    make_pairs(teacher, out, num=64, seed=0, steps=4, shard_size=16)
+    make_pairs(teacher, out, 64, PairSettings(steps=4, shard_size=16))
     before = {p.name: p.stat().st_mtime_ns for p in out.glob("shard-*.safetensors")}
     reference = load_file(str(out / "shard-00002.safetensors"))
     (out / "shard-00001.safetensors").write_bytes(b"garbage")       # corrupt
     (out / "shard-00003.safetensors").unlink()                       # missing
-    manifest = make_pairs(teacher, out, num=64, seed=0, steps=4, shard_size=16)
+    manifest = make_pairs(teacher, out, 64, PairSettings(steps=4, shard_size=16))
     after = {p.name: p.stat().st_mtime_ns for p in out.glob("shard-*.safetensors")}
     assert manifest["complete"] and len(manifest["shards"]) == 4
     assert after["shard-00000.safetensors"] == before["shard-00000.safetensors"]
@@ -57,10 +58,10 @@ def test_changed_settings_are_refused(tmp_path, capsys):
 
 def test_corrupt_shard_is_named_when_training(tmp_path, capsys):
     out = tmp_path / "p"
-    make_pairs(GMMTeacher(GMMConfig()), out, num=16, steps=4, shard_size=8)
+    make_pairs(GMMTeacher(GMMConfig()), out, 16, PairSettings(steps=4, shard_size=8))
     data = (out / "shard-00001.safetensors").read_bytes()
     (out / "shard-00001.safetensors").write_bytes(data[:-8])
-    with pytest.raises(UserError, match=r"pair shard .*shard-00001.safetensors is missing or corrupt"):
+    with pytest.raises(UserError, match=r"pair shard .*shard-00001.safetensors is corrupt \(sha256 mismatch\)"):
         PairSet(out)
 
 
@@ -72,3 +73,57 @@ def test_dmd_v1_trains_on_pairs(tmp_path, tiny_recipe):
     assert main(["distill", str(path)]) == 0
     rows = [json.loads(line) for line in (tmp_path / "runs" / "tiny" / "metrics.jsonl").read_text().splitlines()]
     assert all("loss_reg" in r for r in rows if "loss_dm" in r) and any("loss_reg" in r for r in rows)
+
+
+def test_pair_set_reads_the_same_rows_through_dataloader_workers(tmp_path):
+    out = tmp_path / "p"
+    make_pairs(GMMTeacher(GMMConfig(conditional=True)), out, 40, PairSettings(steps=3, shard_size=16))
+    pairs = PairSet(out)
+    direct = pairs.rows(torch.arange(40))
+    loader = torch.utils.data.DataLoader(pairs, batch_size=8, num_workers=2, shuffle=False)
+    got = {k: torch.cat([b[k] for b in loader]) for k in direct}
+    for k in direct:
+        assert torch.equal(got[k], direct[k])
+    a = pairs.batch(5, torch.Generator().manual_seed(3))
+    b = pairs.batch(5, torch.Generator().manual_seed(3))
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip"])
+def test_damaged_shard_is_named_by_pairs_check_and_distill(tmp_path, tiny_recipe, capsys, damage):
+    out = tmp_path / "p"
+    assert main(["make-pairs", "--teacher", "gmm", "--num", "40", "--out", str(out), "--steps", "3",
+                 "--shard-size", "16"]) == 0
+    assert main(["pairs-check", str(out)]) == 0
+    assert main(["make-pairs", "--teacher", "gmm", "--num", "40", "--out", str(out), "--steps", "3",
+                 "--shard-size", "16", "--verify", "10"]) == 0
+    assert "every shard matches its hash and 10 regenerated pairs match" in capsys.readouterr().err
+    path = out / "shard-00001.safetensors"
+    data = bytearray(path.read_bytes())
+    if damage == "truncate":
+        data = data[:-100]
+    else:
+        data[-5] ^= 0x01
+    path.write_bytes(bytes(data))
+    assert main(["pairs-check", str(out)]) == 2
+    assert f"dmd: error: pair shard {path} is corrupt (sha256 mismatch)" in capsys.readouterr().err
+    recipe = tiny_recipe(method="dmd", extra=f'\n[regression]\npairs = "{out}"\n')
+    assert main(["distill", str(recipe)]) == 2
+    assert f"pair shard {path} is corrupt (sha256 mismatch); rerun the `dmd make-pairs` command" in capsys.readouterr().err
+
+
+def test_verify_catches_pairs_that_disagree_with_their_noise(tmp_path, capsys):
+    out = tmp_path / "p"
+    teacher = GMMTeacher(GMMConfig())
+    make_pairs(teacher, out, 16, PairSettings(steps=3, shard_size=16))
+    from dmdcli.pairs import _write_shard
+
+    tensors = load_file(str(out / "shard-00000.safetensors"))
+    tensors["output"][4] += 0.5                  # a consistent file (hash rewritten) with a wrong pair
+    _write_shard(out, 0, 0, tensors)
+    manifest = json.loads((out / "manifest.json").read_text())
+    manifest["shards"][0]["sha256"] = json.loads((out / "shard-00000.json").read_text())["sha256"]
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    assert main(["make-pairs", "--teacher", "gmm", "--num", "16", "--out", str(out), "--steps", "3",
+                 "--verify", "16"]) == 2
+    assert "pair 4: stored output differs from the teacher's by up to 0.5" in capsys.readouterr().err
