@@ -99,6 +99,7 @@ def make_pairs(teacher: str = typer.Option(..., help="teacher: gmm, sd, unet2d, 
                sampler: str = typer.Option("ddim", help="ddim (eta 0), dpmpp-2m or euler"),
                guidance: Optional[float] = typer.Option(None, help="CFG scale, standard form (default: sd 3, else 1)"),
                seed: int = typer.Option(0), shard_size: int = typer.Option(1024), batch_size: int = typer.Option(256),
+               decode: bool = typer.Option(False, "--decode", help="sd: also store decoded images (uint8)"),
                verify: int = typer.Option(0, help="instead of making pairs, check hashes and regenerate N of them")):
     """Teacher ODE (noise, output) pairs for DMD v1's regression loss. Rerun to resume;
     under `accelerate launch` every process makes its own shards of one index space."""
@@ -112,7 +113,7 @@ def make_pairs(teacher: str = typer.Option(..., help="teacher: gmm, sd, unet2d, 
                                                                f"{verify} regenerated pairs match")
         return
     settings = PairSettings(steps, sampler, guidance if guidance is not None else (3.0 if t.name == "sd" else 1.0),
-                            seed, shard_size)
+                            seed, shard_size, decode)
     manifest = make_pairs_on_all_ranks(t, out, num, settings, batch_size, progress_factory=progress_bar)
     if manifest:
         console.print(f"{sum(s['count'] for s in manifest['shards'])} pairs in {len(manifest['shards'])} shards: "

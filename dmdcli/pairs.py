@@ -38,6 +38,7 @@ class PairSettings:
     guidance: float = 1.0
     seed: int = 0
     shard_size: int = 1024
+    decode: bool = False       # latent teachers: also store the decoded images (uint8)
 
     def check(self) -> None:
         if self.shard_size <= 0:
@@ -68,6 +69,8 @@ def teacher_pairs(teacher, indices, settings: PairSettings) -> dict:
     out = {"noise": z, "output": x.float().cpu()}
     if y is not None:
         out["label"] = y
+    if settings.decode:
+        out["image"] = ((teacher.to_images(x).float().cpu() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
     return out
 
 
@@ -99,11 +102,16 @@ def make_pairs(teacher, out: Path, num: int, settings: PairSettings, batch_size:
     if num <= 0 or batch_size <= 0:
         raise UserError(f"--num and --batch-size must be positive, got {num} and {batch_size}")
     settings.check()
+    if settings.decode and not hasattr(teacher, "vae"):
+        raise UserError(f"--decode is for latent teachers (sd); the {teacher.name} teacher's outputs are images already")
     expected = {"format": FORMAT, "teacher": teacher.describe(), **asdict(settings),
                 "sample_shape": list(teacher.sample_shape), "num_classes": teacher.num_classes, "dtype": "float32"}
     manifest_path = out / "manifest.json"
     if rank == 0 and not manifest_path.is_file():
         write_json(manifest_path, {**expected, "num": num, "complete": False, "shards": []})
+        if getattr(teacher, "prompts", None):   # label i of a text teacher is line i of prompts.txt
+            with atomic_path(out / "prompts.txt") as tmp:
+                tmp.write_text("".join(p + "\n" for p in teacher.prompts))
     barrier()
     old = json.loads(manifest_path.read_text())
     changed = [k for k in expected if old.get(k) != expected[k]]
@@ -129,7 +137,7 @@ def make_pairs(teacher, out: Path, num: int, settings: PairSettings, batch_size:
                 if stop.requested:   # the shard in hand is dropped: finished shards are all on disk
                     raise Stopped(stop.signum, f"stopped; {out} keeps its finished shards; run the same "
                                                f"command again to resume")
-            _write_shard(out, s, start, {k: torch.cat(v) for k, v in parts.items()})
+            _write_shard(out, s, start, {k: torch.cat(v).contiguous() for k, v in parts.items()})
     barrier()
     return finalize(out, num, num_shards) if rank == 0 else {}
 

@@ -185,3 +185,20 @@ def test_sample_teacher_alone_by_global_index(tmp_path, unet_folder):
 def test_sample_needs_a_run_or_a_teacher(tmp_path, capsys):
     assert main(["sample", "--out", str(tmp_path / "x")]) == 2
     assert "give a run folder to sample a student, or --teacher NAME" in capsys.readouterr().err
+
+
+def test_sd_make_pairs_stores_latents_prompts_and_decoded_images(tmp_path, sd_folder, prompts):
+    out = tmp_path / "pairs"
+    assert main(["make-pairs", "--teacher", "sd", "--set", f"teacher.sd.model={sd_folder}", "--prompts", str(prompts),
+                 "--num", "4", "--out", str(out), "--steps", "2", "--decode"]) == 0
+    shard = load_file(str(out / "shard-00000.safetensors"))
+    assert shard["noise"].shape == shard["output"].shape == (4, 4, 8, 8)          # latents
+    assert shard["label"].tolist() == [0, 1, 2, 0]                                   # prompt i % 3
+    assert shard["image"].dtype == torch.uint8 and shard["image"].shape == (4, 3, 16, 16)
+    assert (out / "prompts.txt").read_text().splitlines() == ["a red shoe", "a cat on a mat", "an old bridge at dusk"]
+    import json
+
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["guidance"] == 3.0 and manifest["teacher"]["model"] == str(sd_folder)   # the paper's default
+    assert main(["make-pairs", "--teacher", "sd", "--set", f"teacher.sd.model={sd_folder}", "--prompts", str(prompts),
+                 "--num", "4", "--out", str(out), "--steps", "2", "--decode", "--verify", "4"]) == 0
