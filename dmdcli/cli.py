@@ -96,7 +96,7 @@ def make_pairs(teacher: str = typer.Option(..., help="teacher: gmm, sd, unet2d, 
                set_: List[str] = typer.Option([], "--set", help="teacher setting, section.key=value"),
                prompts: Optional[str] = typer.Option(None, help="sd: prompts FILE (one a line) or HF_DATASET[:column]"),
                steps: int = typer.Option(50, help="ODE sampler steps"),
-               sampler: str = typer.Option("ddim", help="ddim (eta 0), dpmpp-2m or euler"),
+               sampler: str = typer.Option("ddim", help="ddim (eta 0), dpmpp-2m, euler or heun"),
                guidance: Optional[float] = typer.Option(None, help="CFG scale, standard form (default: sd 3, else 1)"),
                seed: int = typer.Option(0), shard_size: int = typer.Option(1024), batch_size: int = typer.Option(256),
                decode: bool = typer.Option(False, "--decode", help="sd: also store decoded images (uint8)"),
@@ -144,7 +144,7 @@ def sample(run: Optional[Path] = typer.Argument(None, help="run or checkpoint fo
            set_: List[str] = typer.Option([], "--set", help="teacher setting, section.key=value"),
            teacher_steps: int = typer.Option(50, help="teacher ODE steps; with a run, from the same noise (0: skip)"),
            guidance: Optional[float] = typer.Option(None, help="teacher CFG scale, standard form (default: the recipe's, else 1)"),
-           sampler: str = typer.Option("ddim", help="teacher sampler: ddim, dpmpp-2m or euler"),
+           sampler: str = typer.Option("ddim", help="teacher sampler: ddim, dpmpp-2m, euler or heun"),
            seed: int = typer.Option(0), batch_size: int = typer.Option(256)):
     """Sample a student (and its teacher, same noise and conditions), or a teacher alone."""
     from .evaluate import SAMPLES_FILE

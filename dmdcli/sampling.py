@@ -7,7 +7,8 @@ import torch
 
 from .errors import UserError
 
-SAMPLERS = {"ddim": "DDIMScheduler", "dpmpp-2m": "DPMSolverMultistepScheduler", "euler": "EulerDiscreteScheduler"}
+SAMPLERS = {"ddim": "DDIMScheduler", "dpmpp-2m": "DPMSolverMultistepScheduler", "euler": "EulerDiscreteScheduler",
+            "heun": "HeunDiscreteScheduler"}  # Heun: 2 network calls a step (EDM's sampler)
 
 
 def make_scheduler(sampler: str, scheduler_config: dict):

@@ -76,7 +76,7 @@ def test_edm_sigmas_are_karras_ascending():
     torch.testing.assert_close(s, karras)
 
 
-@pytest.mark.parametrize("sampler", ["ddim", "dpmpp-2m", "euler"])
+@pytest.mark.parametrize("sampler", ["ddim", "dpmpp-2m", "euler", "heun"])
 def test_teacher_ode_reaches_the_mixture(sampler):
     teacher = GMMTeacher(GMMConfig())
     z = torch.randn(4000, 2, generator=torch.Generator().manual_seed(0))
