@@ -205,6 +205,16 @@ def fid(samples: Path = typer.Argument(..., help="samples file or folder from `d
         write_json(json_out, report)
 
 
+@app.command()
+def export(run: Path = typer.Argument(..., help="run or checkpoint folder"),
+           out: Path = typer.Option(..., help="output folder (a diffusers folder)"),
+           fid: str = typer.Option("not measured", help="FID to state in the model card, e.g. '12.3 (clean, 30K)'")):
+    """Write a student as a diffusers folder (SD: a StableDiffusionPipeline with LCMScheduler)."""
+    from .export import export as run_export
+
+    console.print(f"exported {run} to {run_export(run, out, fid)} (see its README.md)")
+
+
 def main(argv: Optional[list] = None) -> int:
     """Entry point; returns the exit code (2 for user mistakes, with one line on stderr)."""
     try:

@@ -202,3 +202,57 @@ def test_sd_make_pairs_stores_latents_prompts_and_decoded_images(tmp_path, sd_fo
     assert manifest["guidance"] == 3.0 and manifest["teacher"]["model"] == str(sd_folder)   # the paper's default
     assert main(["make-pairs", "--teacher", "sd", "--set", f"teacher.sd.model={sd_folder}", "--prompts", str(prompts),
                  "--num", "4", "--out", str(out), "--steps", "2", "--decode", "--verify", "4"]) == 0
+
+
+def test_export_sd_student_is_a_one_step_pipeline(tmp_path, sd_folder, prompts):
+    from diffusers import StableDiffusionPipeline
+
+    from dmdcli.runs import load_student
+    from dmdcli.sampling import student_sample
+
+    assert main(["distill", str(sd_recipe(tmp_path, sd_folder, prompts, steps=1))]) == 0
+    run = tmp_path / "runs" / "sd"
+    out = tmp_path / "export"
+    assert main(["export", str(run), "--out", str(out), "--fid", "n/a (test)"]) == 0
+    assert "num_inference_steps=1, timesteps=[999]" in (out / "README.md").read_text()
+    pipe = StableDiffusionPipeline.from_pretrained(out, safety_checker=None)
+    assert type(pipe.scheduler).__name__ == "LCMScheduler"
+    recipe, teacher, generator, _ = load_student(run)
+    z = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    cond = teacher.encode_text(["a cat on a mat"])
+    ours = student_sample(generator, teacher.schedule, z, cond, [999])
+    theirs = pipe("a cat on a mat", num_inference_steps=1, guidance_scale=1.0, latents=z, output_type="latent").images
+    torch.testing.assert_close(theirs, ours, atol=1e-4, rtol=1e-4)
+
+
+def test_export_unet2d_student_snippet_reproduces_samples(tmp_path, unet_folder):
+    from diffusers import LCMScheduler, UNet2DModel
+
+    from dmdcli.runs import load_student
+    from dmdcli.sampling import student_sample
+
+    recipe = tmp_path / "u.toml"
+    recipe.write_text(f'[run]\nout = "{tmp_path / "runs" / "u"}"\npreview_samples = 0\n[teacher]\nname = "unet2d"\n'
+                      f'[teacher.unet2d]\nmodel = "{unet_folder}"\n[train]\nsteps = 1\nbatch_size = 2\n'
+                      f'critic_steps_per_generator_step = 1\nwarmup_steps = 0\n')
+    assert main(["distill", str(recipe)]) == 0
+    out = tmp_path / "export"
+    assert main(["export", str(tmp_path / "runs" / "u"), "--out", str(out)]) == 0
+    unet = UNet2DModel.from_pretrained(out, subfolder="unet")
+    scheduler = LCMScheduler.from_pretrained(out, subfolder="scheduler")
+    scheduler.set_timesteps(timesteps=[999])
+    x = z = torch.randn(4, 1, 16, 16, generator=torch.Generator().manual_seed(0))
+    labels = torch.arange(4) % 3
+    with torch.no_grad():
+        for t in scheduler.timesteps:
+            x = scheduler.step(unet(x, t, class_labels=labels).sample, t, x).prev_sample
+    _, teacher, generator, _ = load_student(tmp_path / "runs" / "u")
+    torch.testing.assert_close(x, student_sample(generator, teacher.schedule, z, labels, [999]), atol=1e-4, rtol=1e-4)
+    assert "class_labels=labels" in (out / "README.md").read_text()
+
+
+def test_export_refuses_vector_students(tmp_path, tiny_recipe, capsys):
+    assert main(["distill", str(tiny_recipe(steps=2, checkpoint_every=2))]) == 0
+    assert main(["export", str(tmp_path / "runs" / "tiny"), "--out", str(tmp_path / "e")]) == 2
+    assert "export writes diffusers folders for the sd and unet2d teachers" in capsys.readouterr().err
+    assert not (tmp_path / "e").exists()
