@@ -115,3 +115,34 @@ def load_text_column(spec: str) -> list[str]:
         raise UserError(f"prompt dataset {name!r} has no column {column!r} (columns: {', '.join(ds.column_names)}); "
                         f"give NAME:COLUMN")
     return list(ds[column])
+
+
+class RealData:
+    """Real samples for DMD2's GAN loss: the exact mixture for the gmm teacher, else images
+    from a dataset at the teacher's sample shape (labels kept for class-conditional teachers)."""
+
+    def __init__(self, teacher, spec: str):
+        self.teacher = teacher
+        self.mixture = getattr(teacher, "mixture", None)
+        if self.mixture is not None and not spec:
+            return
+        if teacher.name == "sd":
+            raise UserError("the GAN loss with the sd teacher needs captioned real images, which this version "
+                            "cannot load yet; set gan.generator_weight = 0 and gan.critic_weight = 0")
+        if not spec:
+            raise UserError("the GAN loss needs real images: set gan.dataset (fashion-mnist, imagefolder:PATH "
+                            "or a Hub dataset)")
+        channels, size = teacher.sample_shape[0], teacher.sample_shape[-1]
+        self.images, self.labels, classes = load_images(spec, "train", size)
+        if self.images.shape[1] != channels:
+            raise UserError(f"gan.dataset {spec!r} has {self.images.shape[1]} channel(s); the teacher makes {channels}")
+        if teacher.num_classes and classes > teacher.num_classes:
+            raise UserError(f"gan.dataset {spec!r} has {classes} classes; the teacher knows {teacher.num_classes}")
+
+    def batch(self, n: int, generator: torch.Generator):
+        """(samples, labels or None) drawn with `generator` (a CPU generator)."""
+        if self.mixture is not None:
+            x, labels = self.mixture.sample(n, generator)
+            return x.float(), (labels if self.teacher.num_classes else None)
+        idx = torch.randint(0, len(self.images), (n,), generator=generator)
+        return self.images[idx], (self.labels[idx] if self.teacher.num_classes else None)

@@ -64,3 +64,56 @@ class UNetDenoiser(nn.Module):
         if self.null_class is not None and cond is None:
             cond = torch.full((x_t.shape[0],), self.null_class, device=x_t.device, dtype=torch.long)
         return self.unet(x_t.to(dtype), t, class_labels=cond).sample
+
+
+class GANHead(nn.Module):
+    """DMD2's classifier on the critic's bottleneck features: real (> 0) or generated (< 0).
+    Feature maps (B, C, h, w) go through two strided convolutions and a pooled linear layer;
+    feature vectors (B, C) through a small MLP."""
+
+    def __init__(self, channels: int, spatial: bool):
+        super().__init__()
+        if spatial:
+            groups = 32 if channels % 32 == 0 else 1
+            self.net = nn.Sequential(
+                nn.Conv2d(channels, channels, 3, stride=2, padding=1), nn.GroupNorm(groups, channels), nn.SiLU(),
+                nn.Conv2d(channels, channels, 3, stride=2, padding=1), nn.GroupNorm(groups, channels), nn.SiLU(),
+                nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(channels, 1))
+        else:
+            self.net = nn.Sequential(nn.Linear(channels, channels), nn.SiLU(), nn.Linear(channels, 1))
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.net(features.float()).squeeze(1)
+
+
+def bottleneck(net: nn.Module) -> tuple[nn.Module, int, bool]:
+    """(module whose output is the bottleneck, its channels, whether it is a feature map):
+    the UNet's mid-block (SD: 1280 channels at 8x8), or the MLP's last hidden layer."""
+    if isinstance(net, UNetDenoiser):
+        return net.unet.mid_block, net.unet.config.block_out_channels[-1], True
+    if isinstance(net, MLPDenoiser):
+        return net.body[-2], net.body[-1].in_features, False
+    raise TypeError(f"no known bottleneck in {type(net).__name__}")
+
+
+class CriticWithHead(nn.Module):
+    """The critic (fake score) plus a GAN head on its bottleneck, in one forward pass:
+    forward(x_t, t, cond) -> (prediction, logits). One module, so one optimiser and one DDP
+    wrapper serve both, and the GAN loss also trains the critic's backbone (DMD2)."""
+
+    def __init__(self, critic: nn.Module):
+        super().__init__()
+        self.critic = critic
+        self.prediction_type = critic.prediction_type
+        module, channels, spatial = bottleneck(critic)
+        self.head = GANHead(channels, spatial)
+        self._features = None
+        module.register_forward_hook(self._keep)
+
+    def _keep(self, module, inputs, output):
+        self._features = output[0] if isinstance(output, tuple) else output
+
+    def forward(self, x_t: torch.Tensor, t: torch.Tensor, cond=None):
+        pred = self.critic(x_t, t, cond)
+        features, self._features = self._features, None
+        return pred, self.head(features)

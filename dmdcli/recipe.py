@@ -109,12 +109,21 @@ class RegressionConfig:
 
 
 @dataclass
+class GANConfig:
+    """DMD2's GAN loss on the critic's bottleneck (SPEC section 5); both weights 0: no GAN."""
+    generator_weight: float = 0.0      # ImageNet 3e-3, SD1.5 1e-3, SDXL 5e-3
+    critic_weight: float = 0.0         # 1e-2 when on; above 1e-2 destabilises the critic
+    dataset: str = ""                  # real images; "" for the gmm teacher (its exact samples)
+
+
+@dataclass
 class Recipe:
     run: RunConfig = field(default_factory=RunConfig)
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     student: StudentConfig = field(default_factory=StudentConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     regression: RegressionConfig = field(default_factory=RegressionConfig)
+    gan: GANConfig = field(default_factory=GANConfig)
 
 
 @dataclass
@@ -249,7 +258,8 @@ def validate(r: Recipe) -> None:
                     r.train.warmup_steps, "train.weight_decay": r.train.weight_decay, "train.grad_clip":
                     r.train.grad_clip, "run.preview_samples": r.run.preview_samples, "run.keep_checkpoints":
                     r.run.keep_checkpoints, "regression.batch_size": r.regression.batch_size,
-                    "regression.weight": r.regression.weight}
+                    "regression.weight": r.regression.weight, "gan.generator_weight": r.gan.generator_weight,
+                    "gan.critic_weight": r.gan.critic_weight}
     for key, v in not_negative.items():
         if v < 0:
             raise UserError(f"recipe key '{key}' must not be negative, got {v}")

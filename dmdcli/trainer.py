@@ -14,13 +14,15 @@ import time
 from pathlib import Path
 
 import torch
-from accelerate import Accelerator
+from accelerate import Accelerator, DistributedDataParallelKwargs
 from diffusers.optimization import get_scheduler
 from safetensors.torch import load_file, save_file
 
 from . import checkpoint, losses
 from .errors import UserError
 from .io import write_text
+from .datasets import RealData
+from .networks import CriticWithHead
 from .pairs import PairSet
 from .recipe import Recipe, from_dict, to_dict, to_toml
 from .sampling import generator_x0, student_sample
@@ -52,14 +54,21 @@ class DMDTrainer:
     def __init__(self, recipe: Recipe, accelerator: Accelerator | None = None):
         self.recipe = r = recipe
         self.run_dir = Path(r.run.out)
+        self.gan = r.gan.generator_weight > 0 or r.gan.critic_weight > 0
+        # With the GAN head, a critic pass that needs no logits leaves the head unused.
+        kwargs = [DistributedDataParallelKwargs(find_unused_parameters=True)] if self.gan else []
         self.acc = accelerator or Accelerator(cpu=not torch.cuda.is_available(),
-                                              mixed_precision=r.train.mixed_precision)
+                                              mixed_precision=r.train.mixed_precision, kwargs_handlers=kwargs)
         device = self.acc.device
         self.teacher = build_teacher(r.teacher).to(device)
         self.schedule = self.teacher.schedule
         self.pairs = PairSet(r.regression.pairs, self.teacher) if r.train.method == "dmd" else None
         torch.manual_seed(r.run.seed)  # network initialisation
         generator, critic = self.teacher.make_generator(), self.teacher.make_critic()
+        self.real = None
+        if self.gan:
+            critic = CriticWithHead(critic)
+            self.real = RealData(self.teacher, r.gan.dataset)
         opt_g = torch.optim.AdamW(generator.parameters(), lr=r.train.lr_generator,
                                   betas=tuple(r.train.betas), weight_decay=r.train.weight_decay)
         opt_c = torch.optim.AdamW(critic.parameters(), lr=r.train.lr_critic,
@@ -70,7 +79,7 @@ class DMDTrainer:
         self.generator, self.critic, self.opt_g, self.opt_c = self.acc.prepare(generator, critic, opt_g, opt_c)
         seed = r.run.seed * 1000 + self.acc.process_index
         self.rng = torch.Generator(device=device).manual_seed(seed)       # noise, timesteps, labels
-        self.data_rng = torch.Generator().manual_seed(seed + 1)          # pair indices
+        self.data_rng = torch.Generator().manual_seed(seed + 1)          # pair indices, real data
         self.step = 0
 
     # -- one iteration's pieces -------------------------------------------------------------
@@ -88,6 +97,13 @@ class DMDTrainer:
             eps = torch.randn(x.shape, generator=self.rng, device=x.device)
             x = self.schedule.add_noise(x, eps, torch.full((len(x),), ts[k], device=x.device, dtype=torch.long))
         return x, torch.full((len(z),), ts[k], device=z.device, dtype=torch.long)
+
+    def _critic(self, x_t, t, cond):
+        """(x0 prediction, GAN logits or None) of the critic."""
+        out = self.critic(x_t, t, cond)
+        pred, logits = out if self.gan else (out, None)
+        net = self.acc.unwrap_model(self.critic)
+        return self.schedule.to_x0(pred, x_t, t, net.prediction_type), pred, logits
 
     def _generator_inputs(self, n: int):
         labels = self.teacher.random_labels(n, self.rng)
@@ -121,9 +137,18 @@ class DMDTrainer:
         x_t = self.schedule.add_noise(x.detach(), torch.randn(x.shape, generator=self.rng, device=x.device), t)
         with torch.no_grad(), self.acc.autocast():
             x0_real = self.teacher.denoise(x_t, t, cond, r.teacher.guidance)
-            x0_fake = generator_x0(self.critic, self.schedule, x_t, t, cond)
+            x0_fake = self._critic(x_t, t, cond)[0]
         loss_dm, non_finite = losses.distribution_matching_loss(x, x0_real, x0_fake)
         loss, logs = r.train.dm_weight * loss_dm, {"loss_dm": loss_dm.item(), "dm_non_finite": non_finite}
+        if self.gan and r.gan.generator_weight > 0:
+            # Diffusion GAN: the generator's output noised at t uniform in [0, T), through the critic.
+            t_g = losses.critic_timesteps(n, self.schedule.num_train_timesteps, self.rng, x.device)
+            eps_g = torch.randn(x.shape, generator=self.rng, device=x.device)
+            with self.acc.autocast():
+                logits = self._critic(self.schedule.add_noise(x, eps_g, t_g), t_g, cond)[2]
+            loss_gan = losses.gan_generator_loss(logits)
+            loss = loss + r.gan.generator_weight * loss_gan
+            logs["loss_gan_g"] = loss_gan.item()
         if self.pairs is not None:
             loss_reg = losses.regression_loss(out[n:], y, r.regression.distance)
             loss = loss + r.regression.weight * loss_reg
@@ -138,25 +163,41 @@ class DMDTrainer:
 
     def critic_step(self) -> dict:
         r = self.recipe
+        self.opt_c.zero_grad(set_to_none=True)   # drop what the generator's GAN loss left here
         x, cond = self._fake_samples(r.train.batch_size, grad=False)
-        t = losses.critic_timesteps(len(x), self.schedule.num_train_timesteps, self.rng, x.device)
+        n = len(x)
+        t = losses.critic_timesteps(n, self.schedule.num_train_timesteps, self.rng, x.device)
         eps = torch.randn(x.shape, generator=self.rng, device=x.device)
         x_t = self.schedule.add_noise(x, eps, t)
+        x_in, t_in, c_in = x_t, t, cond
+        if self.gan:
+            # Real data, noised at its own t, rides in the same forward pass as the fakes.
+            real, labels = self.real.batch(n, self.data_rng)
+            real = real.to(x.device)
+            t_r = losses.critic_timesteps(n, self.schedule.num_train_timesteps, self.rng, x.device)
+            x_r = self.schedule.add_noise(real, torch.randn(real.shape, generator=self.rng, device=x.device), t_r)
+            x_in, t_in = torch.cat([x_t, x_r]), torch.cat([t, t_r])
+            cond_r = self.teacher.encode_condition(labels.to(x.device) if labels is not None else None)
+            c_in = torch.cat([cond, cond_r]) if cond is not None else None
         with self.acc.autocast():
-            pred = self.critic(x_t, t, cond)
+            x0_pred, pred, logits = self._critic(x_in, t_in, c_in)
         net = self.acc.unwrap_model(self.critic)
         if self.schedule.family == "vp":
-            loss = losses.critic_loss_vp(self.schedule.to_eps(pred, x_t, t, net.prediction_type), eps)
+            loss = losses.critic_loss_vp(self.schedule.to_eps(pred[:n], x_t, t, net.prediction_type), eps)
         else:
-            x0_pred = self.schedule.to_x0(pred, x_t, t, net.prediction_type)
-            loss = losses.critic_loss_edm(x0_pred, x, self.schedule.sigma(t), self.schedule.sigma_data)
+            loss = losses.critic_loss_edm(x0_pred[:n], x, self.schedule.sigma(t), self.schedule.sigma_data)
+        logs = {"loss_critic": loss.item()}
+        if self.gan:
+            loss_gan = losses.gan_critic_loss(logits[:n], logits[n:])
+            loss = loss + r.gan.critic_weight * loss_gan
+            logs["loss_gan_c"] = loss_gan.item()
         self._check_finite(loss, "critic")
         self.acc.backward(loss)
         self.acc.clip_grad_norm_(self.critic.parameters(), r.train.grad_clip)
         self.opt_c.step()
         self.sched_c.step()
         self.opt_c.zero_grad(set_to_none=True)
-        return {"loss_critic": loss.item()}
+        return logs
 
     def _check_finite(self, loss: torch.Tensor, which: str) -> None:
         """Stop every rank together (not one alone, which would hang the others) on NaN/inf."""

@@ -1,0 +1,114 @@
+"""The training loop's mechanics: the two time-scale rule, who receives gradients, the GAN
+head, backward simulation for few-step students, bf16 autocast on CPU."""
+
+import pytest
+import torch
+
+from dmdcli.recipe import load_recipe
+from dmdcli.trainer import DMDTrainer
+from tiny_models import save_tiny_unet2d
+
+
+def trainer_for(tiny_recipe, *overrides, extra=""):
+    return DMDTrainer(load_recipe(tiny_recipe(extra=extra), list(overrides)))
+
+
+def snapshot(module):
+    return [p.detach().clone() for p in module.parameters()]
+
+
+def moved(before, module):
+    return any(not torch.equal(a, b) for a, b in zip(before, module.parameters()))
+
+
+def test_generator_moves_only_on_its_turns_and_critic_every_step(tiny_recipe):
+    tr = trainer_for(tiny_recipe, "train.critic_steps_per_generator_step=3", "train.critic_warmup_steps=2",
+                     "train.warmup_steps=0")   # (a warm-up starts at learning rate 0)
+    turns = []
+    for _ in range(11):
+        g, c = snapshot(tr.generator), snapshot(tr.critic)
+        turn = tr.is_generator_turn()
+        tr.train_step()
+        assert moved(g, tr.generator) == turn
+        assert moved(c, tr.critic)
+        turns.append(turn)
+    # warm-up 2 iterations, then every third: 2, 5, 8
+    assert [i for i, t in enumerate(turns) if t] == [2, 5, 8]
+
+
+def test_gan_head_gets_gradients_from_both_losses(tiny_recipe):
+    tr = trainer_for(tiny_recipe, "gan.generator_weight=0.003", "gan.critic_weight=0.01", "train.critic_warmup_steps=0")
+    head = tr.acc.unwrap_model(tr.critic).head
+    seen = []
+    for p in head.parameters():
+        p.register_hook(lambda g: seen.append(float(g.abs().sum())))
+    logs = tr.generator_step()
+    assert "loss_gan_g" in logs and seen and max(seen) > 0
+    seen.clear()
+    logs = tr.critic_step()
+    assert "loss_gan_c" in logs and seen and max(seen) > 0
+    assert all(torch.isfinite(torch.tensor(v)) for v in logs.values())
+
+
+@pytest.fixture(scope="module")
+def unet_teacher(tmp_path_factory):
+    return save_tiny_unet2d(tmp_path_factory.mktemp("u") / "t", num_classes=3)
+
+
+def unet_recipe(tmp_path, folder, extra=""):
+    path = tmp_path / "u.toml"
+    path.write_text(f'[run]\nout = "{tmp_path / "run"}"\npreview_samples = 0\n[teacher]\nname = "unet2d"\n'
+                    f'guidance = 2.0\n[teacher.unet2d]\nmodel = "{folder}"\n[train]\nsteps = 4\nbatch_size = 2\n'
+                    f'critic_steps_per_generator_step = 2\nwarmup_steps = 0\n' + extra)
+    return path
+
+
+def test_real_score_never_receives_gradients(tmp_path, unet_teacher):
+    tr = DMDTrainer(load_recipe(unet_recipe(tmp_path, unet_teacher), ["student.timesteps=[999, 749, 499, 249]"]))
+    before = snapshot(tr.teacher.real)
+    for _ in range(4):
+        logs = tr.train_step()
+        assert all(torch.isfinite(torch.tensor(float(v))) for v in logs.values())
+    assert all(p.grad is None and not p.requires_grad for p in tr.teacher.real.parameters())
+    assert not moved(before, tr.teacher.real)
+
+
+def test_backward_simulation_uses_every_step_index(tmp_path, unet_teacher, monkeypatch):
+    tr = DMDTrainer(load_recipe(unet_recipe(tmp_path, unet_teacher), ["student.timesteps=[999, 749, 499, 249]"]))
+    used = []
+    real = tr._generator_input
+
+    def spy(z, cond):
+        x, t = real(z, cond)
+        used.append(int(t[0]))
+        assert (t == t[0]).all()
+        return x, t
+
+    monkeypatch.setattr(tr, "_generator_input", spy)
+    for _ in range(12):
+        tr.train_step()
+    assert set(used) == {999, 749, 499, 249}
+
+
+def test_bf16_autocast_runs_on_cpu(tiny_recipe, tmp_path):
+    """The same code path under bf16 autocast (its own process: accelerate's state is per process)."""
+    from conftest import run_dmd
+
+    result = run_dmd("distill", tiny_recipe(steps=6, checkpoint_every=6), "--set", "train.mixed_precision='bf16'")
+    assert result.returncode == 0, result.stderr
+    import json
+
+    rows = [json.loads(x) for x in (tmp_path / "runs" / "tiny" / "metrics.jsonl").read_text().splitlines()]
+    assert all(torch.isfinite(torch.tensor(r["loss_critic"])) for r in rows)
+
+
+def test_gan_with_real_fashion_images_needs_matching_channels(tmp_path, unet_teacher):
+    from dmdcli.datasets import DEBIAN_FASHION_MNIST
+    from dmdcli.errors import UserError
+
+    if not DEBIAN_FASHION_MNIST.is_dir():
+        pytest.skip("dataset-fashion-mnist is not installed")
+    recipe = load_recipe(unet_recipe(tmp_path, unet_teacher), ["gan.generator_weight=0.003", "gan.critic_weight=0.01",
+                                                              "gan.dataset='fashion-mnist'"])
+    with pytest.raises(UserError, match="has 10 classes; the teacher knows 3"):
+        DMDTrainer(recipe)
