@@ -1,0 +1,21 @@
+"""Every shipped recipe resolves (dry run) against the schema."""
+
+from pathlib import Path
+
+import pytest
+
+from dmdcli.cli import main
+from dmdcli.recipe import TeacherRecipe, load_recipe
+
+RECIPES = sorted((Path(__file__).resolve().parents[1] / "recipes").glob("*.toml"))
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=[p.stem for p in RECIPES])
+def test_recipe_resolves(path, capsys):
+    command = "train-teacher" if path.stem.endswith("-teacher") else "distill"
+    extra = ["--set", "regression.pairs='x'"] if "-dmd" in path.stem else []
+    assert main([command, str(path), "--dry-run", *extra]) == 0
+    text = capsys.readouterr().out
+    assert text.startswith("[run]") and 'out = "runs/' + path.stem + '"' in text
+    if command == "train-teacher":
+        load_recipe(path, schema=TeacherRecipe)
