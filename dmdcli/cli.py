@@ -180,29 +180,60 @@ def sample(run: Optional[Path] = typer.Argument(None, help="run or checkpoint fo
 
 @app.command()
 def fid(samples: Path = typer.Argument(..., help="samples file or folder from `dmd sample`"),
-        ref: str = typer.Option("gmm", help="reference: 'gmm' (the exact mixture) or a samples file"),
+        ref: str = typer.Option("gmm", help="gmm (exact mixture), imagenet64, a clean-fid name, an .npz, "
+                                            "a folder of images or a samples file"),
+        features: str = typer.Option("inception", help="'inception' (clean-fid's) or a TorchScript file"),
+        mode: str = typer.Option("clean", help="clean-fid mode: clean or legacy_tensorflow"),
+        batch_size: int = typer.Option(64),
         json_out: Optional[Path] = typer.Option(None, "--json", help="also write the report as JSON"),
-        seed: int = typer.Option(0, help="seed for drawing exact reference samples")):
-    """Frechet distance (and mode metrics) of samples against a reference."""
+        seed: int = typer.Option(0, help="seed for drawing exact reference samples (gmm)")):
+    """FID (and KID) of samples against a reference; for the gmm teacher, the Frechet
+    distance in its own coordinates with mode metrics."""
     from .evaluate import gmm_report, load_samples
     from .io import write_json
 
     tensors, meta = load_samples(samples)
     desc = json.loads(meta.get("teacher", "{}"))
-    if desc.get("name") != "gmm":
-        raise UserError(f"{samples}: only samples of the 'gmm' teacher can be measured in this version")
-    report = gmm_report(tensors["x"], desc, ref, seed)
-    table = Table(title=report["metric"])
+    table = Table()
     table.add_column("metric")
     table.add_column("value", justify="right")
-    table.add_row("Frechet distance (GMM coords)", f"{report['frechet_distance']:.4f}")
-    table.add_row("precision (within 3 std of a mode)", f"{report['precision']:.3f}")
-    mass = report["mode_mass_ratio"]
-    table.add_row("mode mass / true weight (min .. max)", f"{min(mass):.2f} .. {max(mass):.2f}")
-    table.add_row("samples / reference", f"{report['num_samples']} / {report['num_reference']} ({report['reference']})")
+    if desc.get("name") == "gmm":
+        report = gmm_report(tensors["x"], desc, ref, seed)
+        table.title = report["metric"]
+        table.add_row("Frechet distance (GMM coords)", f"{report['frechet_distance']:.4f}")
+        table.add_row("precision (within 3 std of a mode)", f"{report['precision']:.3f}")
+        mass = report["mode_mass_ratio"]
+        table.add_row("mode mass / true weight (min .. max)", f"{min(mass):.2f} .. {max(mass):.2f}")
+        table.add_row("samples / reference", f"{report['num_samples']} / {report['num_reference']} ({report['reference']})")
+    else:
+        from .fid import fid_report
+
+        if ref == "gmm":
+            raise UserError("--ref gmm is for samples of the gmm teacher; give imagenet64, an .npz, a folder "
+                            "or a samples file")
+        report = fid_report(tensors, ref, features, mode, batch_size)
+        table.title = f"FID, {report['features']} features, {report['mode']} mode"
+        table.add_row(f"FID ({report['num_samples']} samples)", f"{report['fid']:.3f}")
+        if "kid" in report:
+            table.add_row(f"KID ({report['num_samples']} samples)", f"{report['kid']:.5f}")
+        table.add_row("reference", report["reference"])
     Console().print(table)
     if json_out:
         write_json(json_out, report)
+
+
+@app.command("fid-ref")
+def fid_ref(source: str = typer.Argument(..., help="folder of images, samples file, or dataset "
+                                                     "(fashion-mnist, imagefolder:PATH, a Hub dataset)"),
+            out: Path = typer.Option(..., help="statistics file to write (.npz)"),
+            features: str = typer.Option("inception", help="'inception' or a TorchScript file"),
+            mode: str = typer.Option("clean"), split: str = typer.Option("test", help="dataset split"),
+            batch_size: int = typer.Option(64)):
+    """Reference statistics (mu, sigma) for `dmd fid --ref FILE`, kept where you say."""
+    from .fid import make_reference
+
+    info = make_reference(source, out, features, mode, batch_size, split)
+    console.print(f"wrote {out}: {info['count']} images, {info['dim']}-d features ({features}, {mode})")
 
 
 @app.command()

@@ -91,6 +91,8 @@ def load_images(spec: str, split: str = "train", image_size: int = 32, limit: in
         images, labels = images[:limit], labels[:limit]
     x = images.float() / 127.5 - 1
     h = x.shape[-1]
+    if not image_size:   # 0: as stored
+        return x.contiguous(), labels, classes
     if h < image_size and (image_size - h) % 2 == 0:
         pad = (image_size - h) // 2   # 28 -> 32 by a border of background, as DDPM did for MNIST
         x = F.pad(x, (pad, pad, pad, pad), value=-1.0)

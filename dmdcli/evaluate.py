@@ -22,8 +22,12 @@ from .io import atomic_path
 SAMPLES_FILE = "samples.safetensors"
 
 
-def save_samples(path: Path, x: torch.Tensor, labels: torch.Tensor | None, teacher_desc: dict, source: str) -> None:
+def save_samples(path: Path, x: torch.Tensor, labels: torch.Tensor | None, teacher_desc: dict, source: str,
+                 images: torch.Tensor | None = None) -> None:
+    """x as made; for latent teachers also `image`, the decoded uint8 images (for FID)."""
     tensors = {"x": x.detach().float().cpu().contiguous()}
+    if images is not None:
+        tensors["image"] = images.cpu().contiguous()
     if labels is not None:
         tensors["label"] = labels.cpu().long()
     with atomic_path(Path(path)) as tmp:

@@ -45,13 +45,22 @@ def make_samples(out: Path, num: int, teacher, *, generator=None, timesteps=(999
         results["teacher"] = (x, rate, teacher_steps)
     labels = teacher.condition_ids(range(num))
     out.mkdir(parents=True, exist_ok=True)
+
+    def decoded(x):   # latent teachers: keep the images too, for FID
+        if not hasattr(teacher, "vae"):
+            return None
+        return ((teacher.to_images(x).float() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
+
     teacher_source = f"teacher {sampler} {teacher_steps} steps, guidance {guidance}"
     if "student" in results:
-        save_samples(out / SAMPLES_FILE, results["student"][0], labels, teacher.describe(), student_source)
+        save_samples(out / SAMPLES_FILE, results["student"][0], labels, teacher.describe(), student_source,
+                     decoded(results["student"][0]))
         if "teacher" in results:
-            save_samples(out / "teacher.safetensors", results["teacher"][0], labels, teacher.describe(), teacher_source)
+            save_samples(out / "teacher.safetensors", results["teacher"][0], labels, teacher.describe(),
+                         teacher_source, decoded(results["teacher"][0]))
     else:
-        save_samples(out / SAMPLES_FILE, results["teacher"][0], labels, teacher.describe(), teacher_source)
+        save_samples(out / SAMPLES_FILE, results["teacher"][0], labels, teacher.describe(), teacher_source,
+                     decoded(results["teacher"][0]))
     main = results.get("student", results.get("teacher"))[0]
     other = results["teacher"][0] if "student" in results and "teacher" in results else None
     teacher.save_preview(main, other, labels, out / "samples.png", title=student_source or teacher_source)

@@ -1,0 +1,114 @@
+"""Image FID on clean-fid, with a small TorchScript feature network saved by the test."""
+
+import json
+
+import numpy as np
+import pytest
+import scipy.linalg
+import torch
+from PIL import Image
+
+from dmdcli.cli import main
+from dmdcli.evaluate import save_samples
+
+
+@pytest.fixture
+def features(tmp_path):
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.AdaptiveAvgPool2d(4), torch.nn.Flatten(), torch.nn.Linear(48, 16))
+    path = tmp_path / "features.pt"
+    torch.jit.script(net).save(str(path))
+    return path
+
+
+def image_set(seed, n=40, shift=0.0):
+    g = torch.Generator().manual_seed(seed)
+    x = (torch.rand(n, 3, 16, 16, generator=g) * 0.6 + 0.2 + shift).clamp(0, 1)
+    return (x * 255).round().to(torch.uint8)
+
+
+def as_samples(path, images):
+    save_samples(path, images.float() / 127.5 - 1, None, {"name": "unet2d"}, "test")
+    return path
+
+
+def as_folder(folder, images):
+    folder.mkdir()
+    for i, img in enumerate(images):
+        Image.fromarray(img.permute(1, 2, 0).numpy()).save(folder / f"{i:03d}.png")
+    return folder
+
+
+def test_fid_matches_clean_fid_called_directly(tmp_path, features):
+    from cleanfid import fid as cfid
+
+    a, b = image_set(0), image_set(1, shift=0.15)
+    samples = as_samples(tmp_path / "a.safetensors", a)
+    folder_a, folder_b = as_folder(tmp_path / "fa", a), as_folder(tmp_path / "fb", b)
+    assert main(["fid", str(samples), "--ref", str(folder_b), "--features", str(features),
+                 "--json", str(tmp_path / "r.json")]) == 0
+    ours = json.loads((tmp_path / "r.json").read_text())
+    model = torch.jit.load(str(features))
+    theirs = cfid.compute_fid(str(folder_a), str(folder_b), mode="clean", custom_feat_extractor=lambda x: model(x),
+                              num_workers=0, device=torch.device("cpu"), verbose=False, batch_size=16)
+    assert ours["fid"] == pytest.approx(theirs, rel=1e-4)
+    assert ours["num_samples"] == 40 and "kid" in ours
+
+
+def test_fid_of_a_set_against_itself_is_zero_and_by_hand_otherwise(tmp_path, features):
+    from cleanfid.fid import get_model_features
+
+    a, b = image_set(0), image_set(1, shift=0.15)
+    sa, sb = as_samples(tmp_path / "a.safetensors", a), as_samples(tmp_path / "b.safetensors", b)
+    assert main(["fid", str(sa), "--ref", str(sa), "--features", str(features), "--json", str(tmp_path / "s.json")]) == 0
+    assert abs(json.loads((tmp_path / "s.json").read_text())["fid"]) < 1e-3
+    assert main(["fid", str(sa), "--ref", str(sb), "--features", str(features), "--json", str(tmp_path / "d.json")]) == 0
+    got = json.loads((tmp_path / "d.json").read_text())["fid"]
+    model = torch.jit.load(str(features))
+    it = {"a": iter(a.float().split(8)), "b": iter(b.float().split(8))}
+    fa = get_model_features(lambda z: next(it["a"]), lambda x: model(x), num_gen=40, batch_size=8, z_dim=1,
+                            device=torch.device("cpu"), verbose=False)
+    fb = get_model_features(lambda z: next(it["b"]), lambda x: model(x), num_gen=40, batch_size=8, z_dim=1,
+                            device=torch.device("cpu"), verbose=False)
+    mu1, mu2 = fa.mean(0), fb.mean(0)
+    s1, s2 = np.cov(fa, rowvar=False), np.cov(fb, rowvar=False)
+    covmean = scipy.linalg.sqrtm(s1 @ s2).real
+    by_hand = float(((mu1 - mu2) ** 2).sum() + np.trace(s1 + s2 - 2 * covmean))
+    assert got == pytest.approx(by_hand, rel=1e-3)
+    assert got > 1.0
+
+
+def test_reference_files(tmp_path, features, monkeypatch, capsys):
+    monkeypatch.setenv("DMD_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    sa = as_samples(tmp_path / "a.safetensors", image_set(0))
+    assert main(["fid", str(sa), "--ref", "imagenet64", "--features", str(features)]) == 2
+    err = capsys.readouterr().err
+    assert "reference statistics 'imagenet64' are not available offline; download " \
+           "https://nvlabs-fi-cdn.nvidia.com/edm/fid-refs/imagenet-64x64.npz to" in err
+    # With a local file of the right format (here 16-d, to match the test's features): works.
+    assert main(["fid-ref", str(tmp_path / "a.safetensors"), "--out", str(tmp_path / "ref.npz"),
+                 "--features", str(features), "--mode", "legacy_tensorflow"]) == 0   # EDM's protocol
+    ref = tmp_path / "cache" / "refs" / "imagenet-64x64.npz"
+    ref.parent.mkdir(parents=True)
+    ref.write_bytes((tmp_path / "ref.npz").read_bytes())
+    assert main(["fid", str(sa), "--ref", "imagenet64", "--features", str(features),
+                 "--json", str(tmp_path / "i.json")]) == 0
+    report = json.loads((tmp_path / "i.json").read_text())
+    assert abs(report["fid"]) < 1e-3 and report["mode"] == "legacy_tensorflow"
+    # A wrong-format file: one line.
+    np.savez(tmp_path / "bad.npz", mean=np.zeros(3))
+    capsys.readouterr()
+    assert main(["fid", str(sa), "--ref", str(tmp_path / "bad.npz"), "--features", str(features)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "bad.npz is not a statistics file (an .npz with arrays 'mu' and 'sigma')" in err[0]
+    # Statistics of other features: one line.
+    np.savez(tmp_path / "other.npz", mu=np.zeros(5), sigma=np.eye(5))
+    assert main(["fid", str(sa), "--ref", str(tmp_path / "other.npz"), "--features", str(features)]) == 2
+    assert "has 5-d statistics but the features are 16-d" in capsys.readouterr().err
+
+
+def test_missing_feature_file_is_one_line(tmp_path, capsys):
+    sa = as_samples(tmp_path / "a.safetensors", image_set(0))
+    assert main(["fid", str(sa), "--ref", str(sa), "--features", str(tmp_path / "none.pt")]) == 2
+    assert f"feature network not found: {tmp_path / 'none.pt'}" in capsys.readouterr().err
