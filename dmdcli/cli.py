@@ -216,6 +216,8 @@ def fid(samples: Path = typer.Argument(..., help="samples file or folder from `d
         table.add_row(f"FID ({report['num_samples']} samples)", f"{report['fid']:.3f}")
         if "kid" in report:
             table.add_row(f"KID ({report['num_samples']} samples)", f"{report['kid']:.5f}")
+        if "class_accuracy" in report:
+            table.add_row("class accuracy (by the feature network)", f"{report['class_accuracy']:.3f}")
         table.add_row("reference", report["reference"])
     Console().print(table)
     if json_out:

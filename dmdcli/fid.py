@@ -53,7 +53,7 @@ def feature_model(features: str, mode: str, device: torch.device):
             model = torch.jit.load(str(path), map_location=device).eval()
         except RuntimeError as e:
             raise UserError(f"{features} is not a TorchScript file ({str(e).splitlines()[0][:120]})") from None
-        return lambda x: model(x)
+        return model
     from cleanfid.features import build_feature_extractor
 
     try:
@@ -159,6 +159,12 @@ def fid_report(tensors: dict, ref: str, features: str = "inception", mode: str =
     if kid and feats_r is not None:
         np.random.seed(0)   # clean-fid's KID draws subsets with numpy's global generator
         report["kid"] = float(kernel_distance(feats, feats_r))
+    if hasattr(model, "classify") and "label" in tensors:
+        # A feature network that can also classify judges class-conditional samples.
+        with torch.no_grad():
+            pred = torch.cat([model.classify(part.float().to(device)).argmax(1).cpu()
+                              for part in images.split(batch_size)])
+        report["class_accuracy"] = float((pred == tensors["label"]).float().mean())
     return report
 
 
