@@ -109,6 +109,9 @@ def make_pairs(teacher: str = typer.Option(..., help="teacher: gmm, sd, unet2d, 
         set_ = [*set_, f"teacher.sd.prompts={json.dumps(prompts)}"]
     t = _teacher_from(teacher, recipe, set_)
     if verify:
+        import torch
+
+        t.to("cuda" if torch.cuda.is_available() else "cpu")
         _report_problems(verify_pairs(out, t, verify, seed), f"{out}: every shard matches its hash and "
                                                                f"{verify} regenerated pairs match")
         return
@@ -230,11 +233,13 @@ def fid_ref(source: str = typer.Argument(..., help="folder of images, samples fi
             out: Path = typer.Option(..., help="statistics file to write (.npz)"),
             features: str = typer.Option("inception", help="'inception' or a TorchScript file"),
             mode: str = typer.Option("clean"), split: str = typer.Option("test", help="dataset split"),
+            size: int = typer.Option(0, help="dataset images at this size, as the students make them "
+                                               "(fashion-mnist: 32, padded); 0: as stored"),
             batch_size: int = typer.Option(64)):
     """Reference statistics (mu, sigma) for `dmd fid --ref FILE`, kept where you say."""
     from .fid import make_reference
 
-    info = make_reference(source, out, features, mode, batch_size, split)
+    info = make_reference(source, out, features, mode, batch_size, split, size)
     console.print(f"wrote {out}: {info['count']} images, {info['dim']}-d features ({features}, {mode})")
 
 

@@ -65,6 +65,13 @@ def _hf(name: str, split: str, data_dir: str | None = None):
                         f"give imagefolder:PATH or fashion-mnist") from None
     import numpy as np
 
+    image_columns = [c for c, f in ds.features.items() if type(f).__name__ == "Image"]
+    if not image_columns:
+        raise UserError(f"dataset {data_dir or name!r} has no image column (columns: {', '.join(ds.column_names)})")
+    ds = ds.rename_column(image_columns[0], "image") if image_columns[0] != "image" else ds
+    label_columns = [c for c, f in ds.features.items() if type(f).__name__ == "ClassLabel"]
+    if label_columns and label_columns[0] != "label":
+        ds = ds.rename_column(label_columns[0], "label")
     first = ds[0]["image"]
     mode = "L" if first.mode in ("L", "1", "I", "F") else "RGB"   # one mode and size for all
     size = first.size

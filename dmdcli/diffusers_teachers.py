@@ -49,6 +49,7 @@ class UNetTeacher(Teacher):
         self.real = UNetDenoiser((real.to(dtype) if dtype != torch.float32 else real).eval().requires_grad_(False),
                                  self.prediction_type, null_class)
         self.null_class = null_class
+        self.dtype = dtype
         self.device = torch.device("cpu")
 
     def _copy(self) -> UNetDenoiser:

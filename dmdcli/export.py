@@ -68,7 +68,9 @@ def export(run: str | Path, out: Path, fid: str = "not measured") -> Path:
     if teacher.name not in ("sd", "unet2d"):
         raise UserError(f"export writes diffusers folders for the sd and unet2d teachers; this run's teacher "
                         f"is {teacher.name!r} (its student is in {run}/checkpoints as safetensors)")
-    out = Path(out)
+    out = Path(out).resolve()
+    if out.exists() and any(out.iterdir()) and "distilled with dmd" not in _card(out):
+        raise UserError(f"{out} exists and is not an earlier export (no dmd model card); give a new or empty folder")
     tmp = out.with_name(f".{out.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     # The student's x0 is used as it is (never clipped), so the exported scheduler must not clip.
@@ -103,7 +105,16 @@ def export(run: str | Path, out: Path, fid: str = "not measured") -> Path:
         teacher=teacher.describe().get("model", teacher.name), name=teacher.name, method=recipe.train.method,
         steps=len(ts), timesteps=ts, ckpt_step=step, guidance=recipe.teacher.guidance, fid=fid, usage=usage,
         recipe=to_toml(recipe)))
+    # Swap in the new export; the old one goes only once the new one is in place.
+    old = out.with_name(f".{out.name}.old")
+    shutil.rmtree(old, ignore_errors=True)
     if out.exists():
-        shutil.rmtree(out)
+        os.replace(out, old)
     os.replace(tmp, out)
+    shutil.rmtree(old, ignore_errors=True)
     return out
+
+
+def _card(folder: Path) -> str:
+    card = folder / "README.md"
+    return card.read_text(errors="replace") if card.is_file() else ""

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -28,7 +29,37 @@ REFERENCES = {
         "papers": "EDM ODE 2.32 (teacher), DMD 2.62, DMD2 1.28 (50K, class-conditional)",
     },
 }
-CLEANFID_NAMES = {"cifar10": 32, "ffhq": 1024, "lsun_church": 256, "afhq_cat": 512, "afhq_dog": 512, "afhq_wild": 512}
+# clean-fid's named statistics: (resolution, split), fetched from its public address.
+CLEANFID_NAMES = {"cifar10": (32, "train"), "ffhq": (1024, "trainval70k"), "lsun_church": (256, "train"),
+                  "afhq_cat": (512, "train"), "afhq_dog": (512, "train"), "afhq_wild": (512, "train")}
+CLEANFID_STATS_URL = "https://www.cs.cmu.edu/~clean-fid/stats/{name}_{mode}_{split}_{res}.npz"
+INCEPTION_FILE = "inception-2015-12-05.pt"
+MODES = ("clean", "legacy_tensorflow")
+
+
+def _offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0") or bool(os.environ.get("DMD_OFFLINE"))
+
+
+def download(url: str, path: Path, what: str) -> Path:
+    """Fetch url to path once (temporary name, then rename); offline, one line saying where to put it."""
+    if path.is_file():
+        return path
+    if _offline():
+        raise UserError(f"{what} is not available offline; download {url} to {path}")
+    import urllib.request
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with urllib.request.urlopen(url, timeout=60) as response, open(tmp, "wb") as f:
+            shutil.copyfileobj(response, f)
+        os.replace(tmp, path)
+    except OSError as e:
+        raise UserError(f"could not download {what} from {url} ({e}); download it to {path} by hand") from None
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
 
 
 def to_uint8_images(tensors: dict) -> torch.Tensor:
@@ -45,23 +76,29 @@ def to_uint8_images(tensors: dict) -> torch.Tensor:
 
 
 def feature_model(features: str, mode: str, device: torch.device):
-    if features != "inception":
-        path = Path(features)
-        if not path.is_file():
-            raise UserError(f"feature network not found: {features} (give a TorchScript file, or 'inception')")
-        try:
-            model = torch.jit.load(str(path), map_location=device).eval()
-        except RuntimeError as e:
-            raise UserError(f"{features} is not a TorchScript file ({str(e).splitlines()[0][:120]})") from None
-        return model
-    from cleanfid.features import build_feature_extractor
+    """clean-fid's Inception (ours to fetch into the cache, or a local copy of its file), or
+    a TorchScript feature network."""
+    if mode not in MODES:
+        raise UserError(f"unknown FID mode {mode!r}: choose clean or legacy_tensorflow")
+    if features == "inception" or Path(features).name == INCEPTION_FILE:
+        from cleanfid.downloads_helper import inception_url
+        from cleanfid.inception_torchscript import InceptionV3W
 
+        path = Path(features) if features != "inception" else cache_dir() / "inception" / INCEPTION_FILE
+        if features != "inception" and not path.is_file():
+            raise UserError(f"feature network not found: {features}")
+        download(inception_url, path, "the Inception network for FID")
+        model = InceptionV3W(str(path.parent), download=False, resize_inside=mode == "legacy_tensorflow")
+        model = model.to(device).eval()
+        return lambda x: model(x)
+    path = Path(features)
+    if not path.is_file():
+        raise UserError(f"feature network not found: {features} (give a TorchScript file, or 'inception')")
     try:
-        return build_feature_extractor(mode, device, use_dataparallel=False)
-    except Exception as e:  # urllib/requests errors when offline
-        raise UserError(f"the Inception network for FID is not available offline ({type(e).__name__}); copy "
-                        f"clean-fid's inception-2015-12-05.pt into {Path(os.environ.get('TMPDIR', '/tmp'))} "
-                        f"or pass --features FILE") from None
+        model = torch.jit.load(str(path), map_location=device).eval()
+    except RuntimeError as e:
+        raise UserError(f"{features} is not a TorchScript file ({str(e).splitlines()[0][:120]})") from None
+    return model
 
 
 def image_features(images: torch.Tensor, model, mode: str, device, batch_size: int = 64) -> np.ndarray:
@@ -91,8 +128,12 @@ def reference_stats(ref: str, model, mode: str, device, batch_size: int) -> tupl
         try:
             with np.load(path) as f:
                 mu, sigma = f["mu"], f["sigma"]
+                made_in = str(f["mode"]) if "mode" in f else None
         except (KeyError, ValueError, OSError):
             raise UserError(f"{path} is not a statistics file (an .npz with arrays 'mu' and 'sigma')") from None
+        if made_in is not None and made_in != mode:
+            raise UserError(f"{path} was made in {made_in} mode, not {mode}; use --mode {made_in} or make "
+                            f"new statistics with dmd fid-ref")
         return mu, sigma, None, str(path)
     if path.is_dir() and not (path / "samples.safetensors").is_file():
         from cleanfid.fid import get_folder_features
@@ -106,35 +147,18 @@ def reference_stats(ref: str, model, mode: str, device, batch_size: int) -> tupl
         feats = image_features(to_uint8_images(load_samples(path)[0]), model, mode, device, batch_size)
         return feats.mean(0), np.cov(feats, rowvar=False), feats, f"samples {path} ({len(feats)})"
     if ref in CLEANFID_NAMES:
-        from cleanfid.fid import get_reference_statistics
-
-        try:
-            mu, sigma = get_reference_statistics(ref, CLEANFID_NAMES[ref], mode=mode, split="train")
-        except Exception as e:
-            raise UserError(f"clean-fid's statistics for {ref!r} are not available offline ({type(e).__name__}); "
-                            f"give --ref FOLDER or an .npz") from None
-        return mu, sigma, None, f"clean-fid {ref} train"
+        res, split = CLEANFID_NAMES[ref]
+        url = CLEANFID_STATS_URL.format(name=ref, mode=mode, split=split, res=res)
+        stats = download(url, cache_dir() / "refs" / Path(url).name, f"clean-fid's statistics for {ref!r}")
+        with np.load(stats) as f:
+            return f["mu"], f["sigma"], None, f"clean-fid {ref} {split} {res}px ({mode})"
     raise UserError(f"unknown reference {ref!r}: give imagenet64, a clean-fid name ({', '.join(CLEANFID_NAMES)}), "
                     f"an .npz of mu/sigma, a folder of images or a samples file")
 
 
 def _named_reference(name: str) -> Path:
     spec = REFERENCES[name]
-    path = cache_dir() / "refs" / spec["file"]
-    if not path.is_file():
-        offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0") or os.environ.get("DMD_OFFLINE")
-        if offline:
-            raise UserError(f"reference statistics {name!r} are not available offline; download {spec['url']} "
-                            f"to {path}, or pass --ref with a local copy of {spec['file']}")
-        import urllib.request
-
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp")
-        try:
-            urllib.request.urlretrieve(spec["url"], tmp)
-        except OSError as e:
-            raise UserError(f"could not download {spec['url']} ({e}); download it to {path} by hand") from None
-        os.replace(tmp, path)
+    path = download(spec["url"], cache_dir() / "refs" / spec["file"], f"reference statistics {name!r}")
     if spec["sha256"] and hashlib.sha256(path.read_bytes()).hexdigest() != spec["sha256"]:
         raise UserError(f"{path} does not match the sha256 of {name!r}; delete it to download again")
     return path
@@ -169,7 +193,7 @@ def fid_report(tensors: dict, ref: str, features: str = "inception", mode: str =
 
 
 def make_reference(source: str, out: Path, features: str = "inception", mode: str = "clean",
-                   batch_size: int = 64, split: str = "test") -> dict:
+                   batch_size: int = 64, split: str = "test", size: int = 0) -> dict:
     """mu/sigma of a folder, samples file or dataset (fashion-mnist, imagefolder:PATH, a Hub
     dataset) written as an .npz (under a temporary name, then renamed)."""
     from .datasets import load_images
@@ -181,7 +205,7 @@ def make_reference(source: str, out: Path, features: str = "inception", mode: st
         mu, sigma, feats, described = reference_stats(source, model, mode, device, batch_size)
         count = len(feats) if feats is not None else 0
     else:
-        images, _, _ = load_images(source, split, 0)
+        images, _, _ = load_images(source, split, size)   # size: the students' (fashion: 32, padded)
         feats = image_features(((images + 1) * 127.5).round().to(torch.uint8).expand(-1, 3, -1, -1),
                                model, mode, device, batch_size)
         mu, sigma, count = feats.mean(0), np.cov(feats, rowvar=False), len(feats)

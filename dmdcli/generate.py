@@ -18,13 +18,14 @@ from .sampling import student_sample, teacher_ode
 
 
 def _batched(fn, num: int, batch_size: int, teacher, seed: int):
+    """fn(noise, cond, idx) over batches; noise and conditions are functions of the index."""
     parts, t0 = [], time.perf_counter()
     for start in range(0, num, batch_size):
         idx = range(start, min(start + batch_size, num))
         labels = teacher.condition_ids(idx)
         z = pair_noise(seed, idx, teacher.sample_shape).to(getattr(teacher, "device", "cpu"))
         cond = teacher.encode_condition(labels.to(z.device) if labels is not None else None)
-        parts.append(fn(z, cond, torch.Generator(z.device).manual_seed(seed * 1_000_003 + start)).cpu())
+        parts.append(fn(z, cond, idx).cpu())
     return torch.cat(parts), num / (time.perf_counter() - t0)
 
 
@@ -36,11 +37,14 @@ def make_samples(out: Path, num: int, teacher, *, generator=None, timesteps=(999
     Returns {who: (samples, samples per second, steps)}."""
     results = {}
     if generator is not None:
-        x, rate = _batched(lambda z, c, g: student_sample(generator, teacher.schedule, z, c, list(timesteps), g),
-                           num, batch_size, teacher, seed)
+        def student(z, c, idx):   # few-step students re-noise with per-index noise too
+            renoise = [pair_noise(seed + 7919 * (k + 1), idx, teacher.sample_shape) for k in range(len(timesteps) - 1)]
+            return student_sample(generator, teacher.schedule, z, c, list(timesteps), renoise=renoise)
+
+        x, rate = _batched(student, num, batch_size, teacher, seed)
         results["student"] = (x, rate, len(timesteps))
     if teacher_steps:
-        x, rate = _batched(lambda z, c, g: teacher_ode(teacher, z, c, teacher_steps, guidance, sampler),
+        x, rate = _batched(lambda z, c, idx: teacher_ode(teacher, z, c, teacher_steps, guidance, sampler),
                            num, batch_size, teacher, seed)
         results["teacher"] = (x, rate, teacher_steps)
     labels = teacher.condition_ids(range(num))

@@ -49,14 +49,16 @@ def generator_x0(generator, schedule, x_t: torch.Tensor, t: torch.Tensor, cond) 
 
 @torch.no_grad()
 def student_sample(generator, schedule, noise: torch.Tensor, cond, timesteps: list[int],
-                   rng: torch.Generator | None = None) -> torch.Tensor:
-    """One step (timesteps = [999]) or DMD2's few-step sampling: x0 -> re-noise to the next t."""
+                   rng: torch.Generator | None = None, renoise: list[torch.Tensor] | None = None) -> torch.Tensor:
+    """One step (timesteps = [999]) or DMD2's few-step sampling: x0 -> re-noise to the next t
+    (with renoise[i] when given, else noise drawn from rng)."""
     x = noise
     for i, t in enumerate(timesteps):
         tt = torch.full((len(x),), t, device=x.device, dtype=torch.long)
         x0 = generator_x0(generator, schedule, x, tt, cond)
         if i + 1 < len(timesteps):
-            eps = torch.randn(x.shape, generator=rng, device=x.device, dtype=x.dtype)
+            eps = (renoise[i].to(x.device, x.dtype) if renoise is not None
+                   else torch.randn(x.shape, generator=rng, device=x.device, dtype=x.dtype))
             x = schedule.add_noise(x0, eps, torch.full_like(tt, timesteps[i + 1]))
         else:
             x = x0

@@ -256,3 +256,21 @@ def test_export_refuses_vector_students(tmp_path, tiny_recipe, capsys):
     assert main(["export", str(tmp_path / "runs" / "tiny"), "--out", str(tmp_path / "e")]) == 2
     assert "export writes diffusers folders for the sd and unet2d teachers" in capsys.readouterr().err
     assert not (tmp_path / "e").exists()
+
+
+def test_export_never_overwrites_a_folder_it_did_not_write(tmp_path, unet_folder, capsys):
+    recipe = tmp_path / "u.toml"
+    recipe.write_text(f'[run]\nout = "{tmp_path / "runs" / "u"}"\npreview_samples = 0\n[teacher]\nname = "unet2d"\n'
+                      f'[teacher.unet2d]\nmodel = "{unet_folder}"\n[train]\nsteps = 1\nbatch_size = 2\n'
+                      f'critic_steps_per_generator_step = 1\nwarmup_steps = 0\n')
+    assert main(["distill", str(recipe)]) == 0
+    precious = tmp_path / "precious"
+    precious.mkdir()
+    (precious / "thesis.tex").write_text("years of work")
+    assert main(["export", str(tmp_path / "runs" / "u"), "--out", str(precious)]) == 2
+    assert "exists and is not an earlier export" in capsys.readouterr().err
+    assert (precious / "thesis.tex").read_text() == "years of work"
+    out = tmp_path / "e"
+    assert main(["export", str(tmp_path / "runs" / "u"), "--out", str(out)]) == 0
+    assert main(["export", str(tmp_path / "runs" / "u"), "--out", str(out)]) == 0   # an earlier export: replaced
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []

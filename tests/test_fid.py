@@ -84,7 +84,7 @@ def test_reference_files(tmp_path, features, monkeypatch, capsys):
     sa = as_samples(tmp_path / "a.safetensors", image_set(0))
     assert main(["fid", str(sa), "--ref", "imagenet64", "--features", str(features)]) == 2
     err = capsys.readouterr().err
-    assert "reference statistics 'imagenet64' are not available offline; download " \
+    assert "reference statistics 'imagenet64' is not available offline; download " \
            "https://nvlabs-fi-cdn.nvidia.com/edm/fid-refs/imagenet-64x64.npz to" in err
     # With a local file of the right format (here 16-d, to match the test's features): works.
     assert main(["fid-ref", str(tmp_path / "a.safetensors"), "--out", str(tmp_path / "ref.npz"),
@@ -112,3 +112,15 @@ def test_missing_feature_file_is_one_line(tmp_path, capsys):
     sa = as_samples(tmp_path / "a.safetensors", image_set(0))
     assert main(["fid", str(sa), "--ref", str(sa), "--features", str(tmp_path / "none.pt")]) == 2
     assert f"feature network not found: {tmp_path / 'none.pt'}" in capsys.readouterr().err
+
+
+def test_bad_mode_and_offline_inception_are_one_line(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("DMD_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    sa = as_samples(tmp_path / "a.safetensors", image_set(0))
+    assert main(["fid", str(sa), "--ref", str(sa), "--mode", "fancy"]) == 2
+    assert "unknown FID mode 'fancy': choose clean or legacy_tensorflow" in capsys.readouterr().err
+    assert main(["fid", str(sa), "--ref", str(sa)]) == 2
+    err = capsys.readouterr().err
+    assert "the Inception network for FID is not available offline; download https://" in err
+    assert str(tmp_path / "cache" / "inception" / "inception-2015-12-05.pt") in err
