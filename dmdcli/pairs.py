@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -74,6 +75,27 @@ def teacher_pairs(teacher, indices, settings: PairSettings) -> dict:
     return out
 
 
+def check_free_space(out: Path, num: int, shape, decode: bool) -> None:
+    """Refuse before the long work when the pairs cannot fit on the disk (the estimate counts
+    noise and output in float32, labels, and decoded images at 8x the latent side)."""
+    per_pair = 2 * 4 * math.prod(shape) + 8 + (3 * (8 * shape[-1]) ** 2 if decode else 0)
+    need = num * per_pair
+    existing = sum(p.stat().st_size for p in out.glob("shard-*.safetensors")) if out.is_dir() else 0
+    probe = out if out.exists() else next(p for p in out.parents if p.exists())
+    free = shutil.disk_usage(probe).free
+    if need - existing > free:
+        raise UserError(f"{num} pairs need about {_size(need)} and {probe} has {_size(free)} free; "
+                        f"free space, lower --num or choose another --out")
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024:
+            return f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
 def _shard_name(s: int) -> str:
     return f"shard-{s:05d}"
 
@@ -107,6 +129,8 @@ def make_pairs(teacher, out: Path, num: int, settings: PairSettings, batch_size:
     expected = {"format": FORMAT, "teacher": teacher.describe(), **asdict(settings),
                 "sample_shape": list(teacher.sample_shape), "num_classes": teacher.num_classes, "dtype": "float32"}
     manifest_path = out / "manifest.json"
+    if rank == 0:
+        check_free_space(out, num, teacher.sample_shape, settings.decode)
     if rank == 0 and not manifest_path.is_file():
         write_json(manifest_path, {**expected, "num": num, "complete": False, "shards": []})
         if getattr(teacher, "prompts", None):   # label i of a text teacher is line i of prompts.txt

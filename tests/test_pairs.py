@@ -127,3 +127,16 @@ def test_verify_catches_pairs_that_disagree_with_their_noise(tmp_path, capsys):
     assert main(["make-pairs", "--teacher", "gmm", "--num", "16", "--out", str(out), "--steps", "3",
                  "--verify", "16"]) == 2
     assert "pair 4: stored output differs from the teacher's by up to 0.5" in capsys.readouterr().err
+
+
+def test_not_enough_disk_is_refused_before_work(tmp_path, monkeypatch, capsys):
+    import shutil
+    from collections import namedtuple
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**6, 10**6 - 1000, 1000))
+    out = tmp_path / "p"
+    assert main(["make-pairs", "--teacher", "gmm", "--num", "100000", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "100000 pairs need about 16.8 MiB and" in err and "free space, lower --num or choose another --out" in err
+    assert not out.exists()
