@@ -138,5 +138,5 @@ def test_not_enough_disk_is_refused_before_work(tmp_path, monkeypatch, capsys):
     out = tmp_path / "p"
     assert main(["make-pairs", "--teacher", "gmm", "--num", "100000", "--out", str(out)]) == 2
     err = capsys.readouterr().err
-    assert "100000 pairs need about 16.8 MiB and" in err and "free space, lower --num or choose another --out" in err
+    assert "100000 pairs need about 2.3 MiB and" in err and "free space, lower --num or choose another --out" in err
     assert not out.exists()
