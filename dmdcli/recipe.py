@@ -97,6 +97,7 @@ class TrainConfig:
     grad_clip: float = 10.0
     dm_weight: float = 1.0
     mixed_precision: str = _choices("no", "bf16", "fp16", default="no")
+    on_non_finite: str = _choices("stop", "skip", default="stop")   # skip: drop the update, count it
 
 
 @dataclass

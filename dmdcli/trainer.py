@@ -153,7 +153,9 @@ class DMDTrainer:
             loss_reg = losses.regression_loss(out[n:], y, r.regression.distance)
             loss = loss + r.regression.weight * loss_reg
             logs["loss_reg"] = loss_reg.item()
-        self._check_finite(loss, "generator")
+        if not self._finite(loss, "generator"):
+            self.opt_g.zero_grad(set_to_none=True)
+            return {"skipped_generator": 1}
         self.acc.backward(loss)
         logs["grad_norm_g"] = float(self.acc.clip_grad_norm_(self.generator.parameters(), r.train.grad_clip))
         self.opt_g.step()
@@ -191,7 +193,9 @@ class DMDTrainer:
             loss_gan = losses.gan_critic_loss(logits[:n], logits[n:])
             loss = loss + r.gan.critic_weight * loss_gan
             logs["loss_gan_c"] = loss_gan.item()
-        self._check_finite(loss, "critic")
+        if not self._finite(loss, "critic"):
+            self.opt_c.zero_grad(set_to_none=True)
+            return {"skipped_critic": 1}
         self.acc.backward(loss)
         self.acc.clip_grad_norm_(self.critic.parameters(), r.train.grad_clip)
         self.opt_c.step()
@@ -199,17 +203,21 @@ class DMDTrainer:
         self.opt_c.zero_grad(set_to_none=True)
         return logs
 
-    def _check_finite(self, loss: torch.Tensor, which: str) -> None:
-        """Stop every rank together (not one alone, which would hang the others) on NaN/inf."""
+    def _finite(self, loss: torch.Tensor, which: str) -> bool:
+        """False to skip this update (train.on_non_finite = "skip"); on "stop", every rank
+        stops together (not one alone, which would hang the others) on NaN or inf."""
         bad = (~torch.isfinite(loss.detach())).float().reshape(1)
         if self.acc.num_processes > 1:
             bad = self.acc.reduce(bad, reduction="sum")
-        if bad.item():
-            last = checkpoint.latest_valid(self.run_dir)
-            keep = f"the last good checkpoint is kept: {last}" if last else "no checkpoint was written yet"
-            raise UserError(f"the {which} loss became {loss.item()} at step {self.step}; {keep}. Start a new "
-                            f"run with a lower train.lr_{which} or more train.warmup_steps "
-                            f"(--set run.out=... --set train.lr_{which}=...)")
+        if not bad.item():
+            return True
+        if self.recipe.train.on_non_finite == "skip":
+            return False
+        last = checkpoint.latest_valid(self.run_dir)
+        keep = f"the last good checkpoint is kept: {last}" if last else "no checkpoint was written yet"
+        raise UserError(f"the {which} loss became {loss.item()} at step {self.step}; {keep}. Start a new "
+                        f"run with a lower train.lr_{which} or more train.warmup_steps "
+                        f"(--set run.out=... --set train.lr_{which}=...), or set train.on_non_finite = 'skip'")
 
     def is_generator_turn(self) -> bool:
         t = self.recipe.train
@@ -319,7 +327,7 @@ def distill(recipe: Recipe, progress_factory=None, console=None) -> Path:
             at_checkpoint = step % recipe.run.checkpoint_every == 0 or step == total
             # Log windows also close at checkpoints, so a resumed run logs the same windows.
             if step % recipe.run.log_every == 0 or at_checkpoint:
-                means = {k: sums[k] / counts[k] for k in sums}
+                means = {k: sums[k] if k.startswith("skipped") else sums[k] / counts[k] for k in sums}
                 means.update(step=step, lr_generator=trainer.sched_g.get_last_lr()[0], seconds=time.time() - t0)
                 if acc.is_main_process:
                     with open(metrics_path, "a") as f:

@@ -112,3 +112,37 @@ def test_gan_with_real_fashion_images_needs_matching_channels(tmp_path, unet_tea
                                                               "gan.dataset='fashion-mnist'"])
     with pytest.raises(UserError, match="has 10 classes; the teacher knows 3"):
         DMDTrainer(recipe)
+
+
+@pytest.mark.parametrize("policy", ["stop", "skip"])
+def test_non_finite_loss_stops_or_is_skipped(tiny_recipe, tmp_path, monkeypatch, capsys, policy):
+    import json
+
+    from dmdcli import losses
+    from dmdcli.cli import main
+
+    real = losses.critic_loss_vp
+    calls = {"n": 0}
+
+    def sometimes_nan(eps_pred, eps):   # (NaN in x0 predictions is scrubbed by the DM loss itself)
+        calls["n"] += 1
+        out = real(eps_pred, eps)
+        return out * float("nan") if calls["n"] in (16, 17) else out
+
+    monkeypatch.setattr(losses, "critic_loss_vp", sometimes_nan)
+    path = tiny_recipe(steps=30, checkpoint_every=10)
+    code = main(["distill", str(path), "--set", f"train.on_non_finite='{policy}'", "--set", "train.critic_warmup_steps=0"])
+    run = tmp_path / "runs" / "tiny"
+    if policy == "stop":
+        assert code == 2
+        err = capsys.readouterr().err
+        assert "the critic loss became nan at step 15" in err and "the last good checkpoint is kept" in err
+        assert (run / "checkpoints" / "step-00000010").is_dir()
+    else:
+        assert code == 0
+        rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+        assert sum(r.get("skipped_critic", 0) for r in rows) == 2
+        from safetensors.torch import load_file
+
+        weights = load_file(str(run / "checkpoints" / "step-00000030" / "generator.safetensors"))
+        assert all(torch.isfinite(v).all() for v in weights.values())
