@@ -86,7 +86,7 @@ class DMDTrainer:
     def _noise(self, n: int) -> torch.Tensor:
         return torch.randn(n, *self.teacher.sample_shape, generator=self.rng, device=self.acc.device)
 
-    def _generator_input(self, z, cond):
+    def _backward_simulate(self, z, cond):
         """Input and timestep for the generator: pure noise at timesteps[0] or, for few-step
         students, DMD2's backward simulation to a step index shared by all ranks."""
         ts = self.recipe.student.timesteps
@@ -108,7 +108,7 @@ class DMDTrainer:
     def _generator_inputs(self, n: int):
         labels = self.teacher.random_labels(n, self.rng)
         cond = self.teacher.encode_condition(labels)
-        x_in, t_in = self._generator_input(self._noise(n), cond)
+        x_in, t_in = self._backward_simulate(self._noise(n), cond)
         return x_in, t_in, cond
 
     def _fake_samples(self, n: int, grad: bool):

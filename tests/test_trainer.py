@@ -76,7 +76,7 @@ def test_real_score_never_receives_gradients(tmp_path, unet_teacher):
 def test_backward_simulation_uses_every_step_index(tmp_path, unet_teacher, monkeypatch):
     tr = DMDTrainer(load_recipe(unet_recipe(tmp_path, unet_teacher), ["student.timesteps=[999, 749, 499, 249]"]))
     used = []
-    real = tr._generator_input
+    real = tr._backward_simulate
 
     def spy(z, cond):
         x, t = real(z, cond)
@@ -84,7 +84,7 @@ def test_backward_simulation_uses_every_step_index(tmp_path, unet_teacher, monke
         assert (t == t[0]).all()
         return x, t
 
-    monkeypatch.setattr(tr, "_generator_input", spy)
+    monkeypatch.setattr(tr, "_backward_simulate", spy)
     for _ in range(12):
         tr.train_step()
     assert set(used) == {999, 749, 499, 249}
