@@ -76,7 +76,8 @@ def main():
         model.eval()
         with torch.no_grad():
             pred = torch.cat([model.classify(to255(test_x[i:i + 1000])).argmax(1) for i in range(0, len(test_x), 1000)])
-        print(f"epoch {epoch + 1}: test accuracy {(pred == test_y).float().mean():.4f} ({time.time() - t0:.0f} s)")
+        print(f"epoch {epoch + 1}: test accuracy {(pred == test_y).float().mean():.4f} ({time.time() - t0:.0f} s)",
+              flush=True)
     scripted = torch.jit.script(model.eval())
     scripted.save(a.out)
     print(f"saved {a.out}")
