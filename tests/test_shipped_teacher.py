@@ -1,0 +1,33 @@
+"""The Fashion-MNIST teacher shipped in the package: small, loadable by name, and it draws a
+10x10 grid of garments, one class a column (the grid in docs/ was made the same way)."""
+
+from pathlib import Path
+
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+import dmdcli
+from dmdcli.cli import main
+
+ASSET = Path(dmdcli.__file__).resolve().parent / "assets" / "fashion-teacher"
+
+
+def test_shipped_teacher_is_small_safetensors():
+    weights = ASSET / "unet" / "diffusion_pytorch_model.safetensors"
+    assert weights.stat().st_size < 15 * 2**20
+    assert sum(v.numel() for v in load_file(str(weights)).values()) > 10**6
+    assert "dmd train-teacher recipes/fashion-teacher.toml" in (ASSET / "README.md").read_text()
+
+
+def test_shipped_teacher_draws_a_class_grid(tmp_path):
+    out = tmp_path / "grid"
+    assert main(["sample", "--teacher", "unet2d", "--set", "teacher.unet2d.model='fashion-mnist'", "--num", "100",
+                 "--teacher-steps", "32", "--out", str(out), "--batch-size", "100"]) == 0
+    assert Image.open(out / "samples.png").size == (10 * 34 + 2, 10 * 34 + 2)   # 10 classes x 10 rows
+    samples = load_file(str(out / "samples.safetensors"))
+    assert samples["x"].shape == (100, 1, 32, 32) and samples["label"].tolist()[:12] == list(range(10)) + [0, 1]
+    x = samples["x"]
+    # Garments on a black background: the padded border is background, the centre is not.
+    assert x[:, :, :2].mean() < -0.9 and x[:, :, 8:24, 8:24].mean() > x[:, :, :2].mean() + 0.3
+    assert torch.isfinite(x).all()
