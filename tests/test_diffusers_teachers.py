@@ -6,7 +6,7 @@ from safetensors.torch import load_file
 
 from dmdcli.cli import main
 from dmdcli.recipe import SDConfig, UNet2DConfig
-from tiny_models import save_tiny_sd, save_tiny_unet2d
+from tiny_models import save_tiny_sd, save_tiny_unet2d, unet2d_recipe
 
 
 @pytest.fixture(scope="module")
@@ -138,26 +138,8 @@ def test_unet2d_make_pairs_and_distill(tmp_path, unet_folder):
     shard = load_file(str(pairs / "shard-00000.safetensors"))
     assert shard["noise"].shape == shard["output"].shape == (6, 1, 16, 16)
     assert shard["label"].tolist() == [0, 1, 2, 0, 1, 2]
-    recipe = tmp_path / "u.toml"
-    recipe.write_text(f"""
-[run]
-out = "{tmp_path / 'runs' / 'u'}"
-checkpoint_every = 2
-preview_samples = 4
-[teacher]
-name = "unet2d"
-guidance = 2.0
-[teacher.unet2d]
-model = "{unet_folder}"
-[train]
-method = "dmd"
-steps = 2
-batch_size = 2
-critic_steps_per_generator_step = 1
-warmup_steps = 0
-[regression]
-pairs = "{pairs}"
-""")
+    recipe = unet2d_recipe(tmp_path / "u.toml", unet_folder, tmp_path / "runs" / "u", steps=2,
+                           extra=f'method = "dmd"\n[regression]\npairs = "{pairs}"\n')
     assert main(["distill", str(recipe)]) == 0
     out = tmp_path / "samples"
     assert main(["sample", str(tmp_path / "runs" / "u"), "--num", "4", "--out", str(out), "--teacher-steps", "2"]) == 0
@@ -231,10 +213,7 @@ def test_export_unet2d_student_snippet_reproduces_samples(tmp_path, unet_folder)
     from dmdcli.runs import load_student
     from dmdcli.sampling import student_sample
 
-    recipe = tmp_path / "u.toml"
-    recipe.write_text(f'[run]\nout = "{tmp_path / "runs" / "u"}"\npreview_samples = 0\n[teacher]\nname = "unet2d"\n'
-                      f'[teacher.unet2d]\nmodel = "{unet_folder}"\n[train]\nsteps = 1\nbatch_size = 2\n'
-                      f'critic_steps_per_generator_step = 1\nwarmup_steps = 0\n')
+    recipe = unet2d_recipe(tmp_path / "u.toml", unet_folder, tmp_path / "runs" / "u")
     assert main(["distill", str(recipe)]) == 0
     out = tmp_path / "export"
     assert main(["export", str(tmp_path / "runs" / "u"), "--out", str(out)]) == 0
@@ -259,10 +238,7 @@ def test_export_refuses_vector_students(tmp_path, tiny_recipe, capsys):
 
 
 def test_export_never_overwrites_a_folder_it_did_not_write(tmp_path, unet_folder, capsys):
-    recipe = tmp_path / "u.toml"
-    recipe.write_text(f'[run]\nout = "{tmp_path / "runs" / "u"}"\npreview_samples = 0\n[teacher]\nname = "unet2d"\n'
-                      f'[teacher.unet2d]\nmodel = "{unet_folder}"\n[train]\nsteps = 1\nbatch_size = 2\n'
-                      f'critic_steps_per_generator_step = 1\nwarmup_steps = 0\n')
+    recipe = unet2d_recipe(tmp_path / "u.toml", unet_folder, tmp_path / "runs" / "u")
     assert main(["distill", str(recipe)]) == 0
     precious = tmp_path / "precious"
     precious.mkdir()

@@ -6,7 +6,7 @@ import torch
 
 from dmdcli.recipe import load_recipe
 from dmdcli.trainer import DMDTrainer
-from tiny_models import save_tiny_unet2d
+from tiny_models import save_tiny_unet2d, unet2d_recipe
 
 
 def trainer_for(tiny_recipe, *overrides, extra=""):
@@ -56,11 +56,7 @@ def unet_teacher(tmp_path_factory):
 
 
 def unet_recipe(tmp_path, folder, extra=""):
-    path = tmp_path / "u.toml"
-    path.write_text(f'[run]\nout = "{tmp_path / "run"}"\npreview_samples = 0\n[teacher]\nname = "unet2d"\n'
-                    f'guidance = 2.0\n[teacher.unet2d]\nmodel = "{folder}"\n[train]\nsteps = 4\nbatch_size = 2\n'
-                    f'critic_steps_per_generator_step = 2\nwarmup_steps = 0\n' + extra)
-    return path
+    return unet2d_recipe(tmp_path / "u.toml", folder, tmp_path / "run", steps=4, ratio=2, extra=extra)
 
 
 def test_real_score_never_receives_gradients(tmp_path, unet_teacher):

@@ -60,3 +60,11 @@ def save_tiny_unet2d(folder: Path, num_classes: int | None = 3, channels: int = 
     unet.save_pretrained(folder / "unet")
     DDPMScheduler(beta_schedule="linear").save_pretrained(folder / "scheduler")
     return folder
+
+
+def unet2d_recipe(path: Path, folder: Path, out: Path, steps: int = 1, ratio: int = 1, extra: str = "") -> Path:
+    """A small distill recipe on a tiny unet2d teacher folder."""
+    path.write_text(f'[run]\nout = "{out}"\npreview_samples = 0\n[teacher]\nname = "unet2d"\nguidance = 2.0\n'
+                    f'[teacher.unet2d]\nmodel = "{folder}"\n[train]\nsteps = {steps}\nbatch_size = 2\n'
+                    f'critic_steps_per_generator_step = {ratio}\nwarmup_steps = 0\n' + extra)
+    return path
