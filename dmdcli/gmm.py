@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from .errors import UserError
+from .losses import classifier_free_guidance
 from .networks import MLPDenoiser
 from .schedules import VPSchedule
 from .teacher import Teacher
@@ -125,7 +126,7 @@ class GMMTeacher(Teacher):
         is_null = cond >= len(self.mixture.weights)
         conditional = self.mixture.posterior_mean(x, a, b, cond.clamp(max=len(self.mixture.weights) - 1))
         conditional = torch.where(is_null[:, None], uncond, conditional)
-        return (uncond + guidance * (conditional - uncond)).to(x_t.dtype)
+        return classifier_free_guidance(uncond, conditional, guidance).to(x_t.dtype)
 
     def _mlp(self, prediction_type: str) -> MLPDenoiser:
         return MLPDenoiser(self.mixture.dim, self.cfg.hidden, self.cfg.layers, self.num_classes,

@@ -5,6 +5,7 @@ folder (`teacher/unet`, `teacher/scheduler`) that the `unet2d` teacher loads."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -73,7 +74,7 @@ def train_teacher(r: TeacherRecipe, progress_factory=None, console=None) -> Path
             console.print(f"resuming {run_dir} from {last.name}")
     progress = progress_factory() if progress_factory else None
     t0, loss_sum, n = time.time(), 0.0, 0
-    with progress if progress else _nullcontext(), StopRequest() as stop:
+    with progress or contextlib.nullcontext(), StopRequest() as stop:
         task = progress.add_task("teacher", total=r.train.steps, completed=step, losses="") if progress else None
         while step < r.train.steps:
             idx = torch.randint(0, len(images), (r.train.batch_size,), generator=rng)
@@ -126,10 +127,3 @@ def export_teacher(unet: UNet2DModel, ema: EMAModel, noise_sched: DDPMScheduler,
         shutil.rmtree(out)
     os.replace(tmp, out)
 
-
-class _nullcontext:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False

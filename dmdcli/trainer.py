@@ -9,6 +9,7 @@ loaded and training continues bitwise as if never stopped.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from pathlib import Path
@@ -316,7 +317,7 @@ def distill(recipe: Recipe, progress_factory=None, console=None) -> Path:
     counts: dict[str, int] = {}
     t0 = time.time()
     progress = progress_factory() if (progress_factory and acc.is_main_process) else None
-    with progress or _Null(), StopRequest() as stop:
+    with progress or contextlib.nullcontext(), StopRequest() as stop:
         task = progress.add_task("distill", total=total, completed=trainer.step, losses="") if progress else None
         while trainer.step < total:
             logs = trainer.train_step()
@@ -368,10 +369,3 @@ def _truncate_metrics(path: Path, step: int) -> None:
             pass  # a line half-written by a killed run
     write_text(path, "".join(line + "\n" for line in keep))
 
-
-class _Null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
