@@ -91,6 +91,9 @@ def bottleneck(net: nn.Module) -> tuple[nn.Module, int, bool]:
     the UNet's mid-block (SD: 1280 channels at 8x8), or the MLP's last hidden layer."""
     if isinstance(net, UNetDenoiser):
         return net.unet.mid_block, net.unet.config.block_out_channels[-1], True
+    if hasattr(net, "bottleneck"):   # networks that name their own (EDM's ADM)
+        module, channels = net.bottleneck()
+        return module, channels, True
     if isinstance(net, MLPDenoiser):
         return net.body[-2], net.body[-1].in_features, False
     raise TypeError(f"no known bottleneck in {type(net).__name__}")

@@ -57,6 +57,14 @@ class UNet2DConfig:
 
 
 @dataclass
+class EDMConfig:
+    """An EDM network converted by `dmd convert-teacher` (a folder: config.json, model.safetensors)."""
+    model: str = ""
+    dtype: str = _choices("auto", "float32", "bfloat16", default="auto")
+    dropout: float = 0.0       # dropout of the generator and critic copies (the teacher runs without)
+
+
+@dataclass
 class TeacherConfig:
     name: str = "gmm"
     # Real-score guidance in the standard form eps_u + s (eps_c - eps_u); 1 = none.
@@ -64,6 +72,7 @@ class TeacherConfig:
     gmm: GMMConfig = field(default_factory=GMMConfig)
     sd: SDConfig = field(default_factory=SDConfig)
     unet2d: UNet2DConfig = field(default_factory=UNet2DConfig)
+    edm: EDMConfig = field(default_factory=EDMConfig)
 
 
 @dataclass

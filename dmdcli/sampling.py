@@ -28,9 +28,16 @@ def make_scheduler(sampler: str, scheduler_config: dict):
 @torch.no_grad()
 def teacher_ode(teacher, noise: torch.Tensor, cond, steps: int, guidance: float = 1.0,
                 sampler: str = "ddim") -> torch.Tensor:
-    """Integrate the teacher's probability-flow ODE from pure noise (VP teachers)."""
+    """Integrate the teacher's probability-flow ODE from pure noise."""
     if steps < 1:
         raise UserError(f"steps must be at least 1, got {steps}")
+    if teacher.family == "edm":
+        if sampler not in ("heun", "euler"):
+            raise UserError(f"the {teacher.name} teacher samples with heun or euler (EDM's own samplers), "
+                            f"not {sampler!r}")
+        sigmas = karras_sigmas(steps, teacher.schedule).to(noise.device)
+        return edm_ode(lambda x, s: teacher.denoise_sigma(x, s, cond, guidance), noise * sigmas[0], sigmas,
+                       heun=sampler == "heun")
     sched = make_scheduler(sampler, teacher.scheduler_config)
     sched.set_timesteps(steps, device=noise.device)
     x = noise * sched.init_noise_sigma
@@ -38,6 +45,31 @@ def teacher_ode(teacher, noise: torch.Tensor, cond, steps: int, guidance: float 
         x_in = sched.scale_model_input(x, t)
         x0 = teacher.denoise(x_in, t.expand(len(x)).long(), cond, guidance)
         x = sched.step(x0, t, x).prev_sample
+    return x
+
+
+def karras_sigmas(steps: int, schedule) -> torch.Tensor:
+    """`steps` Karras sigmas from the schedule's sigma_max down to its sigma_min, then 0 (from
+    diffusers' EDM scheduler; EDM's own rho = 7)."""
+    from diffusers import EDMEulerScheduler
+
+    s = schedule.sigmas
+    sched = EDMEulerScheduler(sigma_min=float(s[0]), sigma_max=float(s[-1]), sigma_schedule="karras")
+    sched.set_timesteps(steps)
+    return sched.sigmas.float()
+
+
+def edm_ode(denoise, x: torch.Tensor, sigmas: torch.Tensor, heun: bool = True) -> torch.Tensor:
+    """EDM's deterministic sampler (Karras et al. 2022, algorithm 1 without churn):
+    dx/dsigma = (x - D(x; sigma)) / sigma, Euler steps with Heun's correction except into
+    sigma = 0 (2N - 1 network calls for N steps). x starts at noise * sigmas[0].
+    diffusers has EDM's sigmas and an Euler scheduler, not this Heun variant."""
+    for s, s_next in zip(sigmas[:-1], sigmas[1:]):
+        d = (x - denoise(x, s)) / s
+        x_next = x + (s_next - s) * d
+        if heun and s_next > 0:
+            x_next = x + (s_next - s) * (d + (x_next - denoise(x_next, s_next)) / s_next) / 2
+        x = x_next
     return x
 
 
@@ -51,8 +83,9 @@ def generator_x0(generator, schedule, x_t: torch.Tensor, t: torch.Tensor, cond) 
 def student_sample(generator, schedule, noise: torch.Tensor, cond, timesteps: list[int],
                    rng: torch.Generator | None = None, renoise: list[torch.Tensor] | None = None) -> torch.Tensor:
     """One step (timesteps = [999]) or DMD2's few-step sampling: x0 -> re-noise to the next t
-    (with renoise[i] when given, else noise drawn from rng)."""
-    x = noise
+    (with renoise[i] when given, else noise drawn from rng). noise is N(0, I); EDM students
+    take it times sigma_max."""
+    x = noise * schedule.init_noise_sigma
     for i, t in enumerate(timesteps):
         tt = torch.full((len(x),), t, device=x.device, dtype=torch.long)
         x0 = generator_x0(generator, schedule, x, tt, cond)

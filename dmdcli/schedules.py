@@ -18,6 +18,7 @@ class VPSchedule:
     """x_t = sqrt(a_t) x0 + sqrt(1 - a_t) eps with integer t in [0, T)."""
 
     family = "vp"
+    init_noise_sigma = 1.0   # the generator's input at its first timestep is z * this
 
     def __init__(self, alphas_cumprod: torch.Tensor):
         self.alphas_cumprod = alphas_cumprod.double().cpu()
@@ -89,6 +90,7 @@ class EDMSchedule:
         self.sigmas = sched.sigmas[:-1].double().flip(0).cpu()
         self.num_train_timesteps = num_train_timesteps
         self.sigma_data = sigma_data
+        self.init_noise_sigma = float(self.sigmas[-1])   # EDM generators take z * 80 at sigma 80
 
     def sigma(self, t: torch.Tensor) -> torch.Tensor:
         return self.sigmas.to(t.device)[t.long()]

@@ -24,6 +24,7 @@ class Teacher(ABC):
     device = torch.device("cpu")
     preview_limit: int | None = None   # at most this many samples in a preview picture
     preview_batch: int | None = None   # generate previews in batches of this size
+    default_sampler = "ddim"            # for make-pairs and sample when none is given
 
     @abstractmethod
     def denoise(self, x_t: torch.Tensor, t: torch.Tensor, cond, guidance: float = 1.0) -> torch.Tensor:
@@ -79,6 +80,10 @@ def build_teacher(cfg) -> Teacher:
         from .diffusers_teachers import UNet2DTeacher
 
         return UNet2DTeacher(cfg.unet2d)
+    if cfg.name == "edm":
+        from .edm import EDMTeacher
+
+        return EDMTeacher(cfg.edm)
     from .errors import UserError
 
-    raise UserError(f"unknown teacher {cfg.name!r}: available teachers are 'gmm', 'sd', 'unet2d'")
+    raise UserError(f"unknown teacher {cfg.name!r}: available teachers are 'gmm', 'sd', 'unet2d', 'edm'")

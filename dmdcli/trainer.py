@@ -93,7 +93,8 @@ class DMDTrainer:
         ts = self.recipe.student.timesteps
         k = int(torch.randint(len(ts), (1,), generator=torch.Generator().manual_seed(
             self.recipe.run.seed * 7919 + self.step))) if len(ts) > 1 else 0
-        x = student_sample(self.acc.unwrap_model(self.generator), self.schedule, z, cond, ts[:k], self.rng) if k else z
+        x = student_sample(self.acc.unwrap_model(self.generator), self.schedule, z, cond, ts[:k], self.rng) if k \
+            else z * self.schedule.init_noise_sigma
         if k:
             eps = torch.randn(x.shape, generator=self.rng, device=x.device)
             x = self.schedule.add_noise(x, eps, torch.full((len(x),), ts[k], device=x.device, dtype=torch.long))
@@ -126,7 +127,7 @@ class DMDTrainer:
             # DMD v1: the regression batch (pair noise at the first timestep) rides in the same
             # forward pass, so DDP sees one forward per backward.
             z, y, labels = self.pairs.batch(r.regression.batch_size or r.train.batch_size, self.data_rng)
-            z, y = z.to(x_in.device), y.to(x_in.device)
+            z, y = z.to(x_in.device) * self.schedule.init_noise_sigma, y.to(x_in.device)
             cond_p = self.teacher.encode_condition(labels.to(x_in.device) if labels is not None else None)
             x_in = torch.cat([x_in, z])
             t_in = torch.cat([t_in, torch.full((len(z),), r.student.timesteps[0], device=z.device, dtype=torch.long)])
