@@ -75,6 +75,23 @@ def train_teacher(recipe: Path = typer.Argument(..., help="TOML recipe, e.g. rec
     console.print(f"teacher saved: {out} (use it with teacher.name = \"unet2d\", teacher.unet2d.model = \"{out}\")")
 
 
+@app.command("convert-teacher")
+def convert_teacher(source: Path = typer.Argument(..., help="EDM pickle, e.g. edm-imagenet-64x64-cond-adm.pkl"),
+                    out: Path = typer.Option(..., help="new folder for config.json + model.safetensors"),
+                    trust_pickle: bool = typer.Option(False, "--trust-pickle",
+                                                      help="allow the pickle to import code outside tensors and "
+                                                           "plain containers (it can then run anything)")):
+    """Convert NVIDIA's EDM network pickle to a teacher folder (teacher.edm.model), reading the
+    pickle without importing or running the code stored in it."""
+    from .convert import convert_edm
+
+    cfg = convert_edm(source, out, trust_pickle)
+    m = cfg["model"]
+    console.print(f"wrote {out}: ADM {cfg['img_resolution']}px, {cfg['label_dim']} classes, "
+                  f"{m['model_channels']} channels x {m['channel_mult']}; in a recipe: teacher.name = \"edm\", "
+                  f"teacher.edm.model = \"{out}\"", highlight=False)
+
+
 def _teacher_from(name: str, recipe: Optional[Path], set_: List[str]):
     """--teacher NAME (gmm, sd, unet2d, or an alias such as sd15), settings from --recipe/--set."""
     from .hub import ALIASES
@@ -96,7 +113,8 @@ def make_pairs(teacher: str = typer.Option(..., help="teacher: gmm, sd, unet2d, 
                set_: List[str] = typer.Option([], "--set", help="teacher setting, section.key=value"),
                prompts: Optional[str] = typer.Option(None, help="sd: prompts FILE (one a line) or HF_DATASET[:column]"),
                steps: int = typer.Option(50, help="ODE sampler steps"),
-               sampler: str = typer.Option("ddim", help="ddim (eta 0), dpmpp-2m, euler or heun"),
+               sampler: Optional[str] = typer.Option(None, help="ddim (eta 0), dpmpp-2m, euler or heun "
+                                                                "(default: heun for edm, else ddim)"),
                guidance: Optional[float] = typer.Option(None, help="CFG scale, standard form (default: sd 3, else 1)"),
                seed: int = typer.Option(0), shard_size: int = typer.Option(1024), batch_size: int = typer.Option(256),
                decode: bool = typer.Option(False, "--decode", help="sd: also store decoded images (uint8)"),
@@ -115,8 +133,9 @@ def make_pairs(teacher: str = typer.Option(..., help="teacher: gmm, sd, unet2d, 
         _report_problems(verify_pairs(out, t, verify, seed), f"{out}: every shard matches its hash and "
                                                                f"{verify} regenerated pairs match")
         return
-    settings = PairSettings(steps, sampler, guidance if guidance is not None else (3.0 if t.name == "sd" else 1.0),
-                            seed, shard_size, decode)
+    if guidance is None:
+        guidance = 3.0 if t.name == "sd" else 1.0
+    settings = PairSettings(steps, sampler or t.default_sampler, guidance, seed, shard_size, decode)
     manifest = make_pairs_on_all_ranks(t, out, num, settings, batch_size, progress_factory=progress_bar)
     if manifest:
         console.print(f"{sum(s['count'] for s in manifest['shards'])} pairs in {len(manifest['shards'])} shards: "
@@ -147,7 +166,8 @@ def sample(run: Optional[Path] = typer.Argument(None, help="run or checkpoint fo
            set_: List[str] = typer.Option([], "--set", help="teacher setting, section.key=value"),
            teacher_steps: int = typer.Option(50, help="teacher ODE steps; with a run, from the same noise (0: skip)"),
            guidance: Optional[float] = typer.Option(None, help="teacher CFG scale, standard form (default: the recipe's, else 1)"),
-           sampler: str = typer.Option("ddim", help="teacher sampler: ddim, dpmpp-2m, euler or heun"),
+           sampler: Optional[str] = typer.Option(None, help="teacher sampler: ddim, dpmpp-2m, euler or heun "
+                                                            "(default: heun for edm, else ddim)"),
            seed: int = typer.Option(0), batch_size: int = typer.Option(256)):
     """Sample a student (and its teacher, same noise and conditions), or a teacher alone."""
     from .evaluate import SAMPLES_FILE
@@ -157,12 +177,13 @@ def sample(run: Optional[Path] = typer.Argument(None, help="run or checkpoint fo
 
     if num <= 0 or batch_size <= 0:
         raise UserError(f"--num and --batch-size must be positive, got {num} and {batch_size}")
-    if sampler not in SAMPLERS:
+    if sampler is not None and sampler not in SAMPLERS:
         raise UserError(f"unknown sampler {sampler!r}: choose one of {', '.join(SAMPLERS)}")
     if (run is None) == (teacher is None):
         raise UserError("give a run folder to sample a student, or --teacher NAME to sample a teacher alone")
     if run is not None:
         recipe, t, generator, step = load_student(run)
+        sampler = sampler or t.default_sampler
         results = make_samples(out, num, t, generator=generator, timesteps=recipe.student.timesteps,
                                student_source=f"student {run} step {step}, {len(recipe.student.timesteps)} step(s)",
                                teacher_steps=teacher_steps, sampler=sampler, seed=seed, batch_size=batch_size,
@@ -173,6 +194,7 @@ def sample(run: Optional[Path] = typer.Argument(None, help="run or checkpoint fo
         import torch
 
         t = _teacher_from(teacher, None, set_).to("cuda" if torch.cuda.is_available() else "cpu")
+        sampler = sampler or t.default_sampler
         results = make_samples(out, num, t, teacher_steps=teacher_steps,
                                guidance=1.0 if guidance is None else guidance, sampler=sampler, seed=seed,
                                batch_size=batch_size)

@@ -87,10 +87,23 @@ def test_dmd_without_pairs(capsys, tiny_recipe):
     (["make-pairs", "--teacher", "gmm", "--num", "0", "--out", "{tmp}/p"], "must be positive"),
     (["make-pairs", "--teacher", "gmm", "--num", "4", "--out", "{tmp}/p", "--sampler", "heun3"],
      "unknown sampler 'heun3'"),
+    (["make-pairs", "--teacher", "edm", "--num", "4", "--out", "{tmp}/p"], "teacher.edm.model is empty"),
+    (["sample", "--teacher", "edm", "--set", "teacher.edm.model={tmp}", "--num", "4", "--out", "{tmp}/s"],
+     "is not an EDM teacher folder (config.json and model.safetensors); make one with `dmd convert-teacher"),
+    (["convert-teacher", "{tmp}/none.pkl", "--out", "{tmp}/t"], "no such file:"),
+    (["convert-teacher", "{recipe}", "--out", "{tmp}/t"], "is not a readable pickle"),
+    (["convert-teacher", "{evil}", "--out", "{tmp}/t"],
+     "asks to import posix.system, which is not a tensor or a plain container; refused because loading it "
+     "could run code; pass --trust-pickle only if you trust where the file came from"),
 ])
 def test_bad_command_line(tmp_path, capsys, tiny_recipe, args, message):
+    import os
+    import pickle
+
     recipe = tiny_recipe()
-    args = [a.format(recipe=recipe, tmp=tmp_path) for a in args]
+    evil = tmp_path / "evil.pkl"   # unpickling it would run a shell command
+    evil.write_bytes(pickle.dumps(type("Evil", (), {"__reduce__": lambda self: (os.system, ("true",))})()))
+    args = [a.format(recipe=recipe, tmp=tmp_path, evil=evil) for a in args]
     code, _, err = run(capsys, *args)
     assert code == 2
     assert message in one_error_line(err)

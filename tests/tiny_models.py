@@ -68,3 +68,75 @@ def unet2d_recipe(path: Path, folder: Path, out: Path, steps: int = 1, ratio: in
                     f'[teacher.unet2d]\nmodel = "{folder}"\n[train]\nsteps = {steps}\nbatch_size = 2\n'
                     f'critic_steps_per_generator_step = {ratio}\nwarmup_steps = 0\n' + extra)
     return path
+
+
+EDM_TINY = dict(model_channels=64, channel_mult=[1, 2], channel_mult_emb=2, num_blocks=1, attn_resolutions=[8],
+                dropout=0.0, augment_dim=0)
+# What EDM's pickles carry: the source of the module each network class comes from, run by
+# pickle.load the usual way. Ours writes a marker file, so a test sees whether it ran.
+EDM_MODULE_SRC = "import pathlib\npathlib.Path({marker!r}).write_text('ran')\n"
+
+
+def write_edm_pickle(path: Path, marker: Path, seed: int = 0, label_dim: int = 10, resolution: int = 16):
+    """An EDM snapshot in NVIDIA's format (persistent objects carrying module source, see
+    dmdcli/convert.py) of a tiny ADM network with random weights; returns that network."""
+    import io
+    import pickle
+    import sys
+    import types
+
+    import torch
+
+    from dmdcli.edm import ADMUNet, Conv2d, GroupNorm, Linear, UNetBlock
+
+    torch.manual_seed(seed)
+    net = ADMUNet(resolution, 3, 3, label_dim, **EDM_TINY)
+    with torch.no_grad():
+        for p in net.parameters():   # EDM zero-initialises some layers; make every weight matter
+            p.normal_(0, 0.1)
+
+    class EDMPrecond(torch.nn.Module):
+        def __init__(self, model):
+            super().__init__()
+            self.img_resolution, self.img_channels, self.label_dim = resolution, 3, label_dim
+            self.use_fp16, self.sigma_min, self.sigma_max, self.sigma_data = False, 0, float("inf"), 0.5
+            self.model = model
+
+    names = {EDMPrecond: "EDMPrecond", ADMUNet: "DhariwalUNet", UNetBlock: "UNetBlock", Conv2d: "Conv2d",
+             Linear: "Linear", GroupNorm: "GroupNorm"}
+    persistence = types.ModuleType("torch_utils.persistence")
+
+    def _reconstruct_persistent_obj(meta):  # only its name is written
+        raise AssertionError("never called")
+
+    _reconstruct_persistent_obj.__module__ = "torch_utils.persistence"
+    _reconstruct_persistent_obj.__qualname__ = "_reconstruct_persistent_obj"
+    persistence._reconstruct_persistent_obj = _reconstruct_persistent_obj
+    src = EDM_MODULE_SRC.format(marker=str(marker))
+
+    class EDMPickler(pickle.Pickler):
+        def reducer_override(self, obj):
+            name = names.get(type(obj))
+            if name is None:
+                return NotImplemented
+            state = dict(obj.__dict__)
+            if name == "DhariwalUNet":
+                state["_init_kwargs"] = dict(img_resolution=resolution, in_channels=3, out_channels=3,
+                                             label_dim=label_dim, **EDM_TINY)
+            meta = dict(type="class", version=6, module_src=src, class_name=name, state=state)
+            return _reconstruct_persistent_obj, (meta,)
+
+    buf = io.BytesIO()
+    saved = {k: sys.modules.get(k) for k in ("torch_utils", "torch_utils.persistence")}
+    sys.modules.update({"torch_utils": types.ModuleType("torch_utils"), "torch_utils.persistence": persistence})
+    try:
+        EDMPickler(buf, protocol=4).dump(dict(ema=EDMPrecond(net).eval(), loss_fn=None, augment_pipe=None,
+                                              dataset_kwargs={"resolution": resolution}))
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                sys.modules.pop(k, None)
+            else:
+                sys.modules[k] = v
+    path.write_bytes(buf.getvalue())
+    return net.eval()

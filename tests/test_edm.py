@@ -1,0 +1,235 @@
+"""The EDM teacher family: preconditioning, EDM's Heun sampler, safe conversion of EDM's
+pickles, and distillation on a tiny network of the ImageNet-64 architecture."""
+
+import json
+import math
+import sys
+
+import pytest
+import torch
+
+from conftest import run_dmd
+from dmdcli.edm import ADMUNet, EDMDenoiser, build_network, edm_preconditioning, load_edm_folder
+from dmdcli.losses import critic_loss_edm
+from dmdcli.sampling import edm_ode, karras_sigmas, student_sample
+from dmdcli.schedules import EDMSchedule
+from tiny_models import write_edm_pickle
+
+
+@pytest.mark.parametrize("sigma", [0.002, 0.05, 0.5, 2.0, 80.0])
+def test_preconditioning_is_edms(sigma):
+    """EDM table 1 with sigma_data 0.5, and the critic's weight is EDM's lambda = 1 / c_out^2."""
+    s, d = torch.tensor(sigma, dtype=torch.float64), 0.5
+    c_skip, c_out, c_in, c_noise = edm_preconditioning(s, d)
+    assert c_skip.item() == pytest.approx(d ** 2 / (sigma ** 2 + d ** 2), rel=1e-12)
+    assert c_out.item() == pytest.approx(sigma * d / math.sqrt(sigma ** 2 + d ** 2), rel=1e-12)
+    assert c_in.item() == pytest.approx(1 / math.sqrt(sigma ** 2 + d ** 2), rel=1e-12)
+    assert c_noise.item() == pytest.approx(math.log(sigma) / 4, rel=1e-12)
+    # critic_loss_edm with a unit error at every pixel is its weight.
+    w = critic_loss_edm(torch.ones(1, 1), torch.zeros(1, 1), s.reshape(1), d).item()
+    assert w == pytest.approx(1 / c_out.item() ** 2, rel=1e-5)
+
+
+def _gaussian_ode_error(steps: int, heun: bool) -> float:
+    """Max relative error of the sampler on data N(0, 0.5^2), whose denoiser is exact:
+    D(x; sigma) = x s^2 / (s^2 + sigma^2), and the ODE solution x(0) = x(sigma_max) s / sqrt(s^2 + sigma_max^2)."""
+    s = 0.5
+    sigmas = karras_sigmas(steps, EDMSchedule()).double()
+    z = torch.randn(2000, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    x = edm_ode(lambda x, sg: x * s * s / (s * s + sg * sg), z * sigmas[0], sigmas, heun=heun)
+    exact = z * sigmas[0] * s / math.sqrt(s * s + float(sigmas[0]) ** 2)
+    return float((x - exact).abs().max() / exact.abs().max())
+
+
+def test_heun_matches_the_analytic_ode_solution_and_is_second_order():
+    assert _gaussian_ode_error(256, heun=True) < 5e-4        # the paper's pair setting: 256 steps
+    heun_ratio = _gaussian_ode_error(64, True) / _gaussian_ode_error(128, True)
+    euler_ratio = _gaussian_ode_error(64, False) / _gaussian_ode_error(128, False)
+    assert 3.0 < heun_ratio < 5.5      # halving the step divides the error by about 4
+    assert 1.6 < euler_ratio < 2.4     # Euler by about 2
+
+
+def test_karras_sigmas_are_edms():
+    sigmas = karras_sigmas(18, EDMSchedule()).double()
+    i = torch.arange(18, dtype=torch.float64)
+    rho = 7
+    expected = (80 ** (1 / rho) + i / 17 * (0.002 ** (1 / rho) - 80 ** (1 / rho))) ** rho
+    torch.testing.assert_close(sigmas[:-1], expected, rtol=1e-5, atol=0)
+    assert sigmas[-1] == 0
+
+
+def test_generator_input_is_noise_times_80_at_sigma_80():
+    schedule = EDMSchedule()
+    seen = {}
+
+    class Probe(torch.nn.Module):   # records what the generator is fed
+        prediction_type = "sample"
+
+        def forward(self, x, t, cond):
+            seen["x"], seen["sigma"] = x, schedule.sigma(t)
+            return torch.zeros_like(x)
+
+    z = torch.randn(3, 2)
+    student_sample(Probe(), schedule, z, None, [999])
+    torch.testing.assert_close(seen["x"], z * 80, rtol=1e-6, atol=0)
+    assert torch.allclose(seen["sigma"], torch.full((3,), 80.0, dtype=torch.float64))
+
+
+def _convert(tmp_path, **kwargs):
+    marker = tmp_path / "code-ran"
+    net = write_edm_pickle(tmp_path / "edm.pkl", marker, **kwargs)
+    result = run_dmd("convert-teacher", tmp_path / "edm.pkl", "--out", tmp_path / "teacher")
+    return net, marker, result
+
+
+def test_convert_reproduces_the_network_exactly_without_running_its_code(tmp_path):
+    net, marker, result = _convert(tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert not marker.exists(), "the module source stored in the pickle was executed"
+    config, state = load_edm_folder(tmp_path / "teacher")
+    assert config["label_dim"] == 10 and config["model"]["channel_mult"] == [1, 2]
+    assert config["source"]["file"] == "edm.pkl" and len(config["source"]["sha256"]) == 64
+    ours = build_network(config, state).eval()
+    x = torch.randn(4, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+    noise = torch.randn(4, generator=torch.Generator().manual_seed(2))
+    labels = torch.nn.functional.one_hot(torch.tensor([0, 3, 7, 9]), 10).float()
+    with torch.no_grad():
+        assert torch.equal(ours(x, noise, labels), net(x, noise, labels))
+    d_ours = EDMDenoiser(ours, 10, EDMSchedule().sigmas)
+    d_ref = EDMDenoiser(net, 10, EDMSchedule().sigmas)
+    t = torch.tensor([0, 250, 600, 999])
+    with torch.no_grad():
+        assert torch.equal(d_ours(x, t, labels.argmax(1)), d_ref(x, t, labels.argmax(1)))
+
+
+def test_convert_imports_nothing_from_the_pickle(tmp_path):
+    marker = tmp_path / "code-ran"
+    write_edm_pickle(tmp_path / "edm.pkl", marker, label_dim=0)
+    code = (f"import sys; from dmdcli.convert import convert_edm; "
+            f"convert_edm({str(tmp_path / 'edm.pkl')!r}, {str(tmp_path / 'out')!r}); "
+            f"print(sorted(m for m in sys.modules if m.startswith(('torch_utils', 'dnnlib', '_imported_module'))))")
+    import subprocess
+
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+    assert not marker.exists()
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["label_dim"] == 0
+
+
+class _RunsCode:
+    """Unpickling this calls os.system: what a malicious checkpoint does."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_a_pickle_that_runs_code_is_refused_without_the_flag(tmp_path):
+    import pickle
+
+    marker = tmp_path / "pwned"
+    (tmp_path / "evil.pkl").write_bytes(pickle.dumps({"ema": _RunsCode(marker)}))
+    result = run_dmd("convert-teacher", tmp_path / "evil.pkl", "--out", tmp_path / "out")
+    assert result.returncode == 2
+    assert "posix.system" in result.stderr and "--trust-pickle" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
+    assert not marker.exists() and not (tmp_path / "out").exists()
+    # The flag does what it says: the file's code runs (then it is not an EDM network).
+    result = run_dmd("convert-teacher", tmp_path / "evil.pkl", "--out", tmp_path / "out", "--trust-pickle")
+    assert marker.exists()
+    assert result.returncode == 2 and "not EDMPrecond" in result.stderr
+
+
+def test_truncated_pickle_is_named(tmp_path):
+    write_edm_pickle(tmp_path / "edm.pkl", tmp_path / "m")
+    data = (tmp_path / "edm.pkl").read_bytes()
+    (tmp_path / "edm.pkl").write_bytes(data[: len(data) // 2])
+    result = run_dmd("convert-teacher", tmp_path / "edm.pkl", "--out", tmp_path / "teacher")
+    assert result.returncode == 2
+    assert "edm.pkl is not a readable pickle" in result.stderr
+    assert not (tmp_path / "teacher").exists()
+
+
+def test_distill_and_sample_with_a_tiny_edm_teacher(tmp_path, monkeypatch):
+    """DMD2 with the GAN head on ADM's bottleneck, DMD v1 on Heun pairs, then sample and
+    `fid --ref imagenet64` (with a reference file of the test's own features in the cache)."""
+    from PIL import Image
+
+    _, _, result = _convert(tmp_path)
+    assert result.returncode == 0, result.stderr
+    g = torch.Generator().manual_seed(0)
+    for c in ("a", "b"):
+        (tmp_path / "images" / c).mkdir(parents=True)
+        for i in range(4):
+            pixels = torch.randint(0, 256, (16, 16, 3), generator=g, dtype=torch.uint8).numpy()
+            Image.fromarray(pixels).save(tmp_path / "images" / c / f"{i}.png")
+    recipe = tmp_path / "edm.toml"
+    recipe.write_text(f"""
+[run]
+out = "{tmp_path / 'run'}"
+checkpoint_every = 2
+preview_samples = 0
+[teacher]
+name = "edm"
+edm.model = "{tmp_path / 'teacher'}"
+[train]
+steps = 3
+batch_size = 2
+critic_steps_per_generator_step = 2
+warmup_steps = 0
+lr_generator = 1e-4
+lr_critic = 1e-4
+[gan]
+generator_weight = 3e-3
+critic_weight = 1e-2
+dataset = "imagefolder:{tmp_path / 'images'}"
+""")
+    result = run_dmd("distill", recipe)
+    assert result.returncode == 0, result.stderr
+    logs = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert logs[-1]["step"] == 3 and all(math.isfinite(v) for log in logs for v in log.values())
+    assert "loss_gan_c" in logs[-1]
+    result = run_dmd("make-pairs", "--teacher", "edm", "--set", f"teacher.edm.model={tmp_path / 'teacher'}",
+                     "--num", 4, "--steps", 3, "--out", tmp_path / "pairs")
+    assert result.returncode == 0, result.stderr
+    assert "heun 3 steps" in result.stderr
+    result = run_dmd("distill", recipe, "--set", f"run.out='{tmp_path / 'run-v1'}'", "--set", "train.method='dmd'",
+                     "--set", f"regression.pairs='{tmp_path / 'pairs'}'", "--set", "gan.generator_weight=0",
+                     "--set", "gan.critic_weight=0", "--set", "train.steps=2")
+    assert result.returncode == 0, result.stderr
+    assert "loss_reg" in (tmp_path / "run-v1" / "metrics.jsonl").read_text()
+    result = run_dmd("sample", tmp_path / "run", "--num", 20, "--teacher-steps", 2, "--out", tmp_path / "samples")
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "samples" / "samples.safetensors").is_file() and (tmp_path / "samples" / "samples.png").is_file()
+    features = tmp_path / "features.pt"
+    torch.manual_seed(0)
+    torch.jit.script(torch.nn.Sequential(torch.nn.AdaptiveAvgPool2d(2), torch.nn.Flatten(),
+                                         torch.nn.Linear(12, 4))).save(str(features))
+    monkeypatch.setenv("DMD_CACHE", str(tmp_path / "cache"))
+    result = run_dmd("fid-ref", tmp_path / "samples" / "teacher.safetensors", "--out",
+                     tmp_path / "cache" / "refs" / "imagenet-64x64.npz", "--features", features,
+                     "--mode", "legacy_tensorflow")
+    assert result.returncode == 0, result.stderr
+    result = run_dmd("fid", tmp_path / "samples", "--ref", "imagenet64", "--features", features,
+                     "--json", tmp_path / "fid.json")
+    assert result.returncode == 0, result.stderr
+    report = json.loads((tmp_path / "fid.json").read_text())
+    assert report["mode"] == "legacy_tensorflow" and math.isfinite(report["fid"]) and report["fid"] > 0
+
+
+def test_guidance_is_refused_for_edm_teachers(tmp_path):
+    _, _, result = _convert(tmp_path)
+    result = run_dmd("sample", "--teacher", "edm", "--set", f"teacher.edm.model={tmp_path / 'teacher'}",
+                     "--num", 2, "--guidance", 2, "--out", tmp_path / "s")
+    assert result.returncode == 2
+    assert "guidance 2.0 needs an unconditional model" in result.stderr
+
+
+def test_full_size_network_has_edms_parameter_count():
+    """EDM's ImageNet-64 ADM has 295.9M parameters (EDM paper, table 7 lists 296M)."""
+    net = ADMUNet(64, 3, 3, 1000)
+    assert sum(p.numel() for p in net.parameters()) == pytest.approx(295.9e6, rel=2e-3)
