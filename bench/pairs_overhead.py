@@ -1,7 +1,11 @@
 """Pairs per second of `make_pairs` against the plain diffusers pipeline call and against
 the teacher UNet's own time, same sampler (DDIM), steps, guidance and batch, in one run.
 
-Usage: .venv/bin/python bench/pairs_overhead.py [--num 64] [--batch 16] [--steps 20]
+Usage: .venv/bin/python bench/pairs_overhead.py [--num 64] [--batch 16] [--steps 20] [--rounds 3]
+The paths run interleaved, `--rounds` times each, in a rotated order; the best time of each
+counts. `teacher_pairs` is make_pairs without the files (noise, conditions, ODE). On a noisy
+machine the decisive figure is measured inside one call: forward hooks on the teacher UNet
+time its calls, and the overhead is the rest of the wall time of that same call.
 The teacher is a random-weight SD-architecture model (UNet block_out_channels (64, 128),
 latents 4x32x32, CLIP width 32) built on the fly: no download, the network's cost is real.
 """
@@ -47,11 +51,12 @@ def main():
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--guidance", type=float, default=3.0)
+    ap.add_argument("--rounds", type=int, default=3)
     a = ap.parse_args()
     from diffusers import StableDiffusionPipeline
 
     from dmdcli.diffusers_teachers import SDTeacher
-    from dmdcli.pairs import PairSettings, make_pairs, pair_noise
+    from dmdcli.pairs import PairSettings, make_pairs, pair_noise, teacher_pairs
     from dmdcli.recipe import SDConfig
 
     tmp = Path(tempfile.mkdtemp())
@@ -80,18 +85,43 @@ def main():
         make_pairs(teacher, tmp / f"pairs-{time.time()}", a.num,
                    PairSettings(steps=a.steps, guidance=a.guidance, shard_size=a.num), batch_size=a.batch)
 
-    times = {}
-    for name, fn in [("network", network_only), ("pipeline", pipeline), ("make_pairs", ours)] * 2:
-        t0 = time.perf_counter()
-        fn()
-        times.setdefault(name, []).append(time.perf_counter() - t0)
+    def ode_only():
+        settings = PairSettings(steps=a.steps, guidance=a.guidance)
+        for r in range(rounds):
+            teacher_pairs(teacher, range(r * a.batch, (r + 1) * a.batch), settings)
+
+    unet_seconds = [0.0]
+
+    def start(module, args):
+        module._t0 = time.perf_counter()
+
+    def stop(module, args, output):
+        unet_seconds[0] += time.perf_counter() - module._t0
+
+    for unet in (teacher.real.unet, pipe.unet):
+        unet.register_forward_pre_hook(start)
+        unet.register_forward_hook(stop)
+    times, inside = {}, {}
+    paths = [("network", network_only), ("pipeline", pipeline), ("teacher_pairs", ode_only), ("make_pairs", ours)]
+    for r in range(a.rounds):
+        for name, fn in paths[r % len(paths):] + paths[:r % len(paths)]:
+            unet_seconds[0] = 0.0
+            t0 = time.perf_counter()
+            fn()
+            wall = time.perf_counter() - t0
+            times.setdefault(name, []).append(wall)
+            inside.setdefault(name, []).append(wall / unet_seconds[0] - 1)
     best = {k: min(v) for k, v in times.items()}
     print(f"{a.num} pairs, batch {a.batch}, DDIM {a.steps} steps, guidance {a.guidance}, "
           f"torch threads {torch.get_num_threads()}")
     for k, v in best.items():
-        print(f"  {k:10s} {v:7.2f} s  {a.num / v:7.2f} pairs/s")
+        print(f"  {k:13s} {v:7.2f} s  {a.num / v:7.2f} pairs/s   (all rounds: {', '.join(f'{t:.2f}' for t in times[k])})")
     print(f"  make_pairs overhead over the teacher network: {100 * (best['make_pairs'] / best['network'] - 1):+.1f}%")
     print(f"  make_pairs against the diffusers pipeline:   {100 * (best['make_pairs'] / best['pipeline'] - 1):+.1f}%")
+    print(f"  teacher_pairs over the teacher network:      {100 * (best['teacher_pairs'] / best['network'] - 1):+.1f}%")
+    print("  within each call, wall time over the UNet's own time (forward hooks), per round:")
+    for k, v in inside.items():
+        print(f"    {k:13s} {', '.join(f'{100 * x:+.1f}%' for x in v)}   median {100 * sorted(v)[len(v) // 2]:+.1f}%")
 
 
 if __name__ == "__main__":
