@@ -45,13 +45,16 @@ def progress_bar(extra: str = "") -> Progress:
 @app.command()
 def distill(recipe: Path = typer.Argument(..., help="TOML recipe, e.g. recipes/toy2d.toml"),
             set_: List[str] = typer.Option([], "--set", help="override: section.key=value (TOML value)"),
-            dry_run: bool = typer.Option(False, "--dry-run", help="print the resolved recipe and stop")):
+            dry_run: bool = typer.Option(False, "--dry-run", help="print the resolved recipe, parameter counts, "
+                                                                  "memory and passes per iteration, and stop")):
     """Distil a teacher into a one-step generator. Rerun the same command to resume."""
     from .recipe import load_recipe, to_toml
 
     r = load_recipe(recipe, set_)
     if dry_run:
-        typer.echo(to_toml(r), nl=False)
+        from .dryrun import report
+
+        typer.echo(to_toml(r) + "\n" + report(r), nl=False)
         return
     from .trainer import distill as run_distill
 
@@ -168,7 +171,8 @@ def sample(run: Optional[Path] = typer.Argument(None, help="run or checkpoint fo
            guidance: Optional[float] = typer.Option(None, help="teacher CFG scale, standard form (default: the recipe's, else 1)"),
            sampler: Optional[str] = typer.Option(None, help="teacher sampler: ddim, dpmpp-2m, euler or heun "
                                                             "(default: heun for edm, else ddim)"),
-           seed: int = typer.Option(0), batch_size: int = typer.Option(256)):
+           seed: int = typer.Option(0), batch_size: int = typer.Option(256),
+           ema: bool = typer.Option(True, "--ema/--no-ema", help="use the generator's EMA weights if the run kept them")):
     """Sample a student (and its teacher, same noise and conditions), or a teacher alone."""
     from .evaluate import SAMPLES_FILE
     from .generate import make_samples
@@ -182,7 +186,7 @@ def sample(run: Optional[Path] = typer.Argument(None, help="run or checkpoint fo
     if (run is None) == (teacher is None):
         raise UserError("give a run folder to sample a student, or --teacher NAME to sample a teacher alone")
     if run is not None:
-        recipe, t, generator, step = load_student(run)
+        recipe, t, generator, step = load_student(run, ema=ema)
         sampler = sampler or t.default_sampler
         results = make_samples(out, num, t, generator=generator, timesteps=recipe.student.timesteps,
                                student_source=f"student {run} step {step}, {len(recipe.student.timesteps)} step(s)",

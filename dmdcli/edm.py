@@ -159,6 +159,18 @@ class ADMUNet(nn.Module):
                 self.dec[f"{res}x{res}_block{i}"] = UNetBlock(cin, cout, attention=res in attn_resolutions, **block)
         self.out_norm = GroupNorm(cout)
         self.out_conv = Conv2d(cout, out_channels, 3, zero=True)
+        self.gradient_checkpointing = False
+
+    def enable_gradient_checkpointing(self) -> None:
+        """Recompute each block's activations in the backward pass instead of keeping them."""
+        self.gradient_checkpointing = True
+
+    def _block(self, blk, x, emb):
+        if self.gradient_checkpointing and torch.is_grad_enabled():
+            from torch.utils.checkpoint import checkpoint
+
+            return checkpoint(blk, x, emb, use_reentrant=False)
+        return blk(x, emb)
 
     def bottleneck(self) -> tuple[nn.Module, int]:
         """The lowest-resolution block (DMD2's GAN head reads its output) and its channels."""
@@ -176,12 +188,12 @@ class ADMUNet(nn.Module):
         emb = F.silu(emb)
         skips = []
         for blk in self.enc.values():
-            x = blk(x, emb) if isinstance(blk, UNetBlock) else blk(x)
+            x = self._block(blk, x, emb) if isinstance(blk, UNetBlock) else blk(x)
             skips.append(x)
         for blk in self.dec.values():
             if x.shape[1] != blk.in_channels:
                 x = torch.cat([x, skips.pop()], dim=1)
-            x = blk(x, emb)
+            x = self._block(blk, x, emb)
         return self.out_conv(F.silu(self.out_norm(x)))
 
 

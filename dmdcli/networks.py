@@ -99,6 +99,16 @@ def bottleneck(net: nn.Module) -> tuple[nn.Module, int, bool]:
     raise TypeError(f"no known bottleneck in {type(net).__name__}")
 
 
+def enable_gradient_checkpointing(net: nn.Module) -> bool:
+    """Turn on activation recomputation in a diffusers UNet or EDM's ADM inside `net`;
+    False for networks too small to have it (the MLP)."""
+    inner = getattr(net, "unet", None) or getattr(net, "model", None)
+    if inner is None or not hasattr(inner, "enable_gradient_checkpointing"):
+        return False
+    inner.enable_gradient_checkpointing()
+    return True
+
+
 class CriticWithHead(nn.Module):
     """The critic (fake score) plus a GAN head on its bottleneck, in one forward pass:
     forward(x_t, t, cond) -> (prediction, logits). One module, so one optimiser and one DDP

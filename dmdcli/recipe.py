@@ -83,6 +83,7 @@ class RunConfig:
     keep_checkpoints: int = 2
     log_every: int = 50
     preview_samples: int = 2000
+    log_with: str = _choices("tensorboard", "wandb", "none", default="tensorboard")   # also metrics.jsonl
 
 
 @dataclass
@@ -107,6 +108,8 @@ class TrainConfig:
     dm_weight: float = 1.0
     mixed_precision: str = _choices("no", "bf16", "fp16", default="no")
     on_non_finite: str = _choices("stop", "skip", default="stop")   # skip: drop the update, count it
+    gradient_checkpointing: bool = False   # recompute activations in backward: less memory, ~30% slower
+    ema_decay: float = 0.0              # EMA of the generator (diffusers' EMAModel); 0: off, as the authors
 
 
 @dataclass

@@ -31,8 +31,9 @@ def resolve(path: str | Path) -> tuple[Path, Path]:
     return path, ckpt
 
 
-def load_student(path: str | Path, device=None):
-    """(recipe, teacher, generator in eval mode, step) of a run or checkpoint."""
+def load_student(path: str | Path, device=None, ema: bool = True):
+    """(recipe, teacher, generator in eval mode, step) of a run or checkpoint; the generator's
+    EMA weights when the run kept them (train.ema_decay > 0) unless ema is False."""
     import torch
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -40,5 +41,8 @@ def load_student(path: str | Path, device=None):
     recipe = from_dict(tomllib.loads((run_dir / "recipe.toml").read_text()))
     teacher = build_teacher(recipe.teacher).to(device)
     generator = teacher.make_generator()
-    generator.load_state_dict(load_file(str(ckpt / "generator.safetensors")))
+    weights = ckpt / "generator_ema.safetensors"
+    if not (ema and weights.is_file()):
+        weights = ckpt / "generator.safetensors"
+    generator.load_state_dict(load_file(str(weights)))
     return recipe, teacher, generator.to(device).eval(), checkpoint.step_of(ckpt)

@@ -17,13 +17,14 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator, DistributedDataParallelKwargs
 from diffusers.optimization import get_scheduler
+from diffusers.training_utils import EMAModel
 from safetensors.torch import load_file, save_file
 
 from . import checkpoint, losses
 from .errors import UserError
 from .io import write_text
 from .datasets import RealData
-from .networks import CriticWithHead
+from .networks import CriticWithHead, enable_gradient_checkpointing
 from .pairs import PairSet
 from .recipe import Recipe, from_dict, to_dict, to_toml
 from .sampling import generator_x0, student_sample
@@ -32,7 +33,8 @@ from .teacher import build_teacher
 
 # Keys that may change between a run and its resumption (they do not change the result).
 RESUMABLE_CHANGES = {("train", "steps"), ("run", "checkpoint_every"), ("run", "keep_checkpoints"),
-                     ("run", "log_every"), ("run", "preview_samples")}
+                     ("run", "log_every"), ("run", "preview_samples"), ("run", "log_with"),
+                     ("train", "gradient_checkpointing")}
 
 
 def check_same_run(run_dir: Path, recipe) -> None:
@@ -59,13 +61,19 @@ class DMDTrainer:
         # With the GAN head, a critic pass that needs no logits leaves the head unused.
         kwargs = [DistributedDataParallelKwargs(find_unused_parameters=True)] if self.gan else []
         self.acc = accelerator or Accelerator(cpu=not torch.cuda.is_available(),
-                                              mixed_precision=r.train.mixed_precision, kwargs_handlers=kwargs)
+                                              mixed_precision=r.train.mixed_precision, kwargs_handlers=kwargs,
+                                              log_with=_tracker(r.run.log_with), project_dir=r.run.out)
         device = self.acc.device
         self.teacher = build_teacher(r.teacher).to(device)
         self.schedule = self.teacher.schedule
         self.pairs = PairSet(r.regression.pairs, self.teacher) if r.train.method == "dmd" else None
         torch.manual_seed(r.run.seed)  # network initialisation
         generator, critic = self.teacher.make_generator(), self.teacher.make_critic()
+        if r.train.gradient_checkpointing:
+            for net in (generator, critic):
+                if not enable_gradient_checkpointing(net):
+                    raise UserError(f"train.gradient_checkpointing: the {r.teacher.name} teacher's networks "
+                                    f"have no checkpointing (they are small); set it to false")
         self.real = None
         if self.gan:
             critic = CriticWithHead(critic)
@@ -78,6 +86,9 @@ class DMDTrainer:
         self.sched_g = get_scheduler("constant_with_warmup", opt_g, num_warmup_steps=r.train.warmup_steps)
         self.sched_c = get_scheduler("constant_with_warmup", opt_c, num_warmup_steps=r.train.warmup_steps)
         self.generator, self.critic, self.opt_g, self.opt_c = self.acc.prepare(generator, critic, opt_g, opt_c)
+        # Optional EMA of the generator's weights (SPEC section 7: peers use it; the authors did not).
+        self.ema = EMAModel(self.acc.unwrap_model(self.generator).parameters(), decay=r.train.ema_decay) \
+            if r.train.ema_decay > 0 else None
         seed = r.run.seed * 1000 + self.acc.process_index
         self.rng = torch.Generator(device=device).manual_seed(seed)       # noise, timesteps, labels
         self.data_rng = torch.Generator().manual_seed(seed + 1)          # pair indices, real data
@@ -163,6 +174,8 @@ class DMDTrainer:
         self.opt_g.step()
         self.sched_g.step()
         self.opt_g.zero_grad(set_to_none=True)
+        if self.ema is not None:
+            self.ema.step(self.acc.unwrap_model(self.generator).parameters())
         return logs
 
     def critic_step(self) -> dict:
@@ -245,11 +258,14 @@ class DMDTrainer:
         if acc.is_main_process:
             save_file(acc.unwrap_model(self.generator).state_dict(), str(tmp / "generator.safetensors"))
             save_file(acc.unwrap_model(self.critic).state_dict(), str(tmp / "critic.safetensors"))
+            if self.ema is not None:
+                save_file(self.ema_state_dict(), str(tmp / "generator_ema.safetensors"))
             checkpoint.save_tree(tmp, "state", {
                 "step": self.step, "num_processes": acc.num_processes,
                 "opt_g": self.opt_g.state_dict(), "opt_c": self.opt_c.state_dict(),
                 "sched_g": self.sched_g.state_dict(), "sched_c": self.sched_c.state_dict(),
-                "scaler": acc.scaler.state_dict() if acc.scaler is not None else None})
+                "scaler": acc.scaler.state_dict() if acc.scaler is not None else None,
+                "ema": self.ema.state_dict() if self.ema is not None else None})
             final = checkpoint.commit(tmp, self.step, r.run.keep_checkpoints)
         acc.wait_for_everyone()
         return final
@@ -263,6 +279,8 @@ class DMDTrainer:
         self.opt_c.load_state_dict(state["opt_c"])
         self.sched_g.load_state_dict(state["sched_g"])
         self.sched_c.load_state_dict(state["sched_c"])
+        if self.ema is not None:
+            self.ema.load_state_dict(state["ema"])
         if state["scaler"] is not None and acc.scaler is not None:
             acc.scaler.load_state_dict(state["scaler"])
         self.step = state["step"]
@@ -273,6 +291,14 @@ class DMDTrainer:
         self.rng.set_state(rng["rng"])
         self.data_rng.set_state(rng["data_rng"])
         torch.set_rng_state(rng["torch"])
+
+    def ema_state_dict(self) -> dict:
+        """The generator's state dict with the EMA weights in place of its parameters."""
+        net = self.acc.unwrap_model(self.generator)
+        state = {k: v.detach().clone() for k, v in net.state_dict().items()}
+        for (name, _), shadow in zip(net.named_parameters(), self.ema.shadow_params):
+            state[name] = shadow.detach().clone().to(state[name].dtype)
+        return state
 
     # -- the run ----------------------------------------------------------------------------
     def preview(self, name: str) -> None:
@@ -314,40 +340,59 @@ def distill(recipe: Recipe, progress_factory=None, console=None) -> Path:
         if console and acc.is_main_process:
             console.print(f"{run_dir} is already complete at step {trainer.step}")
         return run_dir
+    if recipe.run.log_with != "none":   # TensorBoard: runs/NAME/logs/; wandb: project "dmd", run NAME
+        acc.init_trackers("logs" if recipe.run.log_with == "tensorboard" else "dmd", config=_flat(recipe),
+                          init_kwargs={"wandb": {"name": run_dir.name}})
     sums: dict[str, float] = {}
     counts: dict[str, int] = {}
     t0 = time.time()
     progress = progress_factory() if (progress_factory and acc.is_main_process) else None
-    with progress or contextlib.nullcontext(), StopRequest() as stop:
-        task = progress.add_task("distill", total=total, completed=trainer.step, losses="") if progress else None
-        while trainer.step < total:
-            logs = trainer.train_step()
-            for k, v in logs.items():
-                sums[k] = sums.get(k, 0.0) + v
-                counts[k] = counts.get(k, 0) + 1
-            step = trainer.step
-            at_checkpoint = step % recipe.run.checkpoint_every == 0 or step == total
-            # Log windows also close at checkpoints, so a resumed run logs the same windows.
-            if step % recipe.run.log_every == 0 or at_checkpoint:
-                means = {k: sums[k] if k.startswith("skipped") else sums[k] / counts[k] for k in sums}
-                means.update(step=step, lr_generator=trainer.sched_g.get_last_lr()[0], seconds=time.time() - t0)
-                if acc.is_main_process:
-                    with open(metrics_path, "a") as f:
-                        f.write(json.dumps(means) + "\n")
+    try:
+        with progress or contextlib.nullcontext(), StopRequest() as stop:
+            task = progress.add_task("distill", total=total, completed=trainer.step, losses="") if progress else None
+            while trainer.step < total:
+                logs = trainer.train_step()
+                for k, v in logs.items():
+                    sums[k] = sums.get(k, 0.0) + v
+                    counts[k] = counts.get(k, 0) + 1
+                step = trainer.step
+                at_checkpoint = step % recipe.run.checkpoint_every == 0 or step == total
+                # Log windows also close at checkpoints, so a resumed run logs the same windows.
+                if step % recipe.run.log_every == 0 or at_checkpoint:
+                    means = {k: sums[k] if k.startswith("skipped") else sums[k] / counts[k] for k in sums}
+                    means.update(step=step, lr_generator=trainer.sched_g.get_last_lr()[0], seconds=time.time() - t0)
+                    if acc.is_main_process:
+                        with open(metrics_path, "a") as f:
+                            f.write(json.dumps(means) + "\n")
+                    acc.log({k: v for k, v in means.items() if k != "step"}, step=step)
+                    if progress:
+                        progress.update(task, losses="  ".join(f"{k[5:]} {means[k]:.4f}" for k in sorted(means)
+                                                               if k.startswith("loss_")))
+                    sums, counts = {}, {}
                 if progress:
-                    progress.update(task, losses="  ".join(f"{k[5:]} {means[k]:.4f}" for k in sorted(means)
-                                                           if k.startswith("loss_")))
-                sums, counts = {}, {}
-            if progress:
-                progress.update(task, completed=step)
-            stopping = _any_rank(acc, stop.requested)
-            if at_checkpoint or stopping:
-                trainer.save()
-                trainer.preview(f"step-{step:08d}")
-            if stopping:
-                raise Stopped(stop.signum or 15, f"stopped at step {step} with a checkpoint; "
-                                                 f"run the same command again to resume")
+                    progress.update(task, completed=step)
+                stopping = _any_rank(acc, stop.requested)
+                if at_checkpoint or stopping:
+                    trainer.save()
+                    trainer.preview(f"step-{step:08d}")
+                if stopping:
+                    raise Stopped(stop.signum or 15, f"stopped at step {step} with a checkpoint; "
+                                                     f"run the same command again to resume")
+    finally:   # flush the trackers however the run ends
+        acc.end_training()
     return run_dir
+
+
+def _tracker(name: str):
+    """accelerate's tracker for run.log_with, checked before the run starts."""
+    if name == "none":
+        return None
+    from accelerate.utils import is_tensorboard_available, is_wandb_available
+
+    if not {"tensorboard": is_tensorboard_available, "wandb": is_wandb_available}[name]():
+        raise UserError(f"run.log_with = {name!r} but {name} is not installed; pip install {name}, "
+                        f"or set run.log_with = 'none' (metrics.jsonl is written either way)")
+    return name
 
 
 def _any_rank(acc: Accelerator, flag: bool) -> bool:
@@ -355,6 +400,13 @@ def _any_rank(acc: Accelerator, flag: bool) -> bool:
     if acc.num_processes == 1:
         return flag
     return bool(acc.reduce(torch.tensor([float(flag)], device=acc.device), reduction="sum").item())
+
+
+def _flat(recipe) -> dict:
+    """The recipe as section.key -> scalar, for the trackers' hyperparameter tables."""
+    return {f"{section}.{key}": (v if isinstance(v, (int, float, str, bool)) else str(v))
+            for section, values in to_dict(recipe).items() for key, v in values.items()
+            if not isinstance(v, dict)}
 
 
 def _truncate_metrics(path: Path, step: int) -> None:

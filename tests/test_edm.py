@@ -233,3 +233,25 @@ def test_full_size_network_has_edms_parameter_count():
     """EDM's ImageNet-64 ADM has 295.9M parameters (EDM paper, table 7 lists 296M)."""
     net = ADMUNet(64, 3, 3, 1000)
     assert sum(p.numel() for p in net.parameters()) == pytest.approx(295.9e6, rel=2e-3)
+
+
+def test_adm_gradient_checkpointing_recomputes_blocks_with_the_same_gradients():
+    from tiny_models import EDM_TINY
+
+    torch.manual_seed(0)
+    net = ADMUNet(16, 3, 3, 0, **EDM_TINY)
+    calls = []
+    net.enc["16x16_block0"].register_forward_pre_hook(lambda *a: calls.append(1))
+    x, noise = torch.randn(2, 3, 16, 16), torch.randn(2)
+    grads = []
+    for checkpointing in (False, True):
+        if checkpointing:
+            net.enable_gradient_checkpointing()
+        net.zero_grad()
+        calls.clear()
+        (net(x, noise) ** 2).sum().backward()
+        grads.append(([p.grad.clone() for p in net.parameters() if p.grad is not None], len(calls)))
+    (plain, n_plain), (ckpt, n_ckpt) = grads
+    assert (n_plain, n_ckpt) == (1, 2)
+    for a, b in zip(plain, ckpt):
+        torch.testing.assert_close(a, b)

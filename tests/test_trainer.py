@@ -142,3 +142,101 @@ def test_non_finite_loss_stops_or_is_skipped(tiny_recipe, tmp_path, monkeypatch,
 
         weights = load_file(str(run / "checkpoints" / "step-00000030" / "generator.safetensors"))
         assert all(torch.isfinite(v).all() for v in weights.values())
+
+
+def test_tensorboard_logs_what_metrics_jsonl_holds(tiny_recipe, tmp_path):
+    """run.log_with = "tensorboard" (the default): the same windowed means as metrics.jsonl."""
+    import json
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from dmdcli.cli import main
+
+    assert main(["distill", str(tiny_recipe(steps=20, checkpoint_every=20))]) == 0
+    run = tmp_path / "runs" / "tiny"
+    logs = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    events = EventAccumulator(str(run / "logs"))
+    events.Reload()
+    critic = [(e.step, e.value) for e in events.Scalars("loss_critic")]
+    assert critic == [(log["step"], pytest.approx(log["loss_critic"], rel=1e-6)) for log in logs]
+    assert [e.step for e in events.Scalars("loss_dm")] == [log["step"] for log in logs if "loss_dm" in log]
+
+
+def test_missing_tracker_is_one_line(tiny_recipe, capsys):
+    from accelerate.utils import is_wandb_available
+
+    from dmdcli.cli import main
+
+    if is_wandb_available():
+        pytest.skip("wandb is installed here")
+    assert main(["distill", str(tiny_recipe()), "--set", "run.log_with=wandb"]) == 2
+    assert ("run.log_with = 'wandb' but wandb is not installed; pip install wandb, or set "
+            "run.log_with = 'none'") in capsys.readouterr().err
+
+
+def test_generator_ema_follows_generator_steps_only(tiny_recipe):
+    """train.ema_decay: after each generator step e <- d e + (1 - d) w, with diffusers'
+    warm-up d = min(decay, (1 + n) / (10 + n)); critic steps leave it alone."""
+    r = load_recipe(tiny_recipe(extra="ema_decay = 0.9\n"))
+    trainer = DMDTrainer(r)
+    gen = trainer.acc.unwrap_model(trainer.generator)
+    expected = [p.detach().clone() for p in gen.parameters()]
+    n = 0
+    for _ in range(16):
+        turn = trainer.is_generator_turn()
+        trainer.train_step()
+        if turn:
+            n += 1
+            d = 0.0 if n <= 1 else min(0.9, n / (9 + n))   # EMAModel counts from its first step
+            expected = [d * e + (1 - d) * p.detach() for e, p in zip(expected, gen.parameters())]
+    assert n >= 4
+    for e, s in zip(expected, trainer.ema.shadow_params):
+        torch.testing.assert_close(s, e, rtol=1e-5, atol=1e-6)
+    ema = trainer.ema_state_dict()
+    raw = gen.state_dict()
+    assert ema.keys() == raw.keys() and any(not torch.equal(ema[k], raw[k]) for k in raw)
+
+
+def test_gradient_checkpointing_recomputes_and_gives_the_same_update(tmp_path, unet_teacher):
+    """train.gradient_checkpointing: blocks run again in the backward pass; same weights after."""
+    results = []
+    for flag in ("false", "true"):
+        recipe = unet2d_recipe(tmp_path / f"{flag}.toml", unet_teacher, tmp_path / flag,
+                               extra=f"gradient_checkpointing = {flag}\n")
+        trainer = DMDTrainer(load_recipe(recipe))
+        gen = trainer.acc.unwrap_model(trainer.generator)
+        assert gen.unet.is_gradient_checkpointing == (flag == "true")
+        assert trainer.acc.unwrap_model(trainer.critic).unet.is_gradient_checkpointing == (flag == "true")
+        calls = []
+        gen.unet.down_blocks[0].resnets[0].register_forward_pre_hook(lambda *a: calls.append(1))
+        trainer.generator_step()
+        results.append((len(calls), [p.detach().clone() for p in gen.parameters()]))
+    (calls_plain, after_plain), (calls_ckpt, after_ckpt) = results
+    assert calls_ckpt > calls_plain
+    for a, b in zip(after_plain, after_ckpt):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_gradient_checkpointing_is_refused_for_the_mlp(tiny_recipe, capsys):
+    from dmdcli.cli import main
+
+    assert main(["distill", str(tiny_recipe()), "--set", "train.gradient_checkpointing=true"]) == 2
+    assert "the gmm teacher's networks have no checkpointing" in capsys.readouterr().err
+
+
+def test_dry_run_counts_parameters_memory_and_passes(tmp_path, unet_teacher, capsys):
+    from dmdcli.cli import main
+    from dmdcli.teacher import build_teacher
+
+    recipe = unet2d_recipe(tmp_path / "r.toml", unet_teacher, tmp_path / "run", ratio=3)
+    assert main(["distill", str(recipe), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    teacher = build_teacher(load_recipe(recipe).teacher)
+    n = sum(p.numel() for p in teacher.make_generator().parameters())
+    assert f"# parameters: generator {n:,}, critic {n:,}, real score {n:,} (frozen)" in out
+    gib = (16 * 2 * n + 4 * n) / 1024 ** 3   # two trainable fp32 copies with AdamW, one frozen fp32
+    assert f"weights, gradients and AdamW state: {gib:.2f} GiB" in out
+    assert "# every iteration (critic step): generator forward without gradients at batch 2" in out
+    assert "# every 3 iterations (generator step): generator forward+backward at batch 2" in out
+    assert "real score forward at batch 4 (guidance: conditional and unconditional)" in out
+    assert not (tmp_path / "run").exists()

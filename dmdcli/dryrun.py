@@ -1,0 +1,69 @@
+"""`dmd distill --dry-run`: what a recipe will cost before it runs (parameters, memory of the
+weights and optimiser state per GPU, network passes per iteration)."""
+
+from __future__ import annotations
+
+from .recipe import Recipe
+
+GiB = 1024 ** 3
+
+
+def _params(module) -> int:
+    return sum(p.numel() for p in module.parameters()) if module is not None else 0
+
+
+def _bytes(module) -> int:
+    return sum(p.numel() * p.element_size() for p in module.parameters()) if module is not None else 0
+
+
+def passes_per_iteration(r: Recipe, conditional: bool) -> list[str]:
+    """The network passes of one iteration, in the trainer's order (SPEC sections 2-6)."""
+    b, k = r.train.batch_size, r.train.critic_steps_per_generator_step
+    cfg = 2 if (r.teacher.guidance != 1.0 and conditional) else 1
+    gan = r.gan.generator_weight > 0 or r.gan.critic_weight > 0
+    sim = len(r.student.timesteps) - 1
+    reg = (r.regression.batch_size or b) if r.train.method == "dmd" else 0
+    gen = [f"generator forward+backward at batch {b + reg}" + (f" ({reg} of them regression pairs)" if reg else ""),
+           f"real score forward at batch {cfg * b}" + (" (guidance: conditional and unconditional)" if cfg == 2 else ""),
+           f"critic forward at batch {b}"]
+    if gan and r.gan.generator_weight > 0:
+        gen.append(f"critic + GAN head forward+backward at batch {b} (generator's GAN loss)")
+    if sim:
+        gen.insert(0, f"up to {sim} generator forward(s) without gradients (backward simulation)")
+    critic = [f"generator forward without gradients at batch {b}",
+              f"critic forward+backward at batch {2 * b if gan else b}" + (" (fake and real)" if gan else "")]
+    return ([f"every iteration (critic step): {'; '.join(critic)}"] +
+            [f"{f'every {k} iterations' if k > 1 else 'every iteration'} (generator step): {'; '.join(gen)}"])
+
+
+def report(r: Recipe) -> str:
+    """Parameter counts, weight and optimiser memory per process, passes per iteration."""
+    from .errors import UserError
+    from .networks import CriticWithHead
+    from .teacher import build_teacher
+
+    try:
+        teacher = build_teacher(r.teacher)
+    except UserError as e:   # the recipe still printed; say why there are no figures
+        return f"# dry run: no estimate, the teacher cannot be loaded: {e}\n"
+    generator, critic = teacher.make_generator(), teacher.make_critic()
+    if r.gan.generator_weight > 0 or r.gan.critic_weight > 0:
+        critic = CriticWithHead(critic)
+    real = getattr(teacher, "real", None)
+    extras = {name: getattr(teacher, name, None) for name in ("vae", "text_encoder")}
+    # fp32 weights + fp32 gradients + AdamW's two moments: 16 bytes per trainable parameter.
+    trainable = 16 * (_params(generator) + _params(critic))
+    frozen = _bytes(real) + sum(_bytes(m) for m in extras.values())
+    ema = 4 * _params(generator) if r.train.ema_decay > 0 else 0
+    lines = ["# dry run: nothing was trained",
+             f"# parameters: generator {_params(generator):,}, critic {_params(critic):,}"
+             + (" (GAN head included)" if isinstance(critic, CriticWithHead) else "")
+             + (f", real score {_params(real):,} (frozen)" if real is not None else ", real score exact (no network)")
+             + "".join(f", {n} {_params(m):,} (frozen)" for n, m in extras.items() if m is not None),
+             f"# memory per process for weights, gradients and AdamW state: {(trainable + frozen + ema) / GiB:.2f} GiB"
+             f" (trainable 16 bytes a parameter{', EMA 4' if ema else ''}; frozen in their dtype);"
+             f" activations come on top and grow with train.batch_size"
+             + ("; gradient checkpointing is on" if r.train.gradient_checkpointing else
+                "; train.gradient_checkpointing = true trades time for activation memory" if real is not None else "")]
+    lines += [f"# {line}" for line in passes_per_iteration(r, bool(teacher.num_classes) or teacher.name == "sd")]
+    return "\n".join(lines) + "\n"
