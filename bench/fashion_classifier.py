@@ -4,8 +4,11 @@ for the offline benchmark, and save it as TorchScript.
 Usage: .venv/bin/python bench/fashion_classifier.py [--epochs 6] [--out dmdcli/assets/fashion-classifier.pt]
 
 The saved module follows clean-fid's feature-network convention: forward(x) takes float
-images in [0, 255], shape (B, 3, H, W) (any H, W: clean-fid passes 299x299), reduces them
-to 28x28 gray, and returns 128-d penultimate features; classify(x) returns the 10 logits.
+images in [0, 255], shape (B, 3, H, W), and returns 128-d penultimate features; classify(x)
+returns the 10 logits. A 28x28 input is a Fashion-MNIST image as stored; any other size is
+the 32x32 frame the teacher and students make (28x28 padded by 2 pixels of background),
+possibly resized (clean-fid passes 299x299): it is resized to 32x32 and its central 28x28
+taken, which recovers a padded test image exactly.
 """
 
 import argparse
@@ -28,10 +31,13 @@ class FashionClassifier(nn.Module):
         self.head = nn.Linear(128, 10)
 
     def prepare(self, x: torch.Tensor) -> torch.Tensor:
-        """[0, 255] images of any size and 1 or 3 channels -> normalised 28x28 gray."""
+        """[0, 255] images, 1 or 3 channels, 28x28 or the padded 32x32 frame at any size ->
+        normalised 28x28 gray."""
         x = x.float().mean(dim=1, keepdim=True)
         if x.shape[-1] != 28 or x.shape[-2] != 28:
-            x = F.interpolate(x, size=(28, 28), mode="area")
+            if x.shape[-1] != 32 or x.shape[-2] != 32:
+                x = F.interpolate(x, size=(32, 32), mode="area")
+            x = x[:, :, 2:30, 2:30]
         return x / 127.5 - 1.0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
