@@ -172,7 +172,8 @@ def sample(run: Optional[Path] = typer.Argument(None, help="run or checkpoint fo
            sampler: Optional[str] = typer.Option(None, help="teacher sampler: ddim, dpmpp-2m, euler or heun "
                                                             "(default: heun for edm, else ddim)"),
            seed: int = typer.Option(0), batch_size: int = typer.Option(256),
-           ema: bool = typer.Option(True, "--ema/--no-ema", help="use the generator's EMA weights if the run kept them")):
+           ema: bool = typer.Option(True, "--ema/--no-ema", help="use the generator's EMA weights if the run kept them"),
+           images: str = typer.Option("none", help="also write the images: png (one file each) or npz (uint8)")):
     """Sample a student (and its teacher, same noise and conditions), or a teacher alone."""
     from .evaluate import SAMPLES_FILE
     from .generate import make_samples
@@ -181,6 +182,8 @@ def sample(run: Optional[Path] = typer.Argument(None, help="run or checkpoint fo
 
     if num <= 0 or batch_size <= 0:
         raise UserError(f"--num and --batch-size must be positive, got {num} and {batch_size}")
+    if images not in ("none", "png", "npz"):
+        raise UserError(f"--images must be none, png or npz, got {images!r}")
     if sampler is not None and sampler not in SAMPLERS:
         raise UserError(f"unknown sampler {sampler!r}: choose one of {', '.join(SAMPLERS)}")
     if (run is None) == (teacher is None):
@@ -191,38 +194,55 @@ def sample(run: Optional[Path] = typer.Argument(None, help="run or checkpoint fo
         results = make_samples(out, num, t, generator=generator, timesteps=recipe.student.timesteps,
                                student_source=f"student {run} step {step}, {len(recipe.student.timesteps)} step(s)",
                                teacher_steps=teacher_steps, sampler=sampler, seed=seed, batch_size=batch_size,
-                               guidance=recipe.teacher.guidance if guidance is None else guidance)
+                               guidance=recipe.teacher.guidance if guidance is None else guidance, images=images)
     else:
         if teacher_steps < 1:
             raise UserError("--teacher-steps must be at least 1 when sampling a teacher alone")
-        import torch
+        from accelerate import PartialState
 
-        t = _teacher_from(teacher, None, set_).to("cuda" if torch.cuda.is_available() else "cpu")
+        t = _teacher_from(teacher, None, set_).to(PartialState().device)
         sampler = sampler or t.default_sampler
         results = make_samples(out, num, t, teacher_steps=teacher_steps,
                                guidance=1.0 if guidance is None else guidance, sampler=sampler, seed=seed,
-                               batch_size=batch_size)
+                               batch_size=batch_size, images=images)
+    if not results:   # not the main process under accelerate launch
+        return
     for who, (_, rate, steps) in results.items():
         console.print(f"{who}: {num} samples, {steps} step(s), {rate:,.1f} samples/s")
     console.print(f"wrote {out / SAMPLES_FILE} and {out / 'samples.png'}")
 
 
 @app.command()
-def fid(samples: Path = typer.Argument(..., help="samples file or folder from `dmd sample`"),
+def fid(samples: Optional[Path] = typer.Argument(None, help="samples file or folder from `dmd sample`"),
+        from_: Optional[Path] = typer.Option(None, "--from", help="instead: generate the samples on the fly "
+                                                                   "from this run or checkpoint, writing no file"),
+        num: int = typer.Option(50000, help="with --from: how many samples (classes by global index)"),
         ref: str = typer.Option("gmm", help="gmm (exact mixture), imagenet64, a clean-fid name, an .npz, "
                                             "a folder of images or a samples file"),
-        features: str = typer.Option("inception", help="'inception' (clean-fid's) or a TorchScript file"),
+        features: str = typer.Option("inception", help="'inception' (clean-fid's), 'fashion' (our Fashion-MNIST "
+                                                        "classifier) or a TorchScript file"),
         mode: str = typer.Option("clean", help="clean-fid mode: clean or legacy_tensorflow"),
         batch_size: int = typer.Option(64),
         json_out: Optional[Path] = typer.Option(None, "--json", help="also write the report as JSON"),
+        crop: int = typer.Option(0, help="centre-crop and resize samples and reference images to this size "
+                                         "first (COCO-30K protocol: 256); 0: off"),
         seed: int = typer.Option(0, help="seed for drawing exact reference samples (gmm)")):
     """FID (and KID) of samples against a reference; for the gmm teacher, the Frechet
     distance in its own coordinates with mode metrics."""
     from .evaluate import gmm_report, load_samples
     from .io import write_json
 
-    tensors, meta = load_samples(samples)
-    desc = json.loads(meta.get("teacher", "{}"))
+    if (samples is None) == (from_ is None):
+        raise UserError("give a samples file or folder, or --from RUN to generate samples on the fly")
+    if from_ is not None:
+        from .generate import student_tensors
+
+        if num <= 0:
+            raise UserError(f"--num must be positive, got {num}")
+        tensors, desc = student_tensors(from_, num, seed=seed, batch_size=max(batch_size, 1))
+    else:
+        tensors, meta = load_samples(samples)
+        desc = json.loads(meta.get("teacher", "{}"))
     table = Table()
     table.add_column("metric")
     table.add_column("value", justify="right")
@@ -240,8 +260,11 @@ def fid(samples: Path = typer.Argument(..., help="samples file or folder from `d
         if ref == "gmm":
             raise UserError("--ref gmm is for samples of the gmm teacher; give imagenet64, an .npz, a folder "
                             "or a samples file")
-        report = fid_report(tensors, ref, features, mode, batch_size)
-        table.title = f"FID, {report['features']} features, {report['mode']} mode"
+        if crop < 0:
+            raise UserError(f"--crop must be 0 or positive, got {crop}")
+        report = fid_report(tensors, ref, features, mode, batch_size, crop=crop)
+        table.title = (f"FID, {report['features']} features, {report['mode']} mode"
+                       + (f", centre-cropped to {crop}px" if crop else ""))
         table.add_row(f"FID ({report['num_samples']} samples)", f"{report['fid']:.3f}")
         if "kid" in report:
             table.add_row(f"KID ({report['num_samples']} samples)", f"{report['kid']:.5f}")
@@ -257,15 +280,19 @@ def fid(samples: Path = typer.Argument(..., help="samples file or folder from `d
 def fid_ref(source: str = typer.Argument(..., help="folder of images, samples file, or dataset "
                                                      "(fashion-mnist, imagefolder:PATH, a Hub dataset)"),
             out: Path = typer.Option(..., help="statistics file to write (.npz)"),
-            features: str = typer.Option("inception", help="'inception' or a TorchScript file"),
+            features: str = typer.Option("inception", help="'inception', 'fashion' or a TorchScript file"),
             mode: str = typer.Option("clean"), split: str = typer.Option("test", help="dataset split"),
             size: int = typer.Option(0, help="dataset images at this size, as the students make them "
                                                "(fashion-mnist: 32, padded); 0: as stored"),
-            batch_size: int = typer.Option(64)):
+            batch_size: int = typer.Option(64),
+            crop: int = typer.Option(0, help="centre-crop and resize images to this size first "
+                                             "(COCO-30K protocol: 256); 0: off")):
     """Reference statistics (mu, sigma) for `dmd fid --ref FILE`, kept where you say."""
     from .fid import make_reference
 
-    info = make_reference(source, out, features, mode, batch_size, split, size)
+    if crop < 0:
+        raise UserError(f"--crop must be 0 or positive, got {crop}")
+    info = make_reference(source, out, features, mode, batch_size, split, size, crop)
     console.print(f"wrote {out}: {info['count']} images, {info['dim']}-d features ({features}, {mode})")
 
 

@@ -24,7 +24,7 @@ from .errors import UserError
 REFERENCES = {
     "imagenet64": {
         "url": "https://nvlabs-fi-cdn.nvidia.com/edm/fid-refs/imagenet-64x64.npz",
-        "file": "imagenet-64x64.npz", "sha256": None,   # recorded on first download, then checked
+        "file": "imagenet-64x64.npz", "sha256": None,   # none published: recorded on first use, then checked
         "mode": "legacy_tensorflow", "resolution": 64,
         "papers": "EDM ODE 2.32 (teacher), DMD 2.62, DMD2 1.28 (50K, class-conditional)",
     },
@@ -75,9 +75,34 @@ def to_uint8_images(tensors: dict) -> torch.Tensor:
     return img.expand(-1, 3, -1, -1) if img.shape[1] == 1 else img
 
 
+def center_crop_resize(img: np.ndarray, size: int) -> np.ndarray:
+    """The COCO-30K protocol's preprocessing (SPEC section 9): the central square of an
+    H x W x C uint8 image, resized to size x size (PIL bicubic)."""
+    from PIL import Image
+
+    h, w = img.shape[:2]
+    side = min(h, w)
+    top, left = (h - side) // 2, (w - side) // 2
+    square = Image.fromarray(img[top:top + side, left:left + side])
+    return np.asarray(square.resize((size, size), Image.BICUBIC))
+
+
+def _crop_tensor(images: torch.Tensor, size: int) -> torch.Tensor:
+    if not size:
+        return images
+    out = [center_crop_resize(im.permute(1, 2, 0).numpy(), size) for im in images]
+    return torch.from_numpy(np.stack(out)).permute(0, 3, 1, 2).contiguous()
+
+
+# Feature networks shipped with the package, by name.
+SHIPPED_FEATURES = {"fashion": Path(__file__).parent / "assets" / "fashion-classifier.pt"}
+
+
 def feature_model(features: str, mode: str, device: torch.device):
-    """clean-fid's Inception (ours to fetch into the cache, or a local copy of its file), or
-    a TorchScript feature network."""
+    """clean-fid's Inception (ours to fetch into the cache, or a local copy of its file), a
+    shipped feature network by name ("fashion": our Fashion-MNIST classifier, which also
+    classifies), or a TorchScript feature network."""
+    features = str(SHIPPED_FEATURES.get(features, features))
     if mode not in MODES:
         raise UserError(f"unknown FID mode {mode!r}: choose clean or legacy_tensorflow")
     if features == "inception" or Path(features).name == INCEPTION_FILE:
@@ -117,8 +142,9 @@ def image_features(images: torch.Tensor, model, mode: str, device, batch_size: i
                               device=device, verbose=False)[: len(images)]
 
 
-def reference_stats(ref: str, model, mode: str, device, batch_size: int) -> tuple:
-    """(mu, sigma, features or None, description) of a reference."""
+def reference_stats(ref: str, model, mode: str, device, batch_size: int, crop: int = 0) -> tuple:
+    """(mu, sigma, features or None, description) of a reference; crop > 0: images are
+    centre-cropped and resized to crop x crop first (statistics files must say the same)."""
     from .evaluate import load_samples
 
     path = Path(ref)
@@ -129,22 +155,28 @@ def reference_stats(ref: str, model, mode: str, device, batch_size: int) -> tupl
             with np.load(path) as f:
                 mu, sigma = f["mu"], f["sigma"]
                 made_in = str(f["mode"]) if "mode" in f else None
+                made_crop = int(f["crop"]) if "crop" in f else None   # files of other tools do not say
         except (KeyError, ValueError, OSError):
             raise UserError(f"{path} is not a statistics file (an .npz with arrays 'mu' and 'sigma')") from None
         if made_in is not None and made_in != mode:
             raise UserError(f"{path} was made in {made_in} mode, not {mode}; use --mode {made_in} or make "
                             f"new statistics with dmd fid-ref")
+        if made_crop is not None and made_crop != crop:
+            raise UserError(f"{path} was made with --crop {made_crop}, these samples with --crop {crop}; "
+                            f"use the same for both")
         return mu, sigma, None, str(path)
     if path.is_dir() and not (path / "samples.safetensors").is_file():
         from cleanfid.fid import get_folder_features
 
         feats = get_folder_features(str(path), model, num_workers=0, batch_size=batch_size, device=device,
-                                    mode=mode, verbose=False)
+                                    mode=mode, verbose=False,
+                                    custom_image_tranform=(lambda im: center_crop_resize(im, crop)) if crop else None)
         if len(feats) == 0:
             raise UserError(f"no images in {path}")
         return feats.mean(0), np.cov(feats, rowvar=False), feats, f"folder {path} ({len(feats)} images)"
     if path.exists():
-        feats = image_features(to_uint8_images(load_samples(path)[0]), model, mode, device, batch_size)
+        feats = image_features(_crop_tensor(to_uint8_images(load_samples(path)[0]), crop), model, mode, device,
+                               batch_size)
         return feats.mean(0), np.cov(feats, rowvar=False), feats, f"samples {path} ({len(feats)})"
     if ref in CLEANFID_NAMES:
         res, split = CLEANFID_NAMES[ref]
@@ -157,29 +189,41 @@ def reference_stats(ref: str, model, mode: str, device, batch_size: int) -> tupl
 
 
 def _named_reference(name: str) -> Path:
+    """The cached file of a named reference, checked against its sha256: the registry's when
+    known, else the one recorded beside the file when it was first downloaded (no public
+    checksum is published for EDM's statistics)."""
     spec = REFERENCES[name]
     path = download(spec["url"], cache_dir() / "refs" / spec["file"], f"reference statistics {name!r}")
-    if spec["sha256"] and hashlib.sha256(path.read_bytes()).hexdigest() != spec["sha256"]:
-        raise UserError(f"{path} does not match the sha256 of {name!r}; delete it to download again")
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    record = path.with_name(path.name + ".sha256")
+    expected = spec["sha256"] or (record.read_text().strip() if record.is_file() else None)
+    if expected is None:
+        from .io import write_text
+
+        write_text(record, digest + "\n")
+    elif digest != expected:
+        raise UserError(f"{path} does not match the sha256 of {name!r} ({expected[:12]}...); delete it to "
+                        f"download it again")
     return path
 
 
 def fid_report(tensors: dict, ref: str, features: str = "inception", mode: str = "clean",
-               batch_size: int = 64, kid: bool = True) -> dict:
+               batch_size: int = 64, kid: bool = True, crop: int = 0) -> dict:
     from cleanfid.fid import frechet_distance, kernel_distance
 
     if ref in REFERENCES:
         mode = REFERENCES[ref]["mode"]
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = feature_model(features, mode, device)
-    images = to_uint8_images(tensors)
+    images = _crop_tensor(to_uint8_images(tensors), crop)
     feats = image_features(images, model, mode, device, batch_size)
-    mu_r, sigma_r, feats_r, described = reference_stats(ref, model, mode, device, batch_size)
+    mu_r, sigma_r, feats_r, described = reference_stats(ref, model, mode, device, batch_size, crop)
     if mu_r.shape != feats.shape[1:]:
         raise UserError(f"reference {ref} has {mu_r.shape[0]}-d statistics but the features are "
                         f"{feats.shape[1]}-d; use the same --features for both")
     report = {"fid": float(frechet_distance(feats.mean(0), np.cov(feats, rowvar=False), mu_r, sigma_r)),
-              "num_samples": len(feats), "reference": described, "features": features, "mode": mode}
+              "num_samples": len(feats), "reference": described, "features": features, "mode": mode,
+              "crop": crop}
     if kid and feats_r is not None:
         np.random.seed(0)   # clean-fid's KID draws subsets with numpy's global generator
         report["kid"] = float(kernel_distance(feats, feats_r))
@@ -193,7 +237,7 @@ def fid_report(tensors: dict, ref: str, features: str = "inception", mode: str =
 
 
 def make_reference(source: str, out: Path, features: str = "inception", mode: str = "clean",
-                   batch_size: int = 64, split: str = "test", size: int = 0) -> dict:
+                   batch_size: int = 64, split: str = "test", size: int = 0, crop: int = 0) -> dict:
     """mu/sigma of a folder, samples file or dataset (fashion-mnist, imagefolder:PATH, a Hub
     dataset) written as an .npz (under a temporary name, then renamed)."""
     from .datasets import load_images
@@ -202,14 +246,14 @@ def make_reference(source: str, out: Path, features: str = "inception", mode: st
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = feature_model(features, mode, device)
     if Path(source).exists():
-        mu, sigma, feats, described = reference_stats(source, model, mode, device, batch_size)
+        mu, sigma, feats, described = reference_stats(source, model, mode, device, batch_size, crop)
         count = len(feats) if feats is not None else 0
     else:
         images, _, _ = load_images(source, split, size)   # size: the students' (fashion: 32, padded)
-        feats = image_features(((images + 1) * 127.5).round().to(torch.uint8).expand(-1, 3, -1, -1),
-                               model, mode, device, batch_size)
+        uint8 = ((images + 1) * 127.5).round().to(torch.uint8).expand(-1, 3, -1, -1)
+        feats = image_features(_crop_tensor(uint8, crop), model, mode, device, batch_size)
         mu, sigma, count = feats.mean(0), np.cov(feats, rowvar=False), len(feats)
     with atomic_path(Path(out)) as tmp:
         with open(tmp, "wb") as f:
-            np.savez(f, mu=mu, sigma=sigma, count=count, features=features, mode=mode)
+            np.savez(f, mu=mu, sigma=sigma, count=count, features=features, mode=mode, crop=crop)
     return {"count": count, "dim": int(mu.shape[0])}

@@ -2,7 +2,9 @@
 
 The noise of sample i is a pure function of (seed, i) and its condition is assigned by
 global index (class i % classes, prompt i % prompts), so any subset can be regenerated
-and several ranks never repeat one order.
+and several ranks never repeat one order. Under `accelerate launch` each process makes a
+contiguous share of the indices and writes it to its own part file; the main process joins
+the parts in index order, so the files are the same for any number of processes.
 """
 
 from __future__ import annotations
@@ -12,60 +14,156 @@ from pathlib import Path
 
 import torch
 
-from .evaluate import SAMPLES_FILE, save_samples
+from .evaluate import save_samples
 from .pairs import pair_noise
 from .sampling import student_sample, teacher_ode
 
 
-def _batched(fn, num: int, batch_size: int, teacher, seed: int):
+def _batched(fn, indices: range, batch_size: int, teacher, seed: int):
     """fn(noise, cond, idx) over batches; noise and conditions are functions of the index."""
     parts, t0 = [], time.perf_counter()
-    for start in range(0, num, batch_size):
-        idx = range(start, min(start + batch_size, num))
+    for start in range(indices.start, indices.stop, batch_size):
+        idx = range(start, min(start + batch_size, indices.stop))
         labels = teacher.condition_ids(idx)
         z = pair_noise(seed, idx, teacher.sample_shape).to(getattr(teacher, "device", "cpu"))
         cond = teacher.encode_condition(labels.to(z.device) if labels is not None else None)
         parts.append(fn(z, cond, idx).cpu())
-    return torch.cat(parts), num / (time.perf_counter() - t0)
+    empty = torch.empty(0, *teacher.sample_shape)
+    return (torch.cat(parts) if parts else empty), len(indices) / max(time.perf_counter() - t0, 1e-9)
+
+
+def _share(num: int, rank: int, world: int) -> range:
+    """This process's contiguous share of range(num)."""
+    per, extra = divmod(num, world)
+    start = rank * per + min(rank, extra)
+    return range(start, start + per + (rank < extra))
+
+
+def _student(generator, teacher, timesteps, seed: int):
+    """fn(noise, cond, idx) of a student; few-step students re-noise with per-index noise too."""
+    def run(z, c, idx):
+        renoise = [pair_noise(seed + 7919 * (k + 1), idx, teacher.sample_shape) for k in range(len(timesteps) - 1)]
+        return student_sample(generator, teacher.schedule, z, c, list(timesteps), renoise=renoise)
+    return run
+
+
+def _decoded(teacher, x):
+    """Latent teachers: the decoded uint8 images too (for FID); None for pixel teachers."""
+    if not hasattr(teacher, "vae"):
+        return None
+    return ((teacher.to_images(x).float() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
 
 
 def make_samples(out: Path, num: int, teacher, *, generator=None, timesteps=(999,), student_source: str = "",
                  teacher_steps: int = 50, guidance: float = 1.0, sampler: str = "ddim", seed: int = 0,
-                 batch_size: int = 256) -> dict:
+                 batch_size: int = 256, images: str = "none") -> dict:
     """Write samples.safetensors (the student's, or the teacher's when there is no student),
-    teacher.safetensors beside a student's when teacher_steps > 0, and samples.png.
-    Returns {who: (samples, samples per second, steps)}."""
-    results = {}
-    if generator is not None:
-        def student(z, c, idx):   # few-step students re-noise with per-index noise too
-            renoise = [pair_noise(seed + 7919 * (k + 1), idx, teacher.sample_shape) for k in range(len(timesteps) - 1)]
-            return student_sample(generator, teacher.schedule, z, c, list(timesteps), renoise=renoise)
+    teacher.safetensors beside a student's when teacher_steps > 0, and samples.png; with
+    images="png" also one PNG per sample (images/, teacher-images/), with "npz" the uint8
+    images as samples.npz / teacher.npz (arr_0: N x H x W x C, as ADM's and EDM's FID tools read).
+    Returns {who: (samples, samples per second of all processes, steps)} on the main process."""
+    from accelerate import PartialState
 
-        x, rate = _batched(student, num, batch_size, teacher, seed)
-        results["student"] = (x, rate, len(timesteps))
+    state = PartialState()
+    mine = _share(num, state.process_index, state.num_processes)
+    results = {}   # each process decodes its own share
+    if generator is not None:
+        x, rate = _batched(_student(generator, teacher, timesteps, seed), mine, batch_size, teacher, seed)
+        results["student"] = (x, rate, len(timesteps), _decoded(teacher, x))
     if teacher_steps:
         x, rate = _batched(lambda z, c, idx: teacher_ode(teacher, z, c, teacher_steps, guidance, sampler),
-                           num, batch_size, teacher, seed)
-        results["teacher"] = (x, rate, teacher_steps)
-    labels = teacher.condition_ids(range(num))
+                           mine, batch_size, teacher, seed)
+        results["teacher"] = (x, rate, teacher_steps, _decoded(teacher, x))
     out.mkdir(parents=True, exist_ok=True)
-
-    def decoded(x):   # latent teachers: keep the images too, for FID
-        if not hasattr(teacher, "vae"):
-            return None
-        return ((teacher.to_images(x).float() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
-
+    names = {who: ("samples" if who == "student" or "student" not in results else "teacher") for who in results}
+    if images == "png":   # each process writes its own share: disjoint files
+        for who, (x, _, _, img) in results.items():
+            _write_pngs(out / ("images" if names[who] == "samples" else "teacher-images"), x, img, mine)
+    if state.num_processes > 1:
+        results = _join_ranks(out, results, state)
+        if not state.is_main_process:
+            return {}
+    labels = teacher.condition_ids(range(num))
     teacher_source = f"teacher {sampler} {teacher_steps} steps, guidance {guidance}"
-    if "student" in results:
-        save_samples(out / SAMPLES_FILE, results["student"][0], labels, teacher.describe(), student_source,
-                     decoded(results["student"][0]))
-        if "teacher" in results:
-            save_samples(out / "teacher.safetensors", results["teacher"][0], labels, teacher.describe(),
-                         teacher_source, decoded(results["teacher"][0]))
-    else:
-        save_samples(out / SAMPLES_FILE, results["teacher"][0], labels, teacher.describe(), teacher_source,
-                     decoded(results["teacher"][0]))
+    sources = {"student": student_source, "teacher": teacher_source}
+    for who, (x, _, _, img) in results.items():
+        save_samples(out / f"{names[who]}.safetensors", x, labels, teacher.describe(), sources[who], img)
+        if images == "npz":
+            _write_npz(out / f"{names[who]}.npz", x, img, labels)
     main = results.get("student", results.get("teacher"))[0]
     other = results["teacher"][0] if "student" in results and "teacher" in results else None
     teacher.save_preview(main, other, labels, out / "samples.png", title=student_source or teacher_source)
-    return results
+    return {who: r[:3] for who, r in results.items()}
+
+
+def _uint8(x, img) -> torch.Tensor:
+    from .fid import to_uint8_images
+
+    return to_uint8_images({"x": x, **({"image": img} if img is not None else {})})
+
+
+def _write_pngs(folder: Path, x, img, indices: range) -> None:
+    from PIL import Image
+
+    from .io import atomic_path
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, pixels in zip(indices, _uint8(x, img).permute(0, 2, 3, 1).numpy()):
+        with atomic_path(folder / f"{i:06d}.png") as tmp:
+            Image.fromarray(pixels).save(tmp, format="PNG")
+
+
+def _write_npz(path: Path, x, img, labels) -> None:
+    import numpy as np
+
+    from .io import atomic_path
+
+    arrays = {"arr_0": _uint8(x, img).permute(0, 2, 3, 1).numpy()}
+    if labels is not None:
+        arrays["label"] = labels.numpy()
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        np.savez(f, **arrays)
+
+
+def student_tensors(run, num: int, seed: int = 0, batch_size: int = 256) -> tuple[dict, dict]:
+    """(tensors as a samples file holds them, teacher description) of a run's student, made in
+    memory: the same samples `dmd sample RUN --num N --seed S` would write."""
+    from .runs import load_student
+
+    recipe, teacher, generator, _ = load_student(run)
+    x, _ = _batched(_student(generator, teacher, recipe.student.timesteps, seed), range(num), batch_size, teacher, seed)
+    tensors = {"x": x}
+    images = _decoded(teacher, x)
+    if images is not None:
+        tensors["image"] = images
+    labels = teacher.condition_ids(range(num))
+    if labels is not None:
+        tensors["label"] = labels
+    return tensors, teacher.describe()
+
+
+def _join_ranks(out: Path, results: dict, state) -> dict:
+    """Every process writes its share to a part file; the main process reads them back in
+    rank order (contiguous shares: index order) and removes them."""
+    from safetensors.torch import load_file, save_file
+
+    from .io import atomic_path
+
+    for who, (x, rate, steps, images) in results.items():
+        part = {"x": x.contiguous(), "rate": torch.tensor([rate], dtype=torch.float64)}
+        if images is not None:
+            part["image"] = images.contiguous()
+        with atomic_path(out / f".{who}.part-{state.process_index}.safetensors") as tmp:
+            save_file(part, str(tmp))
+    state.wait_for_everyone()
+    joined = {}
+    if state.is_main_process:
+        for who, (_, _, steps, images) in results.items():
+            files = [out / f".{who}.part-{r}.safetensors" for r in range(state.num_processes)]
+            parts = [load_file(str(f)) for f in files]
+            joined[who] = (torch.cat([p["x"] for p in parts]), float(sum(p["rate"].item() for p in parts)), steps,
+                           torch.cat([p["image"] for p in parts]) if images is not None else None)
+            for f in files:
+                f.unlink()
+    state.wait_for_everyone()
+    return joined

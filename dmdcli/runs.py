@@ -34,9 +34,10 @@ def resolve(path: str | Path) -> tuple[Path, Path]:
 def load_student(path: str | Path, device=None, ema: bool = True):
     """(recipe, teacher, generator in eval mode, step) of a run or checkpoint; the generator's
     EMA weights when the run kept them (train.ema_decay > 0) unless ema is False."""
-    import torch
+    if device is None:   # this process's device (one GPU per process under accelerate launch)
+        from accelerate import PartialState
 
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        device = PartialState().device
     run_dir, ckpt = resolve(path)
     recipe = from_dict(tomllib.loads((run_dir / "recipe.toml").read_text()))
     teacher = build_teacher(recipe.teacher).to(device)

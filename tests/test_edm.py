@@ -202,9 +202,27 @@ dataset = "imagefolder:{tmp_path / 'images'}"
                      "--set", "gan.critic_weight=0", "--set", "train.steps=2")
     assert result.returncode == 0, result.stderr
     assert "loss_reg" in (tmp_path / "run-v1" / "metrics.jsonl").read_text()
-    result = run_dmd("sample", tmp_path / "run", "--num", 20, "--teacher-steps", 2, "--out", tmp_path / "samples")
+    result = run_dmd("sample", tmp_path / "run", "--num", 20, "--teacher-steps", 2, "--out", tmp_path / "samples",
+                     "--images", "png")
     assert result.returncode == 0, result.stderr
     assert (tmp_path / "samples" / "samples.safetensors").is_file() and (tmp_path / "samples" / "samples.png").is_file()
+    pngs = sorted((tmp_path / "samples" / "images").iterdir())
+    assert [p.name for p in pngs] == [f"{i:06d}.png" for i in range(20)]
+    assert len(list((tmp_path / "samples" / "teacher-images").iterdir())) == 20
+    result = run_dmd("sample", tmp_path / "run", "--num", 5, "--teacher-steps", 0, "--out", tmp_path / "npz",
+                     "--images", "npz")
+    assert result.returncode == 0, result.stderr
+    import numpy as np
+    from PIL import Image
+    from safetensors.torch import load_file
+
+    with np.load(tmp_path / "npz" / "samples.npz") as f:
+        arr, labels = f["arr_0"], f["label"]
+    x = load_file(str(tmp_path / "npz" / "samples.safetensors"))["x"]
+    expected = ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    assert arr.dtype == np.uint8 and arr.shape == (5, 16, 16, 3) and (arr == expected).all()
+    assert labels.tolist() == [0, 1, 2, 3, 4]
+    assert (np.asarray(Image.open(pngs[0])) == load_png_expected(tmp_path)).all()
     features = tmp_path / "features.pt"
     torch.manual_seed(0)
     torch.jit.script(torch.nn.Sequential(torch.nn.AdaptiveAvgPool2d(2), torch.nn.Flatten(),
@@ -219,6 +237,14 @@ dataset = "imagefolder:{tmp_path / 'images'}"
     assert result.returncode == 0, result.stderr
     report = json.loads((tmp_path / "fid.json").read_text())
     assert report["mode"] == "legacy_tensorflow" and math.isfinite(report["fid"]) and report["fid"] > 0
+
+
+def load_png_expected(tmp_path):
+    """Image 0 of the 20-sample run, as the PNG should hold it."""
+    from safetensors.torch import load_file
+
+    x = load_file(str(tmp_path / "samples" / "samples.safetensors"))["x"][0]
+    return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 0).numpy()
 
 
 def test_guidance_is_refused_for_edm_teachers(tmp_path):

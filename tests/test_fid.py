@@ -124,3 +124,34 @@ def test_bad_mode_and_offline_inception_are_one_line(tmp_path, monkeypatch, caps
     err = capsys.readouterr().err
     assert "the Inception network for FID is not available offline; download https://" in err
     assert str(tmp_path / "cache" / "inception" / "inception-2015-12-05.pt") in err
+
+
+def test_center_crop_resize_takes_the_central_square():
+    from dmdcli.fid import center_crop_resize
+
+    img = np.arange(4 * 6 * 3, dtype=np.uint8).reshape(4, 6, 3)
+    assert (center_crop_resize(img, 4) == img[:, 1:5]).all()          # same size: the crop alone
+    assert center_crop_resize(img, 2).shape == (2, 2, 3)
+
+
+def test_crop_applies_to_samples_and_references_alike(tmp_path, features, capsys):
+    """--crop (the COCO-30K protocol): a samples file against a folder of the same images is
+    about 0, and a statistics file made with another crop is refused in one line."""
+    images = image_set(3)
+    sa = as_samples(tmp_path / "a.safetensors", images)
+    folder = as_folder(tmp_path / "imgs", images)
+    assert main(["fid", str(sa), "--ref", str(folder), "--features", str(features), "--crop", "8",
+                 "--json", str(tmp_path / "r.json")]) == 0
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert abs(report["fid"]) < 1e-3 and report["crop"] == 8
+    assert main(["fid", str(sa), "--ref", str(folder), "--features", str(features),
+                 "--json", str(tmp_path / "r0.json")]) == 0
+    assert json.loads((tmp_path / "r0.json").read_text())["crop"] == 0
+    assert main(["fid-ref", str(folder), "--out", str(tmp_path / "c.npz"), "--features", str(features),
+                 "--crop", "8"]) == 0
+    capsys.readouterr()
+    assert main(["fid", str(sa), "--ref", str(tmp_path / "c.npz"), "--features", str(features)]) == 2
+    assert "c.npz was made with --crop 8, these samples with --crop 0; use the same for both" in capsys.readouterr().err
+    assert main(["fid", str(sa), "--ref", str(tmp_path / "c.npz"), "--features", str(features), "--crop", "8",
+                 "--json", str(tmp_path / "c.json")]) == 0
+    assert abs(json.loads((tmp_path / "c.json").read_text())["fid"]) < 1e-3

@@ -40,6 +40,12 @@ def test_sample_then_fid(tmp_path, tiny_recipe, capsys):
     assert main(["fid", str(out), "--ref", str(out / "teacher.safetensors"), "--json", str(tmp_path / "s.json")]) == 0
     assert json.loads((tmp_path / "s.json").read_text())["frechet_distance"] > 1.0
     assert "Frechet distance (GMM coords)" in capsys.readouterr().out
+    # --from: the same samples made in memory give the same report, and no file is written.
+    before = sorted(p for p in tmp_path.rglob("*"))
+    assert main(["fid", str(out), "--json", str(tmp_path / "file.json")]) == 0
+    assert main(["fid", "--from", str(run_dir), "--num", "500", "--json", str(tmp_path / "fly.json")]) == 0
+    assert sorted(p for p in tmp_path.rglob("*")) == sorted([*before, tmp_path / "file.json", tmp_path / "fly.json"])
+    assert json.loads((tmp_path / "fly.json").read_text()) == json.loads((tmp_path / "file.json").read_text())
 
 
 def test_python_dash_m_and_console_script_agree():
