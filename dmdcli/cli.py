@@ -260,8 +260,6 @@ def fid(samples: Optional[Path] = typer.Argument(None, help="samples file or fol
         if ref == "gmm":
             raise UserError("--ref gmm is for samples of the gmm teacher; give imagenet64, an .npz, a folder "
                             "or a samples file")
-        if crop < 0:
-            raise UserError(f"--crop must be 0 or positive, got {crop}")
         report = fid_report(tensors, ref, features, mode, batch_size, crop=crop)
         table.title = (f"FID, {report['features']} features, {report['mode']} mode"
                        + (f", centre-cropped to {crop}px" if crop else ""))
@@ -290,8 +288,6 @@ def fid_ref(source: str = typer.Argument(..., help="folder of images, samples fi
     """Reference statistics (mu, sigma) for `dmd fid --ref FILE`, kept where you say."""
     from .fid import make_reference
 
-    if crop < 0:
-        raise UserError(f"--crop must be 0 or positive, got {crop}")
     info = make_reference(source, out, features, mode, batch_size, split, size, crop)
     console.print(f"wrote {out}: {info['count']} images, {info['dim']}-d features ({features}, {mode})")
 

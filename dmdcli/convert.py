@@ -28,11 +28,13 @@ module_src; only tensors and plain values are kept either way.
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 import os
 import pickle
 import shutil
+import types
 from collections import OrderedDict
 from pathlib import Path
 
@@ -66,7 +68,13 @@ class EasyDict(dict):
 
 
 def _storage_from_bytes(b: bytes):
-    return torch.load(io.BytesIO(b), weights_only=True)
+    """A storage saved inside the pickle (a legacy torch.save), read with torch's own
+    weights-only unpickler (which needs torch >= 2.6: CVE-2025-32434)."""
+    try:
+        return torch.load(io.BytesIO(b), weights_only=True)
+    except Exception as e:   # torch's message is many lines and suggests weights_only=False
+        raise UserError(f"a tensor storage in the pickle is not plain tensor data ({type(e).__name__}); "
+                        f"refused") from None
 
 
 def _allowed(module: str, name: str):
@@ -108,6 +116,16 @@ class RestrictedUnpickler(pickle.Unpickler):
         self.path, self.trust = path, trust
 
     def find_class(self, module: str, name: str):
+        found = self._find(module, name)
+        # A fresh class or wrapper per lookup: a BUILD opcode aimed at what we return can then
+        # alter nothing that outlives this load (our classes, torch's functions).
+        if isinstance(found, type) and issubclass(found, (Persistent, Node, EasyDict)):
+            return type(found.__name__, (found,), {})
+        if isinstance(found, types.FunctionType) or isinstance(found, types.BuiltinFunctionType):
+            return functools.partial(found)
+        return found
+
+    def _find(self, module: str, name: str):
         import _compat_pickle   # Python 2 names (protocols < 3), mapped as pickle itself does
 
         module, name = _compat_pickle.NAME_MAPPING.get((module, name), (module, name))
@@ -187,9 +205,13 @@ def convert_edm(src: Path, out: Path, trust: bool = False) -> dict:
         raise UserError(f"{out} exists and is not empty; choose a new --out folder")
     data = read_pickle(src, trust)
     net = data.get("ema") if isinstance(data, dict) else data
-    config = edm_config(net, src)
+    try:
+        config = edm_config(net, src)
+        state = tensors_of(net)
+    except (KeyError, TypeError, AttributeError, ValueError) as e:   # records without what EDM writes
+        raise UserError(f"{src} does not hold an EDM network in the layout EDM writes ({type(e).__name__}: "
+                        f"{e}); convert-teacher reads EDM's own snapshots") from None
     config["source"] = {"file": src.name, "sha256": sha256(src)}
-    state = tensors_of(net)
     model = build_network(config, state)   # proves the weights fit, names and shapes
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)

@@ -20,13 +20,7 @@ from .errors import UserError
 from .losses import classifier_free_guidance
 from .networks import UNetDenoiser
 from .schedules import VPSchedule
-from .teacher import Teacher
-
-
-def _dtype(name: str) -> torch.dtype:
-    if name == "auto":
-        return torch.bfloat16 if torch.cuda.is_available() else torch.float32
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+from .teacher import Teacher, resolve_dtype
 
 
 class UNetTeacher(Teacher):
@@ -87,16 +81,9 @@ class UNetTeacher(Teacher):
         return x
 
     def save_preview(self, student, teacher, labels, path: Path, title: str = "") -> None:
-        from .plots import image_grid
+        from .plots import class_grid
 
-        # Conditions go by global index (i % classes), so with one column per class each
-        # column of the grid is one class; the teacher's block (same noise) sits below.
-        nrow = min(self.num_classes or 8, len(student))
-        n = max(nrow, min(len(student), 100) // nrow * nrow)
-        blocks = [self.to_images(student[:n])]
-        if teacher is not None:
-            blocks.append(self.to_images(teacher[:n]))
-        image_grid(torch.cat(blocks), path, nrow=nrow)
+        class_grid(student, teacher, self.num_classes, self.to_images, path)
 
 
 class SDTeacher(UNetTeacher):
@@ -111,7 +98,7 @@ class SDTeacher(UNetTeacher):
 
         self.cfg = cfg
         self.model = hub.resolve(cfg.model)
-        dtype = _dtype(cfg.dtype)
+        dtype = resolve_dtype(cfg.dtype)
         unet = hub.load(UNet2DConditionModel, cfg.model, "unet", cfg.revision)
         if unet.config.addition_embed_type is not None:
             raise UserError(f"{cfg.model} looks like SDXL (its UNet needs added conditions); the sd teacher "
@@ -223,7 +210,7 @@ class UNet2DTeacher(UNetTeacher):
         embeds = unet.config.num_class_embeds
         self.num_classes = (embeds - 1) if embeds else None
         self.conditional = bool(embeds)
-        self._setup(unet, scheduler_config, _dtype(cfg.dtype), null_class=self.num_classes)
+        self._setup(unet, scheduler_config, resolve_dtype(cfg.dtype), null_class=self.num_classes)
         size = unet.config.sample_size
         size = (size, size) if isinstance(size, int) else tuple(size)
         self.sample_shape = (unet.config.in_channels, *size)

@@ -37,28 +37,30 @@ def passes_per_iteration(r: Recipe, conditional: bool) -> list[str]:
 
 
 def report(r: Recipe) -> str:
-    """Parameter counts, weight and optimiser memory per process, passes per iteration."""
+    """Parameter counts, weight and optimiser memory per process, passes per iteration. The
+    teacher is loaded once; the generator and critic are counted from it, not copied."""
     from .errors import UserError
-    from .networks import CriticWithHead
+    from .networks import GANHead, bottleneck
     from .teacher import build_teacher
 
     try:
         teacher = build_teacher(r.teacher)
-    except UserError as e:   # the recipe still printed; say why there are no figures
-        return f"# dry run: no estimate, the teacher cannot be loaded: {e}\n"
-    generator, critic = teacher.make_generator(), teacher.make_critic()
-    if r.gan.generator_weight > 0 or r.gan.critic_weight > 0:
-        critic = CriticWithHead(critic)
+    except (UserError, OSError, ValueError, KeyError) as e:   # the recipe still printed; say why no figures
+        return f"# dry run: no estimate, the teacher cannot be loaded: {str(e).splitlines()[0] if str(e) else e!r}\n"
     real = getattr(teacher, "real", None)
+    shape = real if real is not None else teacher.make_generator()   # the exact teacher has no network
+    n_net = _params(shape)
+    gan = r.gan.generator_weight > 0 or r.gan.critic_weight > 0
+    n_head = _params(GANHead(*bottleneck(shape)[1:])) if gan else 0
     extras = {name: getattr(teacher, name, None) for name in ("vae", "text_encoder")}
     # fp32 weights + fp32 gradients + AdamW's two moments: 16 bytes per trainable parameter.
-    trainable = 16 * (_params(generator) + _params(critic))
+    trainable = 16 * (2 * n_net + n_head)
     frozen = _bytes(real) + sum(_bytes(m) for m in extras.values())
-    ema = 4 * _params(generator) if r.train.ema_decay > 0 else 0
+    ema = 4 * n_net if r.train.ema_decay > 0 else 0
     lines = ["# dry run: nothing was trained",
-             f"# parameters: generator {_params(generator):,}, critic {_params(critic):,}"
-             + (" (GAN head included)" if isinstance(critic, CriticWithHead) else "")
-             + (f", real score {_params(real):,} (frozen)" if real is not None else ", real score exact (no network)")
+             f"# parameters: generator {n_net:,}, critic {n_net + n_head:,}"
+             + (" (GAN head included)" if gan else "")
+             + (f", real score {n_net:,} (frozen)" if real is not None else ", real score exact (no network)")
              + "".join(f", {n} {_params(m):,} (frozen)" for n, m in extras.items() if m is not None),
              f"# memory per process for weights, gradients and AdamW state: {(trainable + frozen + ema) / GiB:.2f} GiB"
              f" (trainable 16 bytes a parameter{', EMA 4' if ema else ''}; frozen in their dtype);"

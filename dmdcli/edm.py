@@ -20,7 +20,7 @@ from torch import nn
 
 from .errors import UserError
 from .schedules import EDMSchedule
-from .teacher import Teacher
+from .teacher import Teacher, resolve_dtype
 
 FORMAT = "dmd-edm/1"
 ADM_IMAGENET64 = dict(model_channels=192, channel_mult=[1, 2, 3, 4], channel_mult_emb=4, num_blocks=3,
@@ -231,10 +231,20 @@ def load_edm_folder(folder: Path) -> tuple[dict, dict]:
     if not cfg_file.is_file() or not weights.is_file():
         raise UserError(f"{folder} is not an EDM teacher folder (config.json and model.safetensors); make one "
                         f"with `dmd convert-teacher edm-imagenet-64x64-cond-adm.pkl --out {folder}`")
-    config = json.loads(cfg_file.read_text())
-    if config.get("format") != FORMAT:
-        raise UserError(f"{cfg_file} has format {config.get('format')!r}, expected {FORMAT!r}")
-    return config, load_file(str(weights))
+    try:
+        config = json.loads(cfg_file.read_text())
+        fmt = config.get("format")
+    except (ValueError, AttributeError) as e:
+        raise UserError(f"{cfg_file} is not a teacher config ({e}); convert the teacher again") from None
+    if fmt != FORMAT:
+        raise UserError(f"{cfg_file} has format {fmt!r}, expected {FORMAT!r}")
+    missing = [k for k in ("img_resolution", "img_channels", "label_dim", "model") if k not in config]
+    if missing:
+        raise UserError(f"{cfg_file} lacks {', '.join(missing)}; convert the teacher again")
+    try:
+        return config, load_file(str(weights))
+    except Exception as e:   # safetensors raises its own error types
+        raise UserError(f"{weights} is not readable safetensors ({e}); convert the teacher again") from None
 
 
 def build_network(config: dict, state: dict | None = None) -> ADMUNet:
@@ -274,8 +284,7 @@ class EDMTeacher(Teacher):
         net = build_network(c, state)
         self._trainable = net
         self.real = EDMDenoiser(copy.deepcopy(net), c["label_dim"], self.schedule.sigmas).eval().requires_grad_(False)
-        self.dtype = torch.bfloat16 if cfg.dtype == "bfloat16" or (cfg.dtype == "auto" and torch.cuda.is_available()) \
-            else torch.float32
+        self.dtype = resolve_dtype(cfg.dtype)
         self.device = torch.device("cpu")
 
     def _copy(self) -> EDMDenoiser:
@@ -316,9 +325,6 @@ class EDMTeacher(Teacher):
                 "sample_shape": list(self.sample_shape)}
 
     def save_preview(self, student, teacher, labels, path: Path, title: str = "") -> None:
-        from .plots import image_grid
+        from .plots import class_grid
 
-        nrow = 10
-        n = max(nrow, min(len(student), 100) // nrow * nrow)
-        blocks = [student[:n]] + ([teacher[:n]] if teacher is not None else [])
-        image_grid(torch.cat(blocks), path, nrow=nrow)
+        class_grid(student, teacher, min(self.num_classes or 10, 10), self.to_images, path)

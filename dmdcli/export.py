@@ -77,7 +77,7 @@ def export(run: str | Path, out: Path, fid: str = "not measured") -> Path:
     known = inspect.signature(LCMScheduler.__init__).parameters
     config = {k: v for k, v in teacher.scheduler_config.items() if k in known}
     scheduler = LCMScheduler.from_config({**config, "timestep_spacing": "trailing", "clip_sample": False,
-                                          "thresholding": False})
+                                          "thresholding": False, "prediction_type": generator.prediction_type})
     ts = list(recipe.student.timesteps)
     unet = generator.unet.float()
     if teacher.name == "sd":

@@ -87,7 +87,13 @@ def center_crop_resize(img: np.ndarray, size: int) -> np.ndarray:
     return np.asarray(square.resize((size, size), Image.BICUBIC))
 
 
+def _check_crop(size: int) -> None:
+    if size < 0:
+        raise UserError(f"--crop must be 0 (off) or a size in pixels, got {size}")
+
+
 def _crop_tensor(images: torch.Tensor, size: int) -> torch.Tensor:
+    _check_crop(size)
     if not size:
         return images
     out = [center_crop_resize(im.permute(1, 2, 0).numpy(), size) for im in images]
@@ -147,6 +153,7 @@ def reference_stats(ref: str, model, mode: str, device, batch_size: int, crop: i
     centre-cropped and resized to crop x crop first (statistics files must say the same)."""
     from .evaluate import load_samples
 
+    _check_crop(crop)
     path = Path(ref)
     if ref in REFERENCES:
         path = _named_reference(ref)
@@ -190,20 +197,23 @@ def reference_stats(ref: str, model, mode: str, device, batch_size: int, crop: i
 
 def _named_reference(name: str) -> Path:
     """The cached file of a named reference, checked against its sha256: the registry's when
-    known, else the one recorded beside the file when it was first downloaded (no public
-    checksum is published for EDM's statistics)."""
+    known, else the one recorded when we downloaded it (no checksum is published for EDM's
+    statistics; a file put in the cache by hand has no record until it is checked once)."""
     spec = REFERENCES[name]
-    path = download(spec["url"], cache_dir() / "refs" / spec["file"], f"reference statistics {name!r}")
+    path = cache_dir() / "refs" / spec["file"]
+    fetched = not path.is_file()
+    download(spec["url"], path, f"reference statistics {name!r}")
     digest = hashlib.sha256(path.read_bytes()).hexdigest()
     record = path.with_name(path.name + ".sha256")
-    expected = spec["sha256"] or (record.read_text().strip() if record.is_file() else None)
-    if expected is None:
+    if fetched and not spec["sha256"]:
         from .io import write_text
 
         write_text(record, digest + "\n")
-    elif digest != expected:
-        raise UserError(f"{path} does not match the sha256 of {name!r} ({expected[:12]}...); delete it to "
-                        f"download it again")
+    expected = spec["sha256"] or (record.read_text().strip() if record.is_file() else None)
+    if expected is not None and digest != expected:
+        raise UserError(f"{path} does not match the sha256 of {name!r} ({expected[:12]}..., recorded in "
+                        f"{record.name if not spec['sha256'] else 'the registry'}); delete {path.name}"
+                        f"{' and ' + record.name if not spec['sha256'] else ''} to download it again")
     return path
 
 

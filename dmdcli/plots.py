@@ -47,3 +47,13 @@ def image_grid(images: torch.Tensor, path: Path, nrow: int = 8) -> None:
     image = Image.fromarray(arr[:, :, 0] if arr.shape[2] == 1 else arr)
     with atomic_path(Path(path)) as tmp:
         image.save(tmp, format="PNG")
+
+
+def class_grid(student: torch.Tensor, teacher: torch.Tensor | None, num_classes: int | None, to_images,
+               path: Path) -> None:
+    """Up to 100 samples, one column per class (conditions go by global index, i % classes),
+    with the teacher's block for the same noise below the student's; PNG."""
+    nrow = min(num_classes or 8, len(student))
+    n = max(nrow, min(len(student), 100) // nrow * nrow)
+    blocks = [to_images(student[:n])] + ([to_images(teacher[:n])] if teacher is not None else [])
+    image_grid(torch.cat(blocks), path, nrow=nrow)

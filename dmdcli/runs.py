@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 from . import checkpoint
 from .errors import UserError
 from .recipe import from_dict
-from .teacher import build_teacher
+from .teacher import build_teacher, make_student
 
 
 def resolve(path: str | Path) -> tuple[Path, Path]:
@@ -41,7 +41,7 @@ def load_student(path: str | Path, device=None, ema: bool = True):
     run_dir, ckpt = resolve(path)
     recipe = from_dict(tomllib.loads((run_dir / "recipe.toml").read_text()))
     teacher = build_teacher(recipe.teacher).to(device)
-    generator = teacher.make_generator()
+    generator = make_student(teacher, recipe.student)
     weights = ckpt / "generator_ema.safetensors"
     if not (ema and weights.is_file()):
         weights = ckpt / "generator.safetensors"

@@ -66,6 +66,26 @@ class Teacher(ABC):
         """Write a picture of samples (PNG) for people to look at."""
 
 
+def resolve_dtype(name: str) -> torch.dtype:
+    """A recipe's dtype name; "auto" is bf16 on CUDA (the authors' choice), else fp32."""
+    if name == "auto":
+        return torch.bfloat16 if torch.cuda.is_available() else torch.float32
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+def make_student(teacher: Teacher, student_cfg) -> nn.Module:
+    """The generator, its output read as student.prediction_type (the teacher's by default)."""
+    generator = teacher.make_generator()
+    if teacher.family == "edm" and student_cfg.prediction_type not in ("teacher", "sample"):
+        from .errors import UserError
+
+        raise UserError(f"student.prediction_type = {student_cfg.prediction_type!r}: EDM networks output x0 "
+                        f"through their preconditioning; use 'teacher' (or 'sample')")
+    if student_cfg.prediction_type != "teacher":
+        generator.prediction_type = student_cfg.prediction_type
+    return generator
+
+
 def build_teacher(cfg) -> Teacher:
     """Construct the teacher named by a recipe's [teacher] section."""
     if cfg.name == "gmm":

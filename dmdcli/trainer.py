@@ -29,7 +29,7 @@ from .pairs import PairSet
 from .recipe import Recipe, from_dict, to_dict, to_toml
 from .sampling import generator_x0, student_sample
 from .stopping import StopRequest, Stopped
-from .teacher import build_teacher
+from .teacher import build_teacher, make_student
 
 # Keys that may change between a run and its resumption (they do not change the result).
 RESUMABLE_CHANGES = {("train", "steps"), ("run", "checkpoint_every"), ("run", "keep_checkpoints"),
@@ -68,7 +68,7 @@ class DMDTrainer:
         self.schedule = self.teacher.schedule
         self.pairs = PairSet(r.regression.pairs, self.teacher) if r.train.method == "dmd" else None
         torch.manual_seed(r.run.seed)  # network initialisation
-        generator, critic = self.teacher.make_generator(), self.teacher.make_critic()
+        generator, critic = make_student(self.teacher, r.student), self.teacher.make_critic()
         if r.train.gradient_checkpointing:
             for net in (generator, critic):
                 if not enable_gradient_checkpointing(net):
@@ -265,7 +265,9 @@ class DMDTrainer:
                 "opt_g": self.opt_g.state_dict(), "opt_c": self.opt_c.state_dict(),
                 "sched_g": self.sched_g.state_dict(), "sched_c": self.sched_c.state_dict(),
                 "scaler": acc.scaler.state_dict() if acc.scaler is not None else None,
-                "ema": self.ema.state_dict() if self.ema is not None else None})
+                # The EMA's weights are generator_ema.safetensors; only its counters go here.
+                "ema": {k: v for k, v in self.ema.state_dict().items() if k != "shadow_params"}
+                if self.ema is not None else None})
             final = checkpoint.commit(tmp, self.step, r.run.keep_checkpoints)
         acc.wait_for_everyone()
         return final
@@ -280,7 +282,10 @@ class DMDTrainer:
         self.sched_g.load_state_dict(state["sched_g"])
         self.sched_c.load_state_dict(state["sched_c"])
         if self.ema is not None:
-            self.ema.load_state_dict(state["ema"])
+            weights = load_file(str(ckpt / "generator_ema.safetensors"))
+            names = [name for name, _ in acc.unwrap_model(self.generator).named_parameters()]
+            self.ema.load_state_dict({**state["ema"], "shadow_params": [weights[n] for n in names]})
+            self.ema.to(acc.device)   # EMAModel keeps what it was given (here: CPU tensors)
         if state["scaler"] is not None and acc.scaler is not None:
             acc.scaler.load_state_dict(state["scaler"])
         self.step = state["step"]
@@ -341,8 +346,10 @@ def distill(recipe: Recipe, progress_factory=None, console=None) -> Path:
             console.print(f"{run_dir} is already complete at step {trainer.step}")
         return run_dir
     if recipe.run.log_with != "none":   # TensorBoard: runs/NAME/logs/; wandb: project "dmd", run NAME
+        # purge_step: a resumed run drops the events logged past its checkpoint, as metrics.jsonl does.
         acc.init_trackers("logs" if recipe.run.log_with == "tensorboard" else "dmd", config=_flat(recipe),
-                          init_kwargs={"wandb": {"name": run_dir.name}})
+                          init_kwargs={"wandb": {"name": run_dir.name},
+                                       "tensorboard": {"purge_step": trainer.step} if trainer.step else {}})
     sums: dict[str, float] = {}
     counts: dict[str, int] = {}
     t0 = time.time()

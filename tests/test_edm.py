@@ -76,14 +76,16 @@ def test_generator_input_is_noise_times_80_at_sigma_80():
 
 
 def _convert(tmp_path, **kwargs):
+    """Write a tiny EDM-format pickle and convert it with the CLI: (network, marker, result)."""
     marker = tmp_path / "code-ran"
     net = write_edm_pickle(tmp_path / "edm.pkl", marker, **kwargs)
     result = run_dmd("convert-teacher", tmp_path / "edm.pkl", "--out", tmp_path / "teacher")
     return net, marker, result
 
 
-def test_convert_reproduces_the_network_exactly_without_running_its_code(tmp_path):
-    net, marker, result = _convert(tmp_path)
+@pytest.mark.parametrize("protocol", [2, 4])   # Python 2 names and _codecs bytes; the default protocol
+def test_convert_reproduces_the_network_exactly_without_running_its_code(tmp_path, protocol):
+    net, marker, result = _convert(tmp_path, protocol=protocol)
     assert result.returncode == 0, result.stderr
     assert not marker.exists(), "the module source stored in the pickle was executed"
     config, state = load_edm_folder(tmp_path / "teacher")
@@ -281,3 +283,36 @@ def test_adm_gradient_checkpointing_recomputes_blocks_with_the_same_gradients():
     assert (n_plain, n_ckpt) == (1, 2)
     for a, b in zip(plain, ckpt):
         torch.testing.assert_close(a, b)
+
+
+def test_trainer_feeds_the_generator_noise_times_80(tmp_path):
+    """In training (not only in sampling), the EDM generator's input is z * 80 at sigma 80,
+    and the regression pairs' noise is scaled the same way."""
+    from dmdcli.recipe import load_recipe
+    from dmdcli.trainer import DMDTrainer
+
+    _, _, result = _convert(tmp_path)
+    assert result.returncode == 0, result.stderr
+    recipe = tmp_path / "r.toml"
+    recipe.write_text(f'[run]\nout = "{tmp_path / "run"}"\npreview_samples = 0\nlog_with = "none"\n'
+                      f'[teacher]\nname = "edm"\nedm.model = "{tmp_path / "teacher"}"\n[train]\nbatch_size = 256\n')
+    trainer = DMDTrainer(load_recipe(recipe))
+    x_in, t_in, _ = trainer._generator_inputs(256)
+    assert t_in.tolist() == [999] * 256
+    assert 75 < x_in.std().item() < 85 and trainer.schedule.sigma(t_in[:1]).item() == pytest.approx(80, rel=1e-6)
+
+
+def test_malformed_teacher_folders_are_one_line(tmp_path, capsys):
+    from dmdcli.cli import main
+
+    (tmp_path / "t").mkdir()
+    (tmp_path / "t" / "config.json").write_text("{not json")
+    (tmp_path / "t" / "model.safetensors").write_bytes(b"junk")
+    assert main(["sample", "--teacher", "edm", "--set", f"teacher.edm.model={tmp_path / 't'}", "--num", "2",
+                 "--out", str(tmp_path / "s")]) == 2
+    assert "config.json is not a teacher config" in capsys.readouterr().err
+    (tmp_path / "t" / "config.json").write_text('{"format": "dmd-edm/1", "img_resolution": 16, "img_channels": 3, '
+                                                '"label_dim": 0, "model": {}}')
+    assert main(["sample", "--teacher", "edm", "--set", f"teacher.edm.model={tmp_path / 't'}", "--num", "2",
+                 "--out", str(tmp_path / "s")]) == 2
+    assert "model.safetensors is not readable safetensors" in capsys.readouterr().err

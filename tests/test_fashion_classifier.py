@@ -23,11 +23,15 @@ def test_classifier_reaches_its_stated_accuracy(classifier, size):
 
 
 def test_classifier_takes_clean_fids_inputs(classifier):
-    """clean-fid passes 3-channel 299x299 float images in [0, 255]: 128-d features come back,
-    and the upscaled test images are still classified."""
+    """clean-fid resizes each image to 299x299 (its "clean" mode) and passes 3-channel float
+    images in [0, 255]: 128-d features come back, and the test images are still classified."""
+    import numpy as np
+    from cleanfid.resize import build_resizer
+
     x, y, _ = load_images("fashion-mnist", "test", 32, limit=200)
-    big = torch.nn.functional.interpolate(((x + 1) * 127.5).expand(-1, 3, -1, -1), size=(299, 299),
-                                          mode="bicubic").clamp(0, 255)
+    resize = build_resizer("clean")
+    uint8 = ((x + 1) * 127.5).round().to(torch.uint8).expand(-1, 3, -1, -1).permute(0, 2, 3, 1).numpy()
+    big = torch.from_numpy(np.stack([resize(im) for im in uint8])).permute(0, 3, 1, 2).float()
     with torch.no_grad():
         assert classifier(big).shape == (200, 128)
         assert (classifier.classify(big).argmax(1) == y).float().mean().item() >= 0.9

@@ -135,23 +135,60 @@ def test_center_crop_resize_takes_the_central_square():
 
 
 def test_crop_applies_to_samples_and_references_alike(tmp_path, features, capsys):
-    """--crop (the COCO-30K protocol): a samples file against a folder of the same images is
-    about 0, and a statistics file made with another crop is refused in one line."""
-    images = image_set(3)
-    sa = as_samples(tmp_path / "a.safetensors", images)
-    folder = as_folder(tmp_path / "imgs", images)
-    assert main(["fid", str(sa), "--ref", str(folder), "--features", str(features), "--crop", "8",
+    """--crop (the COCO-30K protocol): wide images whose centres agree and whose borders
+    differ give FID about 0 with the crop and clearly more without; a statistics file made
+    with another crop is refused in one line."""
+    centre = image_set(3)                                    # 16x16 centres, shared
+    border_a, border_b = image_set(4, shift=0.3), image_set(5, shift=-0.3)
+    wide_a = torch.cat([border_a[..., :4], centre, border_a[..., -4:]], dim=-1)   # 16 x 24
+    wide_b = torch.cat([border_b[..., :4], centre, border_b[..., -4:]], dim=-1)
+    sa = as_samples(tmp_path / "a.safetensors", wide_a)
+    folder = as_folder(tmp_path / "imgs", wide_b)
+    assert main(["fid", str(sa), "--ref", str(folder), "--features", str(features), "--crop", "16",
                  "--json", str(tmp_path / "r.json")]) == 0
     report = json.loads((tmp_path / "r.json").read_text())
-    assert abs(report["fid"]) < 1e-3 and report["crop"] == 8
+    assert abs(report["fid"]) < 1e-3 and report["crop"] == 16
     assert main(["fid", str(sa), "--ref", str(folder), "--features", str(features),
                  "--json", str(tmp_path / "r0.json")]) == 0
-    assert json.loads((tmp_path / "r0.json").read_text())["crop"] == 0
+    uncropped = json.loads((tmp_path / "r0.json").read_text())
+    assert uncropped["crop"] == 0 and uncropped["fid"] > 100 * max(abs(report["fid"]), 1e-4)
+    folder = as_folder(tmp_path / "same", wide_a)
     assert main(["fid-ref", str(folder), "--out", str(tmp_path / "c.npz"), "--features", str(features),
                  "--crop", "8"]) == 0
     capsys.readouterr()
     assert main(["fid", str(sa), "--ref", str(tmp_path / "c.npz"), "--features", str(features)]) == 2
     assert "c.npz was made with --crop 8, these samples with --crop 0; use the same for both" in capsys.readouterr().err
+    assert main(["fid", str(sa), "--ref", str(tmp_path / "c.npz"), "--features", str(features), "--crop", "-1"]) == 2
+    assert "--crop must be 0 (off) or a size in pixels, got -1" in capsys.readouterr().err
     assert main(["fid", str(sa), "--ref", str(tmp_path / "c.npz"), "--features", str(features), "--crop", "8",
                  "--json", str(tmp_path / "c.json")]) == 0
     assert abs(json.loads((tmp_path / "c.json").read_text())["fid"]) < 1e-3
+
+
+def test_named_reference_checksum_is_recorded_and_checked(tmp_path, features, monkeypatch, capsys):
+    """EDM publishes no checksum: the first download's sha256 is recorded beside the file and
+    a changed file is refused naming both; a record is only written for what we downloaded."""
+    import dmdcli.fid as fid
+
+    monkeypatch.setenv("DMD_CACHE", str(tmp_path / "cache"))
+    sa = as_samples(tmp_path / "a.safetensors", image_set(0))
+    assert main(["fid-ref", str(sa), "--out", str(tmp_path / "ref.npz"), "--features", str(features),
+                 "--mode", "legacy_tensorflow"]) == 0
+
+    def fake_download(url, path, what):   # stands in for the network
+        if not path.is_file():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes((tmp_path / "ref.npz").read_bytes())
+        return path
+
+    monkeypatch.setattr(fid, "download", fake_download)
+    assert main(["fid", str(sa), "--ref", "imagenet64", "--features", str(features)]) == 0
+    cached = tmp_path / "cache" / "refs" / "imagenet-64x64.npz"
+    record = cached.with_name("imagenet-64x64.npz.sha256")
+    assert record.read_text().strip() == fid.hashlib.sha256(cached.read_bytes()).hexdigest()
+    cached.write_bytes(cached.read_bytes() + b"x")   # corrupted later
+    capsys.readouterr()
+    assert main(["fid", str(sa), "--ref", "imagenet64", "--features", str(features)]) == 2
+    err = capsys.readouterr().err
+    assert "does not match the sha256 of 'imagenet64'" in err and "delete imagenet-64x64.npz and " \
+        "imagenet-64x64.npz.sha256 to download it again" in err

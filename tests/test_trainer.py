@@ -240,3 +240,22 @@ def test_dry_run_counts_parameters_memory_and_passes(tmp_path, unet_teacher, cap
     assert "# every 3 iterations (generator step): generator forward+backward at batch 2" in out
     assert "real score forward at batch 4 (guidance: conditional and unconditional)" in out
     assert not (tmp_path / "run").exists()
+
+
+def test_sample_uses_the_ema_unless_told_not_to(tiny_recipe, tmp_path):
+    from safetensors.torch import load_file
+
+    from dmdcli.cli import main
+    from dmdcli.runs import load_student
+
+    assert main(["distill", str(tiny_recipe(steps=20, checkpoint_every=20, extra="ema_decay = 0.9\n"))]) == 0
+    run = tmp_path / "runs" / "tiny"
+    ema = load_file(str(run / "checkpoints" / "step-00000020" / "generator_ema.safetensors"))
+    gen = load_student(run, device="cpu")[2].state_dict()
+    assert all(torch.equal(gen[k], ema[k]) for k in ema)
+    raw = load_student(run, device="cpu", ema=False)[2].state_dict()
+    assert any(not torch.equal(raw[k], ema[k]) for k in ema)
+    for flag, out in (("--ema", "a"), ("--no-ema", "b")):
+        assert main(["sample", str(run), "--num", "64", "--teacher-steps", "0", "--out", str(tmp_path / out), flag]) == 0
+    a, b = (load_file(str(tmp_path / o / "samples.safetensors"))["x"] for o in "ab")
+    assert not torch.equal(a, b)

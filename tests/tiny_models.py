@@ -77,7 +77,8 @@ EDM_TINY = dict(model_channels=64, channel_mult=[1, 2], channel_mult_emb=2, num_
 EDM_MODULE_SRC = "import pathlib\npathlib.Path({marker!r}).write_text('ran')\n"
 
 
-def write_edm_pickle(path: Path, marker: Path, seed: int = 0, label_dim: int = 10, resolution: int = 16):
+def write_edm_pickle(path: Path, marker: Path, seed: int = 0, label_dim: int = 10, resolution: int = 16,
+                     protocol: int = 4):
     """An EDM snapshot in NVIDIA's format (persistent objects carrying module source, see
     dmdcli/convert.py) of a tiny ADM network with random weights; returns that network."""
     import io
@@ -86,6 +87,8 @@ def write_edm_pickle(path: Path, marker: Path, seed: int = 0, label_dim: int = 1
     import types
 
     import torch
+
+    import numpy as np
 
     from dmdcli.edm import ADMUNet, Conv2d, GroupNorm, Linear, UNetBlock
 
@@ -102,8 +105,14 @@ def write_edm_pickle(path: Path, marker: Path, seed: int = 0, label_dim: int = 1
             self.use_fp16, self.sigma_min, self.sigma_max, self.sigma_data = False, 0, float("inf"), 0.5
             self.model = model
 
+    class PositionalEmbedding(torch.nn.Module):   # EDM's map_noise: a module without parameters
+        def __init__(self):
+            super().__init__()
+            self.num_channels, self.max_positions, self.endpoint = EDM_TINY["model_channels"], 10000, False
+
+    net.map_noise = PositionalEmbedding()
     names = {EDMPrecond: "EDMPrecond", ADMUNet: "DhariwalUNet", UNetBlock: "UNetBlock", Conv2d: "Conv2d",
-             Linear: "Linear", GroupNorm: "GroupNorm"}
+             Linear: "Linear", GroupNorm: "GroupNorm", PositionalEmbedding: "PositionalEmbedding"}
     persistence = types.ModuleType("torch_utils.persistence")
 
     def _reconstruct_persistent_obj(meta):  # only its name is written
@@ -123,6 +132,9 @@ def write_edm_pickle(path: Path, marker: Path, seed: int = 0, label_dim: int = 1
             if name == "DhariwalUNet":
                 state["_init_kwargs"] = dict(img_resolution=resolution, in_channels=3, out_channels=3,
                                              label_dim=label_dim, **EDM_TINY)
+            if name == "UNetBlock":   # EDM's constructor arguments hold numpy scalars
+                state["_init_kwargs"] = dict(init=dict(init_mode="kaiming_uniform", init_weight=np.sqrt(1 / 3)),
+                                             skip_scale=np.float64(1.0))
             meta = dict(type="class", version=6, module_src=src, class_name=name, state=state)
             return _reconstruct_persistent_obj, (meta,)
 
@@ -130,7 +142,7 @@ def write_edm_pickle(path: Path, marker: Path, seed: int = 0, label_dim: int = 1
     saved = {k: sys.modules.get(k) for k in ("torch_utils", "torch_utils.persistence")}
     sys.modules.update({"torch_utils": types.ModuleType("torch_utils"), "torch_utils.persistence": persistence})
     try:
-        EDMPickler(buf, protocol=4).dump(dict(ema=EDMPrecond(net).eval(), loss_fn=None, augment_pipe=None,
+        EDMPickler(buf, protocol=protocol).dump(dict(ema=EDMPrecond(net).eval(), loss_fn=None, augment_pipe=None,
                                               dataset_kwargs={"resolution": resolution}))
     finally:
         for k, v in saved.items():
@@ -138,5 +150,6 @@ def write_edm_pickle(path: Path, marker: Path, seed: int = 0, label_dim: int = 1
                 sys.modules.pop(k, None)
             else:
                 sys.modules[k] = v
+    del net.map_noise
     path.write_bytes(buf.getvalue())
     return net.eval()
