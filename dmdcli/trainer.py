@@ -89,14 +89,32 @@ class DMDTrainer:
         # Optional EMA of the generator's weights (SPEC section 7: peers use it; the authors did not).
         self.ema = EMAModel(self.acc.unwrap_model(self.generator).parameters(), decay=r.train.ema_decay) \
             if r.train.ema_decay > 0 else None
-        seed = r.run.seed * 1000 + self.acc.process_index
+        # Every rank draws the whole global batch from the same generators and keeps its slice
+        # (_draw), so a run depends on the global batch only, not on how many processes share it.
+        seed = r.run.seed * 1000
         self.rng = torch.Generator(device=device).manual_seed(seed)       # noise, timesteps, labels
         self.data_rng = torch.Generator().manual_seed(seed + 1)          # pair indices, real data
         self.step = 0
 
     # -- one iteration's pieces -------------------------------------------------------------
+    def _draw(self, make, n: int):
+        """make(m) draws m rows (a tensor, a tuple of them, or None); this rank's n of the
+        global world x n."""
+        world, rank = self.acc.num_processes, self.acc.process_index
+        out = make(world * n)
+        if world == 1 or out is None:
+            return out
+        cut = (lambda v: v[rank * n:(rank + 1) * n] if v is not None else None)
+        return tuple(cut(v) for v in out) if isinstance(out, tuple) else cut(out)
+
+    def _randn(self, shape) -> torch.Tensor:
+        return self._draw(lambda m: torch.randn(m, *shape[1:], generator=self.rng, device=self.acc.device), shape[0])
+
+    def _timesteps(self, draw, n: int) -> torch.Tensor:
+        return self._draw(lambda m: draw(m, self.schedule.num_train_timesteps, self.rng, self.acc.device), n)
+
     def _noise(self, n: int) -> torch.Tensor:
-        return torch.randn(n, *self.teacher.sample_shape, generator=self.rng, device=self.acc.device)
+        return self._randn((n, *self.teacher.sample_shape))
 
     def _backward_simulate(self, z, cond):
         """Input and timestep for the generator: pure noise at timesteps[0] or, for few-step
@@ -104,11 +122,12 @@ class DMDTrainer:
         ts = self.recipe.student.timesteps
         k = int(torch.randint(len(ts), (1,), generator=torch.Generator().manual_seed(
             self.recipe.run.seed * 7919 + self.step))) if len(ts) > 1 else 0
-        x = student_sample(self.acc.unwrap_model(self.generator), self.schedule, z, cond, ts[:k], self.rng) if k \
-            else z * self.schedule.init_noise_sigma
+        renoise = [self._randn(z.shape) for _ in range(k - 1)]
+        x = student_sample(self.acc.unwrap_model(self.generator), self.schedule, z, cond, ts[:k], renoise=renoise) \
+            if k else z * self.schedule.init_noise_sigma
         if k:
-            eps = torch.randn(x.shape, generator=self.rng, device=x.device)
-            x = self.schedule.add_noise(x, eps, torch.full((len(x),), ts[k], device=x.device, dtype=torch.long))
+            x = self.schedule.add_noise(x, self._randn(x.shape),
+                                        torch.full((len(x),), ts[k], device=x.device, dtype=torch.long))
         return x, torch.full((len(z),), ts[k], device=z.device, dtype=torch.long)
 
     def _critic(self, x_t, t, cond):
@@ -119,7 +138,7 @@ class DMDTrainer:
         return self.schedule.to_x0(pred, x_t, t, net.prediction_type), pred, logits
 
     def _generator_inputs(self, n: int):
-        labels = self.teacher.random_labels(n, self.rng)
+        labels = self._draw(lambda m: self.teacher.random_labels(m, self.rng), n)
         cond = self.teacher.encode_condition(labels)
         x_in, t_in = self._backward_simulate(self._noise(n), cond)
         return x_in, t_in, cond
@@ -137,7 +156,8 @@ class DMDTrainer:
         if self.pairs is not None:
             # DMD v1: the regression batch (pair noise at the first timestep) rides in the same
             # forward pass, so DDP sees one forward per backward.
-            z, y, labels = self.pairs.batch(r.regression.batch_size or r.train.batch_size, self.data_rng)
+            z, y, labels = self._draw(lambda m: self.pairs.batch(m, self.data_rng),
+                                      r.regression.batch_size or r.train.batch_size)
             z, y = z.to(x_in.device) * self.schedule.init_noise_sigma, y.to(x_in.device)
             cond_p = self.teacher.encode_condition(labels.to(x_in.device) if labels is not None else None)
             x_in = torch.cat([x_in, z])
@@ -146,8 +166,8 @@ class DMDTrainer:
         with self.acc.autocast():
             out = generator_x0(self.generator, self.schedule, x_in, t_in, cond)
         x, cond = out[:n], (cond[:n] if cond is not None else None)
-        t = losses.dm_timesteps(n, self.schedule.num_train_timesteps, self.rng, x.device)
-        x_t = self.schedule.add_noise(x.detach(), torch.randn(x.shape, generator=self.rng, device=x.device), t)
+        t = self._timesteps(losses.dm_timesteps, n)
+        x_t = self.schedule.add_noise(x.detach(), self._randn(x.shape), t)
         with torch.no_grad(), self.acc.autocast():
             x0_real = self.teacher.denoise(x_t, t, cond, r.teacher.guidance)
             x0_fake = self._critic(x_t, t, cond)[0]
@@ -155,8 +175,8 @@ class DMDTrainer:
         loss, logs = r.train.dm_weight * loss_dm, {"loss_dm": loss_dm.item(), "dm_non_finite": non_finite}
         if self.gan and r.gan.generator_weight > 0:
             # Diffusion GAN: the generator's output noised at t uniform in [0, T), through the critic.
-            t_g = losses.critic_timesteps(n, self.schedule.num_train_timesteps, self.rng, x.device)
-            eps_g = torch.randn(x.shape, generator=self.rng, device=x.device)
+            t_g = self._timesteps(losses.critic_timesteps, n)
+            eps_g = self._randn(x.shape)
             with self.acc.autocast():
                 logits = self._critic(self.schedule.add_noise(x, eps_g, t_g), t_g, cond)[2]
             loss_gan = losses.gan_generator_loss(logits)
@@ -183,16 +203,16 @@ class DMDTrainer:
         self.opt_c.zero_grad(set_to_none=True)   # drop what the generator's GAN loss left here
         x, cond = self._fake_samples(r.train.batch_size, grad=False)
         n = len(x)
-        t = losses.critic_timesteps(n, self.schedule.num_train_timesteps, self.rng, x.device)
-        eps = torch.randn(x.shape, generator=self.rng, device=x.device)
+        t = self._timesteps(losses.critic_timesteps, n)
+        eps = self._randn(x.shape)
         x_t = self.schedule.add_noise(x, eps, t)
         x_in, t_in, c_in = x_t, t, cond
         if self.gan:
             # Real data, noised at its own t, rides in the same forward pass as the fakes.
-            real, labels = self.real.batch(n, self.data_rng)
+            real, labels = self._draw(lambda m: self.real.batch(m, self.data_rng), n)
             real = real.to(x.device)
-            t_r = losses.critic_timesteps(n, self.schedule.num_train_timesteps, self.rng, x.device)
-            x_r = self.schedule.add_noise(real, torch.randn(real.shape, generator=self.rng, device=x.device), t_r)
+            t_r = self._timesteps(losses.critic_timesteps, n)
+            x_r = self.schedule.add_noise(real, self._randn(real.shape), t_r)
             x_in, t_in = torch.cat([x_t, x_r]), torch.cat([t, t_r])
             cond_r = self.teacher.encode_condition(labels.to(x.device) if labels is not None else None)
             c_in = torch.cat([cond, cond_r]) if cond is not None else None
