@@ -126,18 +126,73 @@ def load_text_column(spec: str) -> list[str]:
     return list(ds[column])
 
 
+def captioned_latents(teacher, spec: str, split: str = "train", chunk: int = 16):
+    """(VAE latents, captions) of a captioned image dataset (imagefolder:PATH with a
+    metadata.jsonl, or a Hub dataset with an image and a text/caption/prompt column) at the
+    latent teacher's resolution (centre crop, bicubic resize), encoded once and cached."""
+    import hashlib
+    import json
+
+    import datasets
+    import numpy as np
+    from safetensors.torch import load_file, save_file
+
+    from .fid import center_crop_resize
+    from .io import atomic_path, write_text
+
+    size = teacher.sample_shape[-1] * teacher.vae_scale_factor
+    key = hashlib.sha256(json.dumps([spec, split, teacher.describe()["model"], teacher.cfg.revision, size])
+                         .encode()).hexdigest()[:16]
+    path, texts = cache_dir() / "latents" / f"{key}.safetensors", cache_dir() / "latents" / f"{key}.json"
+    if path.is_file() and texts.is_file():
+        return load_file(str(path))["latents"], json.loads(texts.read_text())
+    name, data_dir = ("imagefolder", spec.split(":", 1)[1]) if spec.startswith("imagefolder:") else (spec, None)
+    if data_dir is not None and not Path(data_dir).is_dir():
+        raise UserError(f"image folder not found: {data_dir}")
+    try:
+        ds = datasets.load_dataset(name, data_dir=data_dir, split=split, cache_dir=str(cache_dir() / "hf"))
+    except Exception as e:  # datasets raises many types for "not found / offline"
+        raise UserError(f"dataset {data_dir or name!r} could not be loaded ({str(e).splitlines()[0][:160]})") from None
+    image = next((c for c, f in ds.features.items() if type(f).__name__ == "Image"), None)
+    text = next((c for c in ("text", "caption", "prompt") if c in ds.column_names), None)
+    if image is None or text is None:
+        raise UserError(f"gan.dataset {spec!r} needs an image column and a text, caption or prompt column "
+                        f"(has {', '.join(ds.column_names)}); for a folder, add a metadata.jsonl with "
+                        f'{{"file_name": ..., "text": ...}} lines')
+    vae = teacher.vae
+    dtype = next(vae.parameters()).dtype
+    parts = []
+    for start in range(0, len(ds), chunk):
+        rows = ds[start:start + chunk]
+        pixels = np.stack([center_crop_resize(np.asarray(im.convert("RGB")), size) for im in rows[image]])
+        x = torch.from_numpy(pixels).permute(0, 3, 1, 2).float() / 127.5 - 1
+        with torch.no_grad():
+            z = vae.encode(x.to(teacher.device, dtype)).latent_dist.mean * vae.config.scaling_factor
+        parts.append(z.float().cpu())
+    latents, captions = torch.cat(parts), [str(t) for t in ds[text]]
+    write_text(texts, json.dumps(captions))
+    with atomic_path(path) as tmp:   # written last: its presence means both are complete
+        save_file({"latents": latents.contiguous()}, str(tmp))
+    return latents, captions
+
+
 class RealData:
-    """Real samples for DMD2's GAN loss: the exact mixture for the gmm teacher, else images
-    from a dataset at the teacher's sample shape (labels kept for class-conditional teachers)."""
+    """Real samples for DMD2's GAN loss: the exact mixture for the gmm teacher, VAE latents of
+    captioned images for latent (sd) teachers, else images from a dataset at the teacher's
+    sample shape (labels kept for class-conditional teachers)."""
 
     def __init__(self, teacher, spec: str):
         self.teacher = teacher
         self.mixture = getattr(teacher, "mixture", None)
+        self.captions = None
         if self.mixture is not None and not spec:
             return
         if teacher.name == "sd":
-            raise UserError("the GAN loss with the sd teacher needs captioned real images, which this version "
-                            "cannot load yet; set gan.generator_weight = 0 and gan.critic_weight = 0")
+            if not spec:
+                raise UserError("the GAN loss needs real images: set gan.dataset to captioned images "
+                                "(imagefolder:PATH with a metadata.jsonl, or a Hub dataset)")
+            self.images, self.captions = captioned_latents(teacher, spec)
+            return
         if not spec:
             raise UserError("the GAN loss needs real images: set gan.dataset (fashion-mnist, imagefolder:PATH "
                             "or a Hub dataset)")
@@ -149,9 +204,18 @@ class RealData:
             raise UserError(f"gan.dataset {spec!r} has {classes} classes; the teacher knows {teacher.num_classes}")
 
     def batch(self, n: int, generator: torch.Generator):
-        """(samples, labels or None) drawn with `generator` (a CPU generator)."""
+        """(samples, labels or None) drawn with `generator` (a CPU generator); for captioned
+        data the "labels" are caption indices, turned into conditions by `condition`."""
         if self.mixture is not None:
             x, labels = self.mixture.sample(n, generator)
             return x.float(), (labels if self.teacher.num_classes else None)
         idx = torch.randint(0, len(self.images), (n,), generator=generator)
+        if self.captions is not None:
+            return self.images[idx], idx
         return self.images[idx], (self.labels[idx] if self.teacher.num_classes else None)
+
+    def condition(self, labels, device):
+        """What the critic takes as `cond` for a real batch."""
+        if self.captions is not None:
+            return self.teacher.encode_text([self.captions[i] for i in labels.tolist()])
+        return self.teacher.encode_condition(labels.to(device) if labels is not None else None)

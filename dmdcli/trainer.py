@@ -214,7 +214,7 @@ class DMDTrainer:
             t_r = self._timesteps(losses.critic_timesteps, n)
             x_r = self.schedule.add_noise(real, self._randn(real.shape), t_r)
             x_in, t_in = torch.cat([x_t, x_r]), torch.cat([t, t_r])
-            cond_r = self.teacher.encode_condition(labels.to(x.device) if labels is not None else None)
+            cond_r = self.real.condition(labels, x.device)
             c_in = torch.cat([cond, cond_r]) if cond is not None else None
         with self.acc.autocast():
             x0_pred, pred, logits = self._critic(x_in, t_in, c_in)

@@ -250,3 +250,53 @@ def test_export_never_overwrites_a_folder_it_did_not_write(tmp_path, unet_folder
     assert main(["export", str(tmp_path / "runs" / "u"), "--out", str(out)]) == 0
     assert main(["export", str(tmp_path / "runs" / "u"), "--out", str(out)]) == 0   # an earlier export: replaced
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
+
+
+def test_sd_gan_on_captioned_images(tmp_path, sd_folder, prompts, monkeypatch, capsys):
+    """DMD2's second SD stage: real images with captions, VAE-encoded once and cached, go
+    through the critic with their own caption's text embedding."""
+    import json
+
+    import numpy as np
+    from PIL import Image
+
+    monkeypatch.setenv("DMD_CACHE", str(tmp_path / "cache"))
+    images = tmp_path / "captioned"
+    images.mkdir()
+    rng = np.random.default_rng(0)
+    lines = []
+    for i, caption in enumerate(["a red square", "a blue circle", "green grass", "a grey cat"]):
+        Image.fromarray(rng.integers(0, 255, (20, 24, 3), dtype=np.uint8)).save(images / f"{i}.png")
+        lines.append(json.dumps({"file_name": f"{i}.png", "text": caption}))
+    (images / "metadata.jsonl").write_text("\n".join(lines) + "\n")
+    path = sd_recipe(tmp_path, sd_folder, prompts)
+    path.write_text(path.read_text() + f'\n[gan]\ngenerator_weight = 1e-3\ncritic_weight = 1e-2\n'
+                                       f'dataset = "imagefolder:{images}"\n')
+    assert main(["distill", str(path)]) == 0
+    logs = [json.loads(line) for line in (tmp_path / "runs" / "sd" / "metrics.jsonl").read_text().splitlines()]
+    assert all(np.isfinite(log["loss_gan_c"]) for log in logs)
+    cached = sorted((tmp_path / "cache" / "latents").iterdir())
+    assert [p.suffix for p in cached] == [".json", ".safetensors"]
+    assert json.loads(cached[0].read_text()) == ["a red square", "a blue circle", "green grass", "a grey cat"]
+    latents = load_file(str(cached[1]))["latents"]
+    assert latents.shape == (4, 4, 8, 8)                      # 16 px (the tiny VAE's 2x) of the 8x8 latents
+    from dmdcli.datasets import RealData
+    from dmdcli.recipe import load_recipe
+    from dmdcli.teacher import build_teacher
+
+    teacher = build_teacher(load_recipe(path).teacher)
+    real = RealData(teacher, f"imagefolder:{images}")         # from the cache, the same latents
+    assert torch.equal(real.images, latents)
+    x, idx = real.batch(3, torch.Generator().manual_seed(0))
+    cond = real.condition(idx, "cpu")
+    assert torch.equal(cond, teacher.encode_text([real.captions[i] for i in idx.tolist()]))
+    # Without a text column: one line saying what to add.
+    (images / "metadata.jsonl").unlink()
+    capsys.readouterr()
+    (tmp_path / "b").mkdir()
+    bare = sd_recipe(tmp_path / "b", sd_folder, prompts)
+    bare.write_text(bare.read_text() + f'\n[gan]\ngenerator_weight = 1e-3\ncritic_weight = 1e-2\n'
+                                       f'dataset = "imagefolder:{images}"\n')
+    monkeypatch.setenv("DMD_CACHE", str(tmp_path / "cache2"))
+    assert main(["distill", str(bare)]) == 2
+    assert "needs an image column and a text, caption or prompt column" in capsys.readouterr().err
