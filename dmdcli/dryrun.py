@@ -67,5 +67,8 @@ def report(r: Recipe) -> str:
              f" activations come on top and grow with train.batch_size"
              + ("; gradient checkpointing is on" if r.train.gradient_checkpointing else
                 "; train.gradient_checkpointing = true trades time for activation memory" if real is not None else "")]
+    if r.train.lora_rank:
+        lines.append("# train.lora_rank: only the adapters train, so the optimiser part of the figure above "
+                     "(12 of its 16 bytes a trainable parameter) shrinks to the adapters' size")
     lines += [f"# {line}" for line in passes_per_iteration(r, bool(teacher.num_classes) or teacher.name == "sd")]
     return "\n".join(lines) + "\n"

@@ -18,6 +18,7 @@ from pathlib import Path
 from .errors import UserError
 from .io import write_text
 from .recipe import to_toml
+from .networks import merge_lora
 from .runs import load_student
 
 CARD = """---
@@ -80,6 +81,7 @@ def export(run: str | Path, out: Path, fid: str = "not measured") -> Path:
                                           "thresholding": False, "prediction_type": generator.prediction_type})
     ts = list(recipe.student.timesteps)
     unet = generator.unet.float()
+    merge_lora(unet)   # LoRA students ship as plain UNets, adapters merged
     if teacher.name == "sd":
         from diffusers import AutoencoderKL, StableDiffusionPipeline
         from transformers import CLIPTextModel, CLIPTokenizer

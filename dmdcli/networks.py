@@ -99,6 +99,46 @@ def bottleneck(net: nn.Module) -> tuple[nn.Module, int, bool]:
     raise TypeError(f"no known bottleneck in {type(net).__name__}")
 
 
+# Attention, feed-forward and residual-block layers of diffusers UNets: where LoRA adapters go
+# (the layer kinds DMD2's SDXL LoRA adapts).
+LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2",
+                "conv1", "conv2", "conv_shortcut", "time_emb_proj"]
+
+
+def add_lora(net: nn.Module, rank: int) -> None:
+    """Freeze the diffusers UNet inside `net` and give it trainable LoRA adapters (peft)."""
+    from .errors import UserError
+
+    unet = getattr(net, "unet", None)
+    if unet is None:
+        raise UserError("train.lora_rank needs a diffusers UNet teacher (sd or unet2d); set it to 0")
+    try:
+        from peft import LoraConfig, inject_adapter_in_model
+    except ImportError:
+        raise UserError("train.lora_rank needs peft: pip install peft (or set train.lora_rank = 0)") from None
+    unet.requires_grad_(False)
+    inject_adapter_in_model(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian",
+                                       target_modules=LORA_TARGETS), unet)
+
+
+def merge_lora(unet: nn.Module) -> bool:
+    """Fold LoRA adapters into their layers and remove them (a plain UNet again); False if
+    there were none."""
+    try:
+        from peft.tuners.tuners_utils import BaseTunerLayer
+    except ImportError:
+        return False
+    layers = [m for m in unet.modules() if isinstance(m, BaseTunerLayer)]
+    if not layers:
+        return False
+    from diffusers.utils import recurse_remove_peft_layers
+
+    for layer in layers:
+        layer.merge()
+    recurse_remove_peft_layers(unet)
+    return True
+
+
 def enable_gradient_checkpointing(net: nn.Module) -> bool:
     """Turn on activation recomputation in a diffusers UNet or EDM's ADM inside `net`;
     False for networks too small to have it (the MLP)."""

@@ -112,6 +112,7 @@ class TrainConfig:
     dm_weight: float = 1.0
     mixed_precision: str = _choices("no", "bf16", "fp16", default="no")
     on_non_finite: str = _choices("stop", "skip", default="stop")   # skip: drop the update, count it
+    lora_rank: int = 0                  # > 0: train LoRA adapters of this rank (peft) on frozen UNets
     gradient_checkpointing: bool = False   # recompute activations in backward: less memory, ~30% slower
     ema_decay: float = 0.0              # EMA of the generator (diffusers' EMAModel); 0: off, as the authors
 
@@ -276,10 +277,13 @@ def validate(r: Recipe) -> None:
                     r.train.grad_clip, "run.preview_samples": r.run.preview_samples, "run.keep_checkpoints":
                     r.run.keep_checkpoints, "regression.batch_size": r.regression.batch_size,
                     "regression.weight": r.regression.weight, "gan.generator_weight": r.gan.generator_weight,
-                    "gan.critic_weight": r.gan.critic_weight}
+                    "gan.critic_weight": r.gan.critic_weight, "train.lora_rank": r.train.lora_rank,
+                    "train.ema_decay": r.train.ema_decay}
     for key, v in not_negative.items():
         if v < 0:
             raise UserError(f"recipe key '{key}' must not be negative, got {v}")
+    if r.train.ema_decay >= 1:
+        raise UserError(f"recipe key 'train.ema_decay' must be below 1 (0: off), got {r.train.ema_decay}")
     if len(r.train.betas) != 2:
         raise UserError(f"recipe key 'train.betas' must have two numbers, got {r.train.betas}")
     ts = r.student.timesteps

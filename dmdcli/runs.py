@@ -41,7 +41,7 @@ def load_student(path: str | Path, device=None, ema: bool = True):
     run_dir, ckpt = resolve(path)
     recipe = from_dict(tomllib.loads((run_dir / "recipe.toml").read_text()))
     teacher = build_teacher(recipe.teacher).to(device)
-    generator = make_student(teacher, recipe.student)
+    generator = make_student(teacher, recipe)
     weights = ckpt / "generator_ema.safetensors"
     if not (ema and weights.is_file()):
         weights = ckpt / "generator.safetensors"

@@ -73,9 +73,15 @@ def resolve_dtype(name: str) -> torch.dtype:
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
 
 
-def make_student(teacher: Teacher, student_cfg) -> nn.Module:
-    """The generator, its output read as student.prediction_type (the teacher's by default)."""
+def make_student(teacher: Teacher, recipe) -> nn.Module:
+    """The generator, its output read as student.prediction_type (the teacher's by default),
+    with LoRA adapters when train.lora_rank > 0."""
+    student_cfg = recipe.student
     generator = teacher.make_generator()
+    if recipe.train.lora_rank:
+        from .networks import add_lora
+
+        add_lora(generator, recipe.train.lora_rank)
     if teacher.family == "edm" and student_cfg.prediction_type not in ("teacher", "sample"):
         from .errors import UserError
 

@@ -24,7 +24,7 @@ from . import checkpoint, losses
 from .errors import UserError
 from .io import write_text
 from .datasets import RealData
-from .networks import CriticWithHead, enable_gradient_checkpointing
+from .networks import CriticWithHead, add_lora, enable_gradient_checkpointing
 from .pairs import PairSet
 from .recipe import Recipe, from_dict, to_dict, to_toml
 from .sampling import generator_x0, student_sample
@@ -68,7 +68,9 @@ class DMDTrainer:
         self.schedule = self.teacher.schedule
         self.pairs = PairSet(r.regression.pairs, self.teacher) if r.train.method == "dmd" else None
         torch.manual_seed(r.run.seed)  # network initialisation
-        generator, critic = make_student(self.teacher, r.student), self.teacher.make_critic()
+        generator, critic = make_student(self.teacher, r), self.teacher.make_critic()
+        if r.train.lora_rank:
+            add_lora(critic, r.train.lora_rank)
         if r.train.gradient_checkpointing:
             for net in (generator, critic):
                 if not enable_gradient_checkpointing(net):
@@ -78,9 +80,9 @@ class DMDTrainer:
         if self.gan:
             critic = CriticWithHead(critic)
             self.real = RealData(self.teacher, r.gan.dataset)
-        opt_g = torch.optim.AdamW(generator.parameters(), lr=r.train.lr_generator,
+        opt_g = torch.optim.AdamW([p for p in generator.parameters() if p.requires_grad], lr=r.train.lr_generator,
                                   betas=tuple(r.train.betas), weight_decay=r.train.weight_decay)
-        opt_c = torch.optim.AdamW(critic.parameters(), lr=r.train.lr_critic,
+        opt_c = torch.optim.AdamW([p for p in critic.parameters() if p.requires_grad], lr=r.train.lr_critic,
                                   betas=tuple(r.train.betas), weight_decay=r.train.weight_decay)
         # Schedulers stay unprepared: accelerate would step them once per process.
         self.sched_g = get_scheduler("constant_with_warmup", opt_g, num_warmup_steps=r.train.warmup_steps)

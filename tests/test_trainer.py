@@ -259,3 +259,36 @@ def test_sample_uses_the_ema_unless_told_not_to(tiny_recipe, tmp_path):
         assert main(["sample", str(run), "--num", "64", "--teacher-steps", "0", "--out", str(tmp_path / out), flag]) == 0
     a, b = (load_file(str(tmp_path / o / "samples.safetensors"))["x"] for o in "ab")
     assert not torch.equal(a, b)
+
+
+def test_lora_trains_adapters_only_and_exports_merged(tmp_path, unet_teacher):
+    """train.lora_rank: the UNets' own weights stay frozen, the adapters move; sampling loads
+    them; export merges them into a plain UNet2DModel that computes the same."""
+    from diffusers import UNet2DModel
+    from safetensors.torch import load_file
+
+    from dmdcli.cli import main
+    from dmdcli.runs import load_student
+
+    recipe = unet2d_recipe(tmp_path / "r.toml", unet_teacher, tmp_path / "run", steps=2,
+                           extra="lora_rank = 4\nlr_generator = 1e-2\nlr_critic = 1e-2\n")
+    trainer = DMDTrainer(load_recipe(recipe))
+    gen = trainer.acc.unwrap_model(trainer.generator)
+    trainable = {n for n, p in gen.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in n for n in trainable)
+    critic = trainer.acc.unwrap_model(trainer.critic)
+    assert all("lora_" in n for n, p in critic.named_parameters() if p.requires_grad)
+    before = {n: p.detach().clone() for n, p in gen.named_parameters()}
+    trainer.train_step()
+    moved = {n for n, p in gen.named_parameters() if not torch.equal(before[n], p)}
+    assert moved and moved <= trainable
+    assert main(["distill", str(recipe)]) == 0
+    weights = load_file(str(tmp_path / "run" / "checkpoints" / "step-00000002" / "generator.safetensors"))
+    assert any("lora_A" in k for k in weights)
+    _, _, student, _ = load_student(tmp_path / "run", device="cpu")
+    assert main(["export", str(tmp_path / "run"), "--out", str(tmp_path / "export")]) == 0
+    plain = UNet2DModel.from_pretrained(tmp_path / "export" / "unet")
+    assert not any("lora" in n for n, _ in plain.named_parameters())
+    x, t, c = torch.randn(2, 1, 16, 16), torch.tensor([999, 999]), torch.tensor([0, 1])
+    with torch.no_grad():
+        torch.testing.assert_close(plain(x, t, class_labels=c).sample, student(x, t, c), rtol=1e-4, atol=1e-5)
