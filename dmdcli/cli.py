@@ -239,6 +239,11 @@ def fid(samples: Optional[Path] = typer.Argument(None, help="samples file or fol
 
         if num <= 0:
             raise UserError(f"--num must be positive, got {num}")
+        from accelerate import PartialState
+
+        if PartialState().num_processes > 1:
+            raise UserError("fid --from runs in one process; under accelerate launch, run `dmd sample` and "
+                            "then `dmd fid` on its folder")
         tensors, desc = student_tensors(from_, num, seed=seed, batch_size=max(batch_size, 1))
     else:
         tensors, meta = load_samples(samples)

@@ -338,9 +338,18 @@ class DMDTrainer:
         labels = labels.to(self.acc.device) if labels is not None else None
         generator = self.acc.unwrap_model(self.generator)
         batch = self.teacher.preview_batch or n
-        x = torch.cat([student_sample(generator, self.schedule, z[i:i + batch],
-                                      self.teacher.encode_condition(labels[i:i + batch] if labels is not None else None),
-                                      self.recipe.student.timesteps, g).cpu() for i in range(0, n, batch)])
+        params = list(generator.parameters())
+        if self.ema is not None:   # previews show what `sample` will use; the weights come back exactly
+            self.ema.store(params)
+            self.ema.copy_to(params)
+        try:
+            x = torch.cat([student_sample(generator, self.schedule, z[i:i + batch],
+                                          self.teacher.encode_condition(labels[i:i + batch] if labels is not None
+                                                                        else None),
+                                          self.recipe.student.timesteps, g).cpu() for i in range(0, n, batch)])
+        finally:
+            if self.ema is not None:
+                self.ema.restore(params)
         self.teacher.save_preview(x, None, labels, self.run_dir / "previews" / f"{name}.png",
                                   title=f"{self.recipe.train.method} student, {name}")
 
@@ -431,11 +440,15 @@ def _any_rank(acc: Accelerator, flag: bool) -> bool:
     return bool(acc.reduce(torch.tensor([float(flag)], device=acc.device), reduction="sum").item())
 
 
-def _flat(recipe) -> dict:
-    """The recipe as section.key -> scalar, for the trackers' hyperparameter tables."""
-    return {f"{section}.{key}": (v if isinstance(v, (int, float, str, bool)) else str(v))
-            for section, values in to_dict(recipe).items() for key, v in values.items()
-            if not isinstance(v, dict)}
+def _flat(tree: dict | Recipe, prefix: str = "") -> dict:
+    """The recipe as dotted key -> scalar (nested tables too), for the trackers' hyperparameters."""
+    out = {}
+    for key, v in (to_dict(tree) if isinstance(tree, Recipe) else tree).items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{key}."))
+        else:
+            out[prefix + key] = v if isinstance(v, (int, float, str, bool)) else str(v)
+    return out
 
 
 def _truncate_metrics(path: Path, step: int) -> None:

@@ -195,6 +195,19 @@ def test_generator_ema_follows_generator_steps_only(tiny_recipe):
     ema = trainer.ema_state_dict()
     raw = gen.state_dict()
     assert ema.keys() == raw.keys() and any(not torch.equal(ema[k], raw[k]) for k in raw)
+    # Previews draw with the EMA weights and give the raw ones back bitwise.
+    trainer.recipe.run.preview_samples = 16
+    trainer.preview("check")
+    assert (trainer.run_dir / "previews" / "check.png").is_file()
+    assert all(torch.equal(raw[k], v) for k, v in gen.state_dict().items())
+
+
+def test_tracker_config_flattens_nested_tables(tiny_recipe):
+    from dmdcli.trainer import _flat
+
+    flat = _flat(load_recipe(tiny_recipe()))
+    assert flat["teacher.gmm.hidden"] == 32 and flat["train.method"] == "dmd2"
+    assert flat["train.betas"] == "[0.9, 0.999]" and all(not isinstance(v, (dict, list)) for v in flat.values())
 
 
 def test_gradient_checkpointing_recomputes_and_gives_the_same_update(tmp_path, unet_teacher):
