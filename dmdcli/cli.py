@@ -279,6 +279,37 @@ def fid(samples: Optional[Path] = typer.Argument(None, help="samples file or fol
         write_json(json_out, report)
 
 
+@app.command()
+def compare(run: Path = typer.Argument(..., help="run or checkpoint folder"),
+            out: Path = typer.Option(..., help="folder for the samples, compare.json and grid.png"),
+            ref: str = typer.Option(..., help="FID reference, as for `dmd fid --ref`"),
+            num: int = typer.Option(1000, help="samples per row (classes by global index)"),
+            teacher_steps: str = typer.Option("1,4,50", help="teacher step counts, comma-separated"),
+            features: str = typer.Option("inception", help="'inception', 'fashion' or a TorchScript file"),
+            mode: str = typer.Option("clean"), seed: int = typer.Option(0), batch_size: int = typer.Option(256),
+            sampler: Optional[str] = typer.Option(None, help="teacher sampler (default: the teacher's own)")):
+    """The student against its teacher at several step counts: FID, KID, class accuracy and
+    images per second on the same noise and conditions, plus a teacher-over-student grid."""
+    from .compare import compare as run_compare, rows_for_table, speedup
+
+    try:
+        steps = [int(s) for s in teacher_steps.split(",") if s.strip()]
+    except ValueError:
+        raise UserError(f"--teacher-steps must be comma-separated integers, got {teacher_steps!r}") from None
+    rows = run_compare(run, out, num, steps, ref, features, mode, seed, batch_size, sampler)
+    table = Table(title=f"{run}: {rows[0]['num_samples']} samples a row, {rows[0]['features']} features, "
+                        f"reference {rows[0]['reference']}")
+    for column in ("sampler", "FID", "KID", "class accuracy", "images/s"):
+        table.add_column(column, justify="left" if column == "sampler" else "right")
+    for row in rows_for_table(rows):
+        table.add_row(*row)
+    Console().print(table)
+    ratio = speedup(rows)
+    if ratio is not None:
+        console.print(f"student is {ratio:,.1f}x the teacher's images per second at {max(steps)} steps")
+    console.print(f"wrote {out / 'compare.json'} and {out / 'grid.png'} (teacher below student, same noise)")
+
+
 @app.command("fid-ref")
 def fid_ref(source: str = typer.Argument(..., help="folder of images, samples file, or dataset "
                                                      "(fashion-mnist, imagefolder:PATH, a Hub dataset)"),

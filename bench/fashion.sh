@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# The offline benchmark of issue 7 (not run in CI): DMD2 and DMD v1 students of the shipped
+# Fashion-MNIST teacher against the teacher at 1, 4 and 50 steps, 10,000 samples a row, the
+# shipped classifier's features, Fashion-MNIST's 10K test split as reference. Hours on 2 CPU
+# cores; rerunning resumes every step. Usage: bash bench/fashion.sh [NUM]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+DMD=".venv/bin/dmd"
+NUM="${1:-10000}"
+export HF_HUB_OFFLINE=1
+
+[ -f runs/fashion-ref.npz ] || $DMD fid-ref fashion-mnist --split test --size 32 --features fashion \
+    --out runs/fashion-ref.npz
+# DMD2: two time-scale rule and GAN (recipes/fashion.toml).
+$DMD distill recipes/fashion.toml
+$DMD compare runs/fashion --out runs/fashion/compare --ref runs/fashion-ref.npz --features fashion \
+    --num "$NUM" --teacher-steps 1,4,50
+# DMD v1: regression on teacher ODE pairs (DDIM 50 steps, guidance 2, the recipe's).
+$DMD make-pairs --teacher unet2d --set teacher.unet2d.model=fashion-mnist --guidance 2 --steps 50 \
+    --num 4000 --out pairs/fashion
+$DMD distill recipes/fashion.toml --set run.out=runs/fashion-dmd --set train.method=dmd \
+    --set train.critic_steps_per_generator_step=1 --set regression.pairs=pairs/fashion \
+    --set gan.generator_weight=0 --set gan.critic_weight=0
+$DMD compare runs/fashion-dmd --out runs/fashion-dmd/compare --ref runs/fashion-ref.npz --features fashion \
+    --num "$NUM" --teacher-steps 50

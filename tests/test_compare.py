@@ -1,0 +1,29 @@
+"""`dmd compare`: student and teacher rows measured the same way, a table, JSON and a grid."""
+
+import json
+
+from conftest import run_dmd
+from tiny_models import save_tiny_unet2d, unet2d_recipe
+
+
+def test_compare_measures_student_and_teacher_rows_alike(tmp_path):
+    teacher = save_tiny_unet2d(tmp_path / "teacher")
+    recipe = unet2d_recipe(tmp_path / "r.toml", teacher, tmp_path / "run", steps=2)
+    assert run_dmd("distill", recipe).returncode == 0
+    # The reference: the teacher's own 2-step samples from the same seed, so its 2-step row is ~0.
+    ref = tmp_path / "ref"
+    made = run_dmd("sample", "--teacher", "unet2d", "--set", f"teacher.unet2d.model={teacher}", "--num", 12,
+                   "--teacher-steps", 2, "--guidance", 2, "--out", ref)
+    assert made.returncode == 0, made.stderr
+    result = run_dmd("compare", tmp_path / "run", "--out", tmp_path / "cmp", "--ref", ref / "samples.safetensors",
+                     "--num", 12, "--teacher-steps", "2,1", "--features", "fashion", "--batch-size", 6)
+    assert result.returncode == 0, result.stderr
+    report = json.loads((tmp_path / "cmp" / "compare.json").read_text())
+    rows = {(r["who"], r["steps"]): r for r in report["rows"]}
+    assert list(rows) == [("student", 1), ("teacher", 1), ("teacher", 2)]
+    assert abs(rows[("teacher", 2)]["fid"]) < 1e-3 and rows[("teacher", 1)]["fid"] > 1e-2
+    assert all(r["class_accuracy"] is not None and r["num_samples"] == 12 for r in rows.values())
+    assert rows[("teacher", 2)]["guidance"] == 2.0 and rows[("student", 1)]["sampler"] is None
+    assert (tmp_path / "cmp" / "grid.png").read_bytes()[:4] == b"\x89PNG"
+    assert "class accuracy" in result.stdout and "images/s" in result.stdout
+    assert "x the teacher's images per second at 2 steps" in result.stderr
