@@ -299,6 +299,13 @@ class DMDTrainer:
         acc.unwrap_model(self.generator).load_state_dict(load_file(str(ckpt / "generator.safetensors")))
         acc.unwrap_model(self.critic).load_state_dict(load_file(str(ckpt / "critic.safetensors")))
         state = checkpoint.load_tree(ckpt, "state")
+        # Checkpoints of earlier versions lack later keys: their number of processes is the
+        # number of RNG files, and they had no scaler or EMA state.
+        state.setdefault("num_processes", len(list(ckpt.glob("rng-rank*.safetensors"))))
+        state.setdefault("scaler", None)
+        if self.ema is not None and state.get("ema") is None:
+            raise UserError(f"{ckpt} holds no EMA state, and this recipe keeps one (train.ema_decay); "
+                            f"start a new run (--set run.out=...)")
         self.opt_g.load_state_dict(state["opt_g"])
         self.opt_c.load_state_dict(state["opt_c"])
         self.sched_g.load_state_dict(state["sched_g"])

@@ -114,3 +114,21 @@ def test_half_written_metrics_line_is_dropped_on_resume(tmp_path, tiny_recipe):
     assert main(["distill", str(path)]) == 0
     steps = [json.loads(line)["step"] for line in log.read_text().splitlines()]
     assert steps == [10, 20]
+
+
+def test_checkpoint_of_an_earlier_version_resumes(tmp_path, tiny_recipe):
+    """Checkpoints written before the state held num_processes, scaler and ema still resume."""
+    from dmdcli.cli import main
+    from dmdcli.io import sha256
+
+    path = tiny_recipe(steps=10, checkpoint_every=10)
+    assert main(["distill", str(path)]) == 0
+    ckpt = tmp_path / "runs" / "tiny" / "checkpoints" / "step-00000010"
+    state = json.loads((ckpt / "state.json").read_text())
+    state["__dict__"] = [kv for kv in state["__dict__"] if kv[0] not in ("num_processes", "scaler", "ema")]
+    (ckpt / "state.json").write_text(json.dumps(state))
+    manifest = json.loads((ckpt / "manifest.json").read_text())
+    manifest["files"]["state.json"] = sha256(ckpt / "state.json")
+    (ckpt / "manifest.json").write_text(json.dumps(manifest))
+    assert main(["distill", str(path), "--set", "train.steps=20"]) == 0
+    assert (ckpt.parent / "step-00000020").is_dir()
