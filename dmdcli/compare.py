@@ -48,7 +48,7 @@ def compare(run, out: Path, num: int, teacher_steps: list[int], ref: str, featur
                      "guidance": None if who == "student" else guidance})
     best = max(k for w, k in made if w == "teacher")
     class_grid(made[("student", settings[0][1])], made[("teacher", best)], teacher.num_classes,
-               getattr(teacher, "to_images", lambda x: x), out / "grid.png")
+               teacher.to_images, out / "grid.png")
     (out / "compare.json").write_text(json.dumps({"run": str(run), "checkpoint_step": step, "rows": rows},
                                                  indent=2) + "\n")
     return rows

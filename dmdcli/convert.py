@@ -97,7 +97,7 @@ def _allowed(module: str, name: str):
     if (module, name) == ("dnnlib.util", "EasyDict"):
         return EasyDict
     if module.startswith("torch.nn.modules."):
-        return type(name, (Node,), {})
+        return Node
     if module in ("numpy.core.multiarray", "numpy._core.multiarray") and name in ("scalar", "_reconstruct"):
         import importlib
 
@@ -121,7 +121,7 @@ class RestrictedUnpickler(pickle.Unpickler):
         # alter nothing that outlives this load (our classes, torch's functions).
         if isinstance(found, type) and issubclass(found, (Persistent, Node, EasyDict)):
             return type(found.__name__, (found,), {})
-        if isinstance(found, types.FunctionType) or isinstance(found, types.BuiltinFunctionType):
+        if isinstance(found, (types.FunctionType, types.BuiltinFunctionType)):
             return functools.partial(found)
         return found
 

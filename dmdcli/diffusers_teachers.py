@@ -76,10 +76,6 @@ class UNetTeacher(Teacher):
         self.real.to(device)
         return self
 
-    def to_images(self, x: torch.Tensor) -> torch.Tensor:
-        """Samples to images in [-1, 1] (decoded for latent teachers)."""
-        return x
-
     def save_preview(self, student, teacher, labels, path: Path, title: str = "") -> None:
         from .plots import class_grid
 

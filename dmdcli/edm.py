@@ -317,9 +317,6 @@ class EDMTeacher(Teacher):
         self.real.to(device)
         return self
 
-    def to_images(self, x):
-        return x
-
     def describe(self) -> dict:
         return {"name": self.name, "model": str(Path(self.cfg.model).resolve()), "source": self.config.get("source"),
                 "sample_shape": list(self.sample_shape)}

@@ -22,14 +22,20 @@ from .io import atomic_path
 SAMPLES_FILE = "samples.safetensors"
 
 
-def save_samples(path: Path, x: torch.Tensor, labels: torch.Tensor | None, teacher_desc: dict, source: str,
-                 images: torch.Tensor | None = None) -> None:
-    """x as made; for latent teachers also `image`, the decoded uint8 images (for FID)."""
+def sample_tensors(x: torch.Tensor, labels: torch.Tensor | None, images: torch.Tensor | None = None) -> dict:
+    """What a samples file holds: x as made, `image` (decoded uint8, latent teachers), `label`."""
     tensors = {"x": x.detach().float().cpu().contiguous()}
     if images is not None:
         tensors["image"] = images.cpu().contiguous()
     if labels is not None:
         tensors["label"] = labels.cpu().long()
+    return tensors
+
+
+def save_samples(path: Path, x: torch.Tensor, labels: torch.Tensor | None, teacher_desc: dict, source: str,
+                 images: torch.Tensor | None = None) -> None:
+    """x as made; for latent teachers also `image`, the decoded uint8 images (for FID)."""
+    tensors = sample_tensors(x, labels, images)
     with atomic_path(Path(path)) as tmp:
         save_file(tensors, str(tmp), metadata={"teacher": json.dumps(teacher_desc), "source": source})
 

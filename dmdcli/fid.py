@@ -10,7 +10,6 @@ statistics in our cache), or one of clean-fid's named statistics.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 from pathlib import Path
@@ -20,6 +19,7 @@ import torch
 
 from .datasets import cache_dir
 from .errors import UserError
+from .io import sha256
 
 REFERENCES = {
     "imagenet64": {
@@ -68,7 +68,9 @@ def to_uint8_images(tensors: dict) -> torch.Tensor:
     if "image" in tensors:
         img = tensors["image"]
     elif tensors["x"].ndim == 4 and tensors["x"].shape[1] in (1, 3):
-        img = ((tensors["x"].float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+        from .teacher import uint8_images
+
+        img = uint8_images(tensors["x"])
     else:
         raise UserError(f"these samples are not images (shape {tuple(tensors['x'].shape[1:])}); image FID needs "
                         f"pixel samples, or latent samples written by `dmd sample` with their decoded images")
@@ -198,12 +200,12 @@ def reference_stats(ref: str, model, mode: str, device, batch_size: int, crop: i
 def _named_reference(name: str) -> Path:
     """The cached file of a named reference, checked against its sha256: the registry's when
     known, else the one recorded when we downloaded it (no checksum is published for EDM's
-    statistics; a file put in the cache by hand has no record until it is checked once)."""
+    statistics; a file put in the cache by hand has no record and is not checked)."""
     spec = REFERENCES[name]
     path = cache_dir() / "refs" / spec["file"]
     fetched = not path.is_file()
     download(spec["url"], path, f"reference statistics {name!r}")
-    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    digest = sha256(path)
     record = path.with_name(path.name + ".sha256")
     if fetched and not spec["sha256"]:
         from .io import write_text

@@ -14,9 +14,10 @@ from pathlib import Path
 
 import torch
 
-from .evaluate import save_samples
+from .evaluate import sample_tensors, save_samples
 from .pairs import pair_noise
 from .sampling import student_sample, teacher_ode
+from .teacher import uint8_images
 
 
 def _batched(fn, indices: range, batch_size: int, teacher, seed: int):
@@ -51,7 +52,7 @@ def _decoded(teacher, x):
     """Latent teachers: the decoded uint8 images too (for FID); None for pixel teachers."""
     if not hasattr(teacher, "vae"):
         return None
-    return ((teacher.to_images(x).float() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
+    return uint8_images(teacher.to_images(x))
 
 
 def make_samples(out: Path, num: int, teacher, *, generator=None, timesteps=(999,), student_source: str = "",
@@ -132,14 +133,7 @@ def student_tensors(run, num: int, seed: int = 0, batch_size: int = 256) -> tupl
 
     recipe, teacher, generator, _ = load_student(run)
     x, _ = _batched(_student(generator, teacher, recipe.student.timesteps, seed), range(num), batch_size, teacher, seed)
-    tensors = {"x": x}
-    images = _decoded(teacher, x)
-    if images is not None:
-        tensors["image"] = images
-    labels = teacher.condition_ids(range(num))
-    if labels is not None:
-        tensors["label"] = labels
-    return tensors, teacher.describe()
+    return sample_tensors(x, teacher.condition_ids(range(num)), _decoded(teacher, x)), teacher.describe()
 
 
 def _join_ranks(out: Path, results: dict, state) -> dict:

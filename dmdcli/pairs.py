@@ -27,6 +27,7 @@ from safetensors.torch import save_file
 from .errors import UserError
 from .io import atomic_path, sha256, write_json
 from .sampling import SAMPLERS, teacher_ode
+from .teacher import uint8_images
 from .stopping import StopRequest, Stopped
 
 FORMAT = "dmd-pairs/1"
@@ -71,7 +72,7 @@ def teacher_pairs(teacher, indices, settings: PairSettings) -> dict:
     if y is not None:
         out["label"] = y
     if settings.decode:
-        out["image"] = ((teacher.to_images(x).float().cpu() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
+        out["image"] = uint8_images(teacher.to_images(x).cpu())
     return out
 
 

@@ -57,6 +57,10 @@ class Teacher(ABC):
     def to(self, device: torch.device) -> "Teacher":
         return self
 
+    def to_images(self, x: torch.Tensor) -> torch.Tensor:
+        """Samples to images in [-1, 1]; latent teachers decode them."""
+        return x
+
     @abstractmethod
     def describe(self) -> dict:
         """Everything that identifies this teacher, for manifests and run records."""
@@ -64,6 +68,11 @@ class Teacher(ABC):
     def save_preview(self, student: torch.Tensor, teacher: torch.Tensor | None,
                      labels: torch.Tensor | None, path: Path, title: str = "") -> None:
         """Write a picture of samples (PNG) for people to look at."""
+
+
+def uint8_images(x: torch.Tensor) -> torch.Tensor:
+    """Images in [-1, 1] to uint8 pixels (values outside are clipped)."""
+    return ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
 
 
 def resolve_dtype(name: str) -> torch.dtype:

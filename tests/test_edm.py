@@ -286,8 +286,7 @@ def test_adm_gradient_checkpointing_recomputes_blocks_with_the_same_gradients():
 
 
 def test_trainer_feeds_the_generator_noise_times_80(tmp_path):
-    """In training (not only in sampling), the EDM generator's input is z * 80 at sigma 80,
-    and the regression pairs' noise is scaled the same way."""
+    """In training (not only in sampling), the EDM generator's input is z * 80 at sigma 80."""
     from dmdcli.recipe import load_recipe
     from dmdcli.trainer import DMDTrainer
 

@@ -185,7 +185,9 @@ def test_named_reference_checksum_is_recorded_and_checked(tmp_path, features, mo
     assert main(["fid", str(sa), "--ref", "imagenet64", "--features", str(features)]) == 0
     cached = tmp_path / "cache" / "refs" / "imagenet-64x64.npz"
     record = cached.with_name("imagenet-64x64.npz.sha256")
-    assert record.read_text().strip() == fid.hashlib.sha256(cached.read_bytes()).hexdigest()
+    import hashlib
+
+    assert record.read_text().strip() == hashlib.sha256(cached.read_bytes()).hexdigest()
     cached.write_bytes(cached.read_bytes() + b"x")   # corrupted later
     capsys.readouterr()
     assert main(["fid", str(sa), "--ref", "imagenet64", "--features", str(features)]) == 2
