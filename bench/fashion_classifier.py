@@ -2,6 +2,7 @@
 for the offline benchmark, and save it as TorchScript.
 
 Usage: .venv/bin/python bench/fashion_classifier.py [--epochs 6] [--out dmdcli/assets/fashion-classifier.pt]
+       .venv/bin/python bench/fashion_classifier.py --evaluate dmdcli/assets/fashion-classifier.pt
 
 The saved module follows clean-fid's feature-network convention: forward(x) takes float
 images in [0, 255], shape (B, 3, H, W), and returns 128-d penultimate features; classify(x)
@@ -53,7 +54,11 @@ def main():
     ap.add_argument("--epochs", type=int, default=6)
     ap.add_argument("--out", default="dmdcli/assets/fashion-classifier.pt")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--evaluate", help="only measure this TorchScript file: test accuracy as stored (28x28), "
+                                       "on the padded 32x32 frame, and on that frame resized by clean-fid to 299")
     a = ap.parse_args()
+    if a.evaluate:
+        return evaluate(a.evaluate)
     from dmdcli.datasets import load_images
 
     torch.manual_seed(a.seed)
@@ -87,6 +92,29 @@ def main():
     scripted = torch.jit.script(model.eval())
     scripted.save(a.out)
     print(f"saved {a.out}")
+
+
+def evaluate(path: str) -> None:
+    import numpy as np
+    from cleanfid.resize import build_resizer
+
+    from dmdcli.datasets import load_images
+
+    model = torch.jit.load(path).eval()
+
+    def accuracy(x, y):
+        with torch.no_grad():
+            pred = torch.cat([model.classify(x[i:i + 500]).argmax(1) for i in range(0, len(x), 500)])
+        return (pred == y).float().mean().item()
+
+    for size, label in ((0, "28x28 as stored"), (32, "padded 32x32 frame")):
+        x, y, _ = load_images("fashion-mnist", "test", size)
+        print(f"{label:36s} {accuracy((x + 1) * 127.5, y):.4f}  (10,000 test images)")
+    x, y, _ = load_images("fashion-mnist", "test", 32, limit=1000)
+    resize = build_resizer("clean")
+    uint8 = ((x + 1) * 127.5).round().to(torch.uint8).expand(-1, 3, -1, -1).permute(0, 2, 3, 1).numpy()
+    big = torch.from_numpy(np.stack([resize(im) for im in uint8])).permute(0, 3, 1, 2).float()
+    print(f"{'32x32 frame, clean-fid resize to 299':36s} {accuracy(big, y):.4f}  (first 1,000 test images)")
 
 
 if __name__ == "__main__":
