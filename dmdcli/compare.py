@@ -24,6 +24,9 @@ def compare(run, out: Path, num: int, teacher_steps: list[int], ref: str, featur
         raise UserError(f"--num must be positive and --teacher-steps a list of step counts >= 1, got {num} "
                         f"and {teacher_steps}")
     recipe, teacher, generator, step = load_student(run)
+    if len(teacher.sample_shape) != 3:
+        raise UserError(f"compare measures image students; {run}'s teacher ({teacher.name}) makes vectors: "
+                        f"use `dmd sample` and `dmd fid --ref gmm`")
     sampler = sampler or teacher.default_sampler
     guidance = recipe.teacher.guidance
     out = Path(out)

@@ -226,8 +226,8 @@ def fid_report(tensors: dict, ref: str, features: str = "inception", mode: str =
     if ref in REFERENCES:
         mode = REFERENCES[ref]["mode"]
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    images = _crop_tensor(to_uint8_images(tensors), crop)   # not images: say so before any download
     model = feature_model(features, mode, device)
-    images = _crop_tensor(to_uint8_images(tensors), crop)
     feats = image_features(images, model, mode, device, batch_size)
     mu_r, sigma_r, feats_r, described = reference_stats(ref, model, mode, device, batch_size, crop)
     if mu_r.shape != feats.shape[1:]:

@@ -27,3 +27,11 @@ def test_compare_measures_student_and_teacher_rows_alike(tmp_path):
     assert (tmp_path / "cmp" / "grid.png").read_bytes()[:4] == b"\x89PNG"
     assert "class accuracy" in result.stdout and "images/s" in result.stdout
     assert "x the teacher's images per second at 2 steps" in result.stderr
+
+
+def test_compare_refuses_vector_students_before_writing(tmp_path, tiny_recipe):
+    from dmdcli.cli import main
+
+    assert main(["distill", str(tiny_recipe(steps=4, checkpoint_every=4))]) == 0
+    assert main(["compare", str(tmp_path / "runs" / "tiny"), "--out", str(tmp_path / "c"), "--ref", "gmm"]) == 2
+    assert not (tmp_path / "c").exists()
