@@ -215,5 +215,6 @@ class UNet2DTeacher(UNetTeacher):
         return torch.full((n,), self.null_class, device=self.device, dtype=torch.long)
 
     def describe(self) -> dict:
-        return {"name": self.name, **asdict(self.cfg), "scheduler": self.scheduler_config,
-                "sample_shape": list(self.sample_shape)}
+        # The resolved dtype, not the recipe's word for it: "auto" and "float32" are one teacher on a CPU.
+        return {"name": self.name, **asdict(self.cfg), "dtype": str(self.dtype).removeprefix("torch."),
+                "scheduler": self.scheduler_config, "sample_shape": list(self.sample_shape)}

@@ -140,3 +140,19 @@ def test_not_enough_disk_is_refused_before_work(tmp_path, monkeypatch, capsys):
     err = capsys.readouterr().err
     assert "100000 pairs need about 2.3 MiB and" in err and "free space, lower --num or choose another --out" in err
     assert not out.exists()
+
+
+def test_pairs_of_an_auto_dtype_teacher_serve_a_float32_recipe_on_cpu(tmp_path):
+    """`dtype = "auto"` is float32 on a CPU: pairs made without a recipe (the documented
+    `make-pairs --teacher unet2d` command) belong to a recipe that says float32."""
+    from tiny_models import save_tiny_unet2d, unet2d_recipe
+
+    teacher = save_tiny_unet2d(tmp_path / "teacher")
+    pairs = tmp_path / "p"
+    assert main(["make-pairs", "--teacher", "unet2d", "--set", f"teacher.unet2d.model={teacher}", "--num", "4",
+                 "--steps", "2", "--guidance", "2", "--out", str(pairs)]) == 0
+    assert json.loads((pairs / "manifest.json").read_text())["teacher"]["dtype"] == "float32"
+    recipe = unet2d_recipe(tmp_path / "r.toml", teacher, tmp_path / "run", steps=1,
+                           extra=f'method = "dmd"\n[regression]\npairs = "{pairs}"\n')
+    recipe.write_text(recipe.read_text().replace(f'model = "{teacher}"\n', f'model = "{teacher}"\ndtype = "float32"\n'))
+    assert main(["distill", str(recipe)]) == 0
