@@ -41,3 +41,21 @@ def sha256(path: Path, chunk: int = 1 << 20) -> str:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
+
+
+def try_lock(folder: Path):
+    """An advisory lock on folder/.lock, held while the returned file stays open, or None
+    when another process holds it. The kernel drops it when its process ends, even by
+    SIGKILL, so a killed run never leaves a stale lock behind."""
+    import fcntl
+
+    folder.mkdir(parents=True, exist_ok=True)
+    fd = os.open(folder / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{os.getpid()}\n".encode())
+    return os.fdopen(fd, "w")

@@ -22,7 +22,7 @@ from safetensors.torch import load_file, save_file
 
 from . import checkpoint, losses
 from .errors import UserError
-from .io import write_text
+from .io import try_lock, write_text
 from .datasets import RealData
 from .networks import CriticWithHead, add_lora, enable_gradient_checkpointing
 from .pairs import PairSet
@@ -367,8 +367,13 @@ def distill(recipe: Recipe, progress_factory=None, console=None) -> Path:
     check_same_run(run_dir, recipe)
     trainer = DMDTrainer(recipe)
     acc = trainer.acc
+    # One command per run folder: a second one (another terminal, a resubmitted job) would
+    # interleave checkpoints and metrics with the first.
+    lock = try_lock(run_dir) if acc.is_main_process else True
+    if _any_rank(acc, lock is None):
+        raise UserError(f"{run_dir} is in use by another `dmd distill` (process "
+                        f"{_lock_holder(run_dir)}); let it finish or stop it, then run the same command again")
     if acc.is_main_process:
-        run_dir.mkdir(parents=True, exist_ok=True)
         write_text(run_dir / "recipe.toml", to_toml(recipe))
     last = checkpoint.latest_valid(run_dir)
     if last is not None:
@@ -426,6 +431,13 @@ def distill(recipe: Recipe, progress_factory=None, console=None) -> Path:
     finally:   # flush the trackers however the run ends
         acc.end_training()
     return run_dir
+
+
+def _lock_holder(run_dir: Path) -> str:
+    try:
+        return (run_dir / ".lock").read_text().strip() or "?"
+    except OSError:
+        return "?"
 
 
 def _tracker(name: str):

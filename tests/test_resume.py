@@ -77,6 +77,27 @@ def test_rerun_of_finished_run_is_a_no_op_and_longer_run_continues(tmp_path, tin
     assert (tmp_path / "runs" / "tiny" / "checkpoints" / "step-00000030").is_dir()
 
 
+def test_a_second_command_on_a_busy_run_is_refused_and_writes_nothing(tmp_path, tiny_recipe, capsys):
+    from dmdcli.cli import main
+    from dmdcli.io import try_lock
+
+    path = tiny_recipe(steps=10, checkpoint_every=10)
+    assert main(["distill", str(path)]) == 0
+    run_dir = tmp_path / "runs" / "tiny"
+    before = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file() and p.name != ".lock"}
+    held = try_lock(run_dir)   # as a running `dmd distill` of this folder holds it
+    assert held is not None
+    capsys.readouterr()
+    assert main(["distill", str(path), "--set", "train.steps=20"]) == 2
+    err = capsys.readouterr().err
+    assert f"{run_dir} is in use by another `dmd distill` (process {os.getpid()}); let it finish" in err.replace("\n", "")
+    assert "Traceback" not in err
+    assert {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file() and p.name != ".lock"} == before
+    held.close()   # the first command ends: the same command now continues
+    assert main(["distill", str(path), "--set", "train.steps=20"]) == 0
+    assert (run_dir / "checkpoints" / "step-00000020").is_dir()
+
+
 def test_changed_recipe_is_refused(tmp_path, tiny_recipe, capsys):
     from dmdcli.cli import main
 
