@@ -217,8 +217,9 @@ def fid(samples: Optional[Path] = typer.Argument(None, help="samples file or fol
         from_: Optional[Path] = typer.Option(None, "--from", help="instead: generate the samples on the fly "
                                                                    "from this run or checkpoint, writing no file"),
         num: int = typer.Option(50000, help="with --from: how many samples (classes by global index)"),
-        ref: str = typer.Option("gmm", help="gmm (exact mixture), imagenet64, a clean-fid name, an .npz, "
-                                            "a folder of images or a samples file"),
+        ref: str = typer.Option("gmm", help="gmm (exact mixture), imagenet64, fashion-mnist (shipped, with "
+                                            "--features fashion), a clean-fid name, an .npz, a folder of "
+                                            "images or a samples file"),
         features: str = typer.Option("inception", help="'inception' (clean-fid's), 'fashion' (our Fashion-MNIST "
                                                         "classifier) or a TorchScript file"),
         mode: str = typer.Option("clean", help="clean-fid mode: clean or legacy_tensorflow"),

@@ -104,6 +104,10 @@ def _crop_tensor(images: torch.Tensor, size: int) -> torch.Tensor:
 
 # Feature networks shipped with the package, by name.
 SHIPPED_FEATURES = {"fashion": Path(__file__).parent / "assets" / "fashion-classifier.pt"}
+# Statistics shipped with the package, each valid for one feature network only. Made by
+# `dmd fid-ref fashion-mnist --split test --size 32 --features fashion --out FILE`.
+SHIPPED_REFERENCES = {"fashion-mnist": {"file": Path(__file__).parent / "assets" / "fashion-mnist-test-stats.npz",
+                                        "features": "fashion"}}
 
 
 def feature_model(features: str, mode: str, device: torch.device):
@@ -159,6 +163,8 @@ def reference_stats(ref: str, model, mode: str, device, batch_size: int, crop: i
     path = Path(ref)
     if ref in REFERENCES:
         path = _named_reference(ref)
+    if ref in SHIPPED_REFERENCES:
+        path = SHIPPED_REFERENCES[ref]["file"]
     if path.suffix == ".npz" and path.is_file():
         try:
             with np.load(path) as f:
@@ -193,7 +199,7 @@ def reference_stats(ref: str, model, mode: str, device, batch_size: int, crop: i
         stats = download(url, cache_dir() / "refs" / Path(url).name, f"clean-fid's statistics for {ref!r}")
         with np.load(stats) as f:
             return f["mu"], f["sigma"], None, f"clean-fid {ref} {split} {res}px ({mode})"
-    raise UserError(f"unknown reference {ref!r}: give imagenet64, a clean-fid name ({', '.join(CLEANFID_NAMES)}), "
+    raise UserError(f"unknown reference {ref!r}: give imagenet64, fashion-mnist, a clean-fid name ({', '.join(CLEANFID_NAMES)}), "
                     f"an .npz of mu/sigma, a folder of images or a samples file")
 
 
@@ -225,6 +231,10 @@ def fid_report(tensors: dict, ref: str, features: str = "inception", mode: str =
 
     if ref in REFERENCES:
         mode = REFERENCES[ref]["mode"]
+    shipped = SHIPPED_REFERENCES.get(ref, {}).get("features")
+    if shipped and features != shipped:
+        raise UserError(f"reference {ref!r} holds statistics of the {shipped!r} features, not {features!r}; "
+                        f"add --features {shipped}")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     images = _crop_tensor(to_uint8_images(tensors), crop)   # not images: say so before any download
     model = feature_model(features, mode, device)

@@ -35,3 +35,44 @@ def test_classifier_takes_clean_fids_inputs(classifier):
     with torch.no_grad():
         assert classifier(big).shape == (200, 128)
         assert (classifier.classify(big).argmax(1) == y).float().mean().item() >= 0.9
+
+
+def test_shipped_reference_statistics_are_the_test_splits():
+    """`--ref fashion-mnist` (the 10K test split, made by `dmd fid-ref`): the mean feature of a
+    1,000-image slice lies within 5 standard errors of the shipped mean in every live dimension,
+    its variances agree (within 10% for the median dimension), and the dimensions the classifier never uses are 0 in both."""
+    import numpy as np
+
+    from dmdcli.fid import SHIPPED_REFERENCES, feature_model, image_features
+
+    with np.load(SHIPPED_REFERENCES["fashion-mnist"]["file"]) as f:
+        mu, sigma, count, features = f["mu"], f["sigma"], int(f["count"]), str(f["features"])
+    assert (count, features, mu.shape) == (10000, "fashion", (128,))
+    model = feature_model("fashion", "clean", torch.device("cpu"))
+
+    def feats(split: str):
+        x, _, _ = load_images("fashion-mnist", split, 32, limit=1000)
+        return image_features(((x + 1) * 127.5).round().to(torch.uint8).expand(-1, 3, -1, -1), model, "clean",
+                              torch.device("cpu"), 100)
+
+    test = feats("test")
+    live = np.diag(sigma) > 1e-8
+    assert 64 < live.sum() < 128 and np.all(test[:, ~live] == 0) and np.all(mu[~live] == 0)
+    stderr = np.sqrt(np.diag(sigma)[live] / len(test))
+    assert np.max(np.abs(test.mean(0)[live] - mu[live]) / stderr) < 5
+    ratio = test.var(0, ddof=1)[live] / np.diag(sigma)[live]
+    assert np.median(np.abs(ratio - 1)) < 0.1   # not every one: sparse ReLU features have heavy tails
+
+
+def test_shipped_reference_needs_its_own_features(tmp_path, capsys):
+    from tiny_models import save_tiny_unet2d
+
+    from dmdcli.cli import main
+
+    teacher, samples = save_tiny_unet2d(tmp_path / "teacher"), tmp_path / "s"
+    assert main(["sample", "--teacher", "unet2d", "--set", f"teacher.unet2d.model={teacher}", "--num", "4",
+                 "--teacher-steps", "1", "--out", str(samples)]) == 0
+    capsys.readouterr()
+    assert main(["fid", str(samples), "--ref", "fashion-mnist"]) == 2
+    assert ("reference 'fashion-mnist' holds statistics of the 'fashion' features, not 'inception'; add "
+            "--features fashion") in capsys.readouterr().err.replace("\n", "")
