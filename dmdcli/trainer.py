@@ -63,6 +63,7 @@ class DMDTrainer:
         self.acc = accelerator or Accelerator(cpu=not torch.cuda.is_available(),
                                               mixed_precision=r.train.mixed_precision, kwargs_handlers=kwargs,
                                               log_with=_tracker(r.run.log_with), project_dir=r.run.out)
+        refuse_sharding(self.acc)
         device = self.acc.device
         self.teacher = build_teacher(r.teacher).to(device)
         self.schedule = self.teacher.schedule
@@ -431,6 +432,19 @@ def distill(recipe: Recipe, progress_factory=None, console=None) -> Path:
     finally:   # flush the trackers however the run ends
         acc.end_training()
     return run_dir
+
+
+def refuse_sharding(acc) -> None:
+    """FSDP and DeepSpeed shard weights and optimiser state across processes; checkpoints here
+    are whole state dicts written by the main process, which would save one shard and
+    resume wrong. Refuse before a day of GPU time is spent rather than after."""
+    from accelerate.utils import DistributedType
+
+    if acc.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+        kind = acc.distributed_type.value
+        raise UserError(f"distill does not support {kind} yet (its checkpoints would hold one process's shard); "
+                        f"launch with DDP (accelerate launch --multi_gpu) and save memory with "
+                        f"train.gradient_checkpointing, train.lora_rank or mixed_precision bf16")
 
 
 def _lock_holder(run_dir: Path) -> str:

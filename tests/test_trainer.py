@@ -305,3 +305,20 @@ def test_lora_trains_adapters_only_and_exports_merged(tmp_path, unet_teacher):
     x, t, c = torch.randn(2, 1, 16, 16), torch.tensor([999, 999]), torch.tensor([0, 1])
     with torch.no_grad():
         torch.testing.assert_close(plain(x, t, class_labels=c).sample, student(x, t, c), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["FSDP", "DEEPSPEED"])
+def test_sharded_launches_are_refused_before_any_work(kind):
+    """Checkpoints are whole state dicts from the main process: under FSDP or DeepSpeed they
+    would hold one shard. accelerate will not start either on a CPU, so the check is fed the
+    one attribute it reads."""
+    from types import SimpleNamespace
+
+    from accelerate.utils import DistributedType
+
+    from dmdcli.errors import UserError
+    from dmdcli.trainer import refuse_sharding
+
+    with pytest.raises(UserError, match=f"distill does not support {kind} yet .* launch with DDP"):
+        refuse_sharding(SimpleNamespace(distributed_type=DistributedType[kind]))
+    refuse_sharding(SimpleNamespace(distributed_type=DistributedType.MULTI_GPU))
