@@ -95,6 +95,25 @@ def convert_teacher(source: Path = typer.Argument(..., help="EDM pickle, e.g. ed
                   f"teacher.edm.model = \"{out}\"", highlight=False)
 
 
+@app.command("convert-lpips")
+def convert_lpips(trunk: Path = typer.Argument(..., help="torchvision's ImageNet weights of the trunk, e.g. "
+                                                         "vgg16-397923af.pth"),
+                  out: Path = typer.Option(..., help="safetensors file to write"),
+                  net: str = typer.Option("vgg", help="vgg or alex"),
+                  linear: Optional[Path] = typer.Option(None, help="LPIPS linear layers (default: the lpips "
+                                                                   "package's own v0.1 file)"),
+                  trust_pickle: bool = typer.Option(False, "--trust-pickle",
+                                                    help="allow reading the two .pth files (pickles; torch's "
+                                                         "weights-only loader)")):
+    """LPIPS weights for regression.distance = "lpips", as one safetensors file
+    (regression.lpips_weights): training then reads no pickle."""
+    from .perceptual import convert_lpips as convert
+
+    info = convert(trunk, out, net, linear, trust_pickle)
+    console.print(f"wrote {out}: LPIPS-{info['net']} ({info['tensors']} tensors); in a recipe: "
+                  f"regression.distance = \"lpips\", regression.lpips_weights = \"{out}\"", highlight=False)
+
+
 def _teacher_from(name: str, recipe: Optional[Path], set_: List[str]):
     """--teacher NAME (gmm, sd, unet2d, or an alias such as sd15), settings from --recipe/--set."""
     from .hub import ALIASES

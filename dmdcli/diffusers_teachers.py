@@ -179,6 +179,10 @@ class SDTeacher(UNetTeacher):
         return torch.cat([self.vae.decode(part.to(self.device, vae_dtype) / self.vae.config.scaling_factor)
                           .sample.float().clamp(-1, 1).cpu() for part in x.split(chunk)])
 
+    def images_with_grad(self, x):
+        vae_dtype = next(self.vae.parameters()).dtype
+        return self.vae.decode(x.to(vae_dtype) / self.vae.config.scaling_factor).sample.float()
+
     def describe(self) -> dict:
         import hashlib
 

@@ -122,8 +122,10 @@ class RegressionConfig:
     """DMD v1 only: loss on teacher ODE pairs made by `dmd make-pairs`."""
     pairs: str = ""
     weight: float = 0.25
+    # "lpips" is the paper's (on decoded images, upsampled to 224) and needs lpips_weights.
     distance: str = _choices("mse", "pseudo_huber", "lpips", default="mse")
     batch_size: int = 0                 # 0: the training batch size
+    lpips_weights: str = ""             # a file made by `dmd convert-lpips`
 
 
 @dataclass
@@ -290,9 +292,9 @@ def validate(r: Recipe) -> None:
     if not ts or any(a <= b for a, b in zip(ts, ts[1:])) or not all(0 <= t <= 999 for t in ts):
         raise UserError(f"recipe key 'student.timesteps' must be a non-empty, strictly descending list "
                         f"of timesteps in 0..999, e.g. [999] or [999, 749, 499, 249]; got {ts}")
-    if r.regression.distance == "lpips":
-        raise UserError("regression.distance = 'lpips' needs LPIPS network weights, which this version "
-                        "cannot load yet; use 'pseudo_huber' or 'mse'")
+    if r.regression.distance == "lpips" and not r.regression.lpips_weights:
+        raise UserError("regression.distance = 'lpips' needs regression.lpips_weights = FILE, made by `dmd "
+                        "convert-lpips` from torchvision's VGG16 weights; without them use 'pseudo_huber' or 'mse'")
     if r.train.method == "dmd" and not r.regression.pairs:
         raise UserError("train.method = 'dmd' needs regression pairs: set regression.pairs to a folder "
                         "made by `dmd make-pairs`")

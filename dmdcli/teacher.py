@@ -61,6 +61,10 @@ class Teacher(ABC):
         """Samples to images in [-1, 1]; latent teachers decode them."""
         return x
 
+    def images_with_grad(self, x: torch.Tensor) -> torch.Tensor:
+        """Samples to images on their device, differentiable (for a loss on decoded images)."""
+        return x
+
     @abstractmethod
     def describe(self) -> dict:
         """Everything that identifies this teacher, for manifests and run records."""

@@ -26,6 +26,7 @@ from .io import try_lock, write_text
 from .datasets import RealData
 from .networks import CriticWithHead, add_lora, enable_gradient_checkpointing
 from .pairs import PairSet
+from .perceptual import load_lpips, lpips_distance
 from .recipe import Recipe, from_dict, to_dict, to_toml
 from .sampling import generator_x0, student_sample
 from .stopping import StopRequest, Stopped
@@ -68,6 +69,8 @@ class DMDTrainer:
         self.teacher = build_teacher(r.teacher).to(device)
         self.schedule = self.teacher.schedule
         self.pairs = PairSet(r.regression.pairs, self.teacher) if r.train.method == "dmd" else None
+        self.lpips = load_lpips(r.regression.lpips_weights, device) \
+            if self.pairs is not None and r.regression.distance == "lpips" else None
         torch.manual_seed(r.run.seed)  # network initialisation
         generator, critic = make_student(self.teacher, r), self.teacher.make_critic()
         if r.train.lora_rank:
@@ -186,7 +189,7 @@ class DMDTrainer:
             loss = loss + r.gan.generator_weight * loss_gan
             logs["loss_gan_g"] = loss_gan.item()
         if self.pairs is not None:
-            loss_reg = losses.regression_loss(out[n:], y, r.regression.distance)
+            loss_reg = self._regression(out[n:], y)
             loss = loss + r.regression.weight * loss_reg
             logs["loss_reg"] = loss_reg.item()
         if not self._finite(loss, "generator"):
@@ -200,6 +203,14 @@ class DMDTrainer:
         if self.ema is not None:
             self.ema.step(self.acc.unwrap_model(self.generator).parameters())
         return logs
+
+    def _regression(self, pred, y) -> torch.Tensor:
+        """DMD eq. 9's d(G(z), y): LPIPS on decoded images (the paper's), or a distance on samples."""
+        if self.lpips is None:
+            return losses.regression_loss(pred, y, self.recipe.regression.distance)
+        with torch.no_grad():
+            target = self.teacher.to_images(y).to(pred.device)
+        return lpips_distance(self.lpips, self.teacher.images_with_grad(pred), target)
 
     def critic_step(self) -> dict:
         r = self.recipe
