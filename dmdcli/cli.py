@@ -56,7 +56,7 @@ def distill(recipe: Path = typer.Argument(..., help="TOML recipe, e.g. recipes/t
 
         typer.echo(to_toml(r) + "\n" + report(r), nl=False)
         return
-    from .trainer import distill as run_distill
+    from .runner import distill as run_distill
 
     run_dir = run_distill(r, lambda: progress_bar("{task.fields[losses]}"), console)
     console.print(f"run folder: {run_dir}")

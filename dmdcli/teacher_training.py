@@ -25,7 +25,7 @@ from .datasets import load_images
 from .io import write_text
 from .recipe import TeacherRecipe, to_toml
 from .stopping import StopRequest, Stopped
-from .trainer import check_same_run
+from .runner import check_same_run
 
 SCHEDULER = {"num_train_timesteps": 1000, "beta_schedule": "linear", "beta_start": 1e-4, "beta_end": 0.02,
              "prediction_type": "epsilon", "clip_sample": False}

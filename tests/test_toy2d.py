@@ -10,7 +10,7 @@ from dmdcli import losses
 from dmdcli.recipe import load_recipe
 from dmdcli.runs import load_student
 from dmdcli.sampling import student_sample
-from dmdcli.trainer import distill
+from dmdcli.runner import distill
 
 RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "toy2d.toml"
 # The test variant: 4,000 iterations (500 critic warm-up, 700 generator steps) at batch 256,

@@ -203,7 +203,7 @@ def test_generator_ema_follows_generator_steps_only(tiny_recipe):
 
 
 def test_tracker_config_flattens_nested_tables(tiny_recipe):
-    from dmdcli.trainer import _flat
+    from dmdcli.runner import _flat
 
     flat = _flat(load_recipe(tiny_recipe()))
     assert flat["teacher.gmm.hidden"] == 32 and flat["train.method"] == "dmd2"

@@ -1,0 +1,156 @@
+"""`dmd distill`: the run around the DMD step (dmdcli/trainer.py). One command per run
+folder (a lock), resume from the newest valid checkpoint, logs, checkpoints and previews on
+schedule, a clean stop on Ctrl-C or SIGTERM.
+
+To resume, run the same command again: training continues bitwise as if never stopped.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import time
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+
+from . import checkpoint
+from .errors import UserError
+from .io import try_lock, write_text
+from .recipe import Recipe, from_dict, to_dict, to_toml
+from .stopping import StopRequest, Stopped
+from .trainer import DMDTrainer
+
+# Keys that may change between a run and its resumption (they do not change the result).
+RESUMABLE_CHANGES = {("train", "steps"), ("run", "checkpoint_every"), ("run", "keep_checkpoints"),
+                     ("run", "log_every"), ("run", "preview_samples"), ("run", "log_with"),
+                     ("train", "gradient_checkpointing")}
+
+
+def check_same_run(run_dir: Path, recipe) -> None:
+    """Refuse to resume a run folder with a recipe that differs in a key that matters."""
+    saved = run_dir / "recipe.toml"
+    if not saved.is_file():
+        return
+    import tomllib
+
+    old, new = to_dict(from_dict(tomllib.loads(saved.read_text()), type(recipe))), to_dict(recipe)
+    for section in new:
+        for key in new[section]:
+            if (section, key) not in RESUMABLE_CHANGES and old[section][key] != new[section][key]:
+                raise UserError(f"{run_dir} holds a run with a different recipe ({section}.{key}: "
+                                f"{old[section][key]!r} there, {new[section][key]!r} now); to start a new "
+                                f"run use another folder, e.g. --set run.out={run_dir}-2")
+
+
+def distill(recipe: Recipe, progress_factory=None, console=None) -> Path:
+    """Run (or resume) a distillation; returns the run folder."""
+    run_dir = Path(recipe.run.out)
+    check_same_run(run_dir, recipe)
+    trainer = DMDTrainer(recipe)
+    acc = trainer.acc
+    # One command per run folder: a second one (another terminal, a resubmitted job) would
+    # interleave checkpoints and metrics with the first.
+    lock = try_lock(run_dir) if acc.is_main_process else True
+    if _any_rank(acc, lock is None):
+        raise UserError(f"{run_dir} is in use by another `dmd distill` (process "
+                        f"{_lock_holder(run_dir)}); let it finish or stop it, then run the same command again")
+    if acc.is_main_process:
+        write_text(run_dir / "recipe.toml", to_toml(recipe))
+    last = checkpoint.latest_valid(run_dir)
+    if last is not None:
+        trainer.load(last)
+        if console and acc.is_main_process:
+            console.print(f"resuming {run_dir} from {last.name}")
+    metrics_path = run_dir / "metrics.jsonl"
+    if acc.is_main_process:
+        _truncate_metrics(metrics_path, trainer.step)
+    total = recipe.train.steps
+    if trainer.step >= total:
+        if console and acc.is_main_process:
+            console.print(f"{run_dir} is already complete at step {trainer.step}")
+        return run_dir
+    if recipe.run.log_with != "none":   # TensorBoard: runs/NAME/logs/; wandb: project "dmd", run NAME
+        # purge_step: a resumed run drops the events logged past its checkpoint, as metrics.jsonl does.
+        acc.init_trackers("logs" if recipe.run.log_with == "tensorboard" else "dmd", config=_flat(recipe),
+                          init_kwargs={"wandb": {"name": run_dir.name},
+                                       "tensorboard": {"purge_step": trainer.step} if trainer.step else {}})
+    sums: dict[str, float] = {}
+    counts: dict[str, int] = {}
+    t0 = time.time()
+    progress = progress_factory() if (progress_factory and acc.is_main_process) else None
+    try:
+        with progress or contextlib.nullcontext(), StopRequest() as stop:
+            task = progress.add_task("distill", total=total, completed=trainer.step, losses="") if progress else None
+            while trainer.step < total:
+                logs = trainer.train_step()
+                for k, v in logs.items():
+                    sums[k] = sums.get(k, 0.0) + v
+                    counts[k] = counts.get(k, 0) + 1
+                step = trainer.step
+                at_checkpoint = step % recipe.run.checkpoint_every == 0 or step == total
+                # Log windows also close at checkpoints, so a resumed run logs the same windows.
+                if step % recipe.run.log_every == 0 or at_checkpoint:
+                    means = {k: sums[k] if k.startswith("skipped") else sums[k] / counts[k] for k in sums}
+                    means.update(step=step, lr_generator=trainer.sched_g.get_last_lr()[0], seconds=time.time() - t0)
+                    if acc.is_main_process:
+                        with open(metrics_path, "a") as f:
+                            f.write(json.dumps(means) + "\n")
+                    acc.log({k: v for k, v in means.items() if k != "step"}, step=step)
+                    if progress:
+                        progress.update(task, losses="  ".join(f"{k[5:]} {means[k]:.4f}" for k in sorted(means)
+                                                               if k.startswith("loss_")))
+                    sums, counts = {}, {}
+                if progress:
+                    progress.update(task, completed=step)
+                stopping = _any_rank(acc, stop.requested)
+                if at_checkpoint or stopping:
+                    trainer.save()
+                    trainer.preview(f"step-{step:08d}")
+                if stopping:
+                    raise Stopped(stop.signum or 15, f"stopped at step {step} with a checkpoint; "
+                                                     f"run the same command again to resume")
+    finally:   # flush the trackers however the run ends
+        acc.end_training()
+    return run_dir
+
+
+def _lock_holder(run_dir: Path) -> str:
+    try:
+        return (run_dir / ".lock").read_text().strip() or "?"
+    except OSError:
+        return "?"
+
+
+def _any_rank(acc: Accelerator, flag: bool) -> bool:
+    """True on every rank if it is true on any (so all ranks stop at the same step)."""
+    if acc.num_processes == 1:
+        return flag
+    return bool(acc.reduce(torch.tensor([float(flag)], device=acc.device), reduction="sum").item())
+
+
+def _flat(tree: dict | Recipe, prefix: str = "") -> dict:
+    """The recipe as dotted key -> scalar (nested tables too), for the trackers' hyperparameters."""
+    out = {}
+    for key, v in (to_dict(tree) if isinstance(tree, Recipe) else tree).items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{key}."))
+        else:
+            out[prefix + key] = v if isinstance(v, (int, float, str, bool)) else str(v)
+    return out
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Drop log lines past the checkpoint we resume from, so the log reads as one run."""
+    if not path.is_file():
+        return
+    keep = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line)["step"] <= step:
+                keep.append(line)
+        except (ValueError, KeyError, TypeError):
+            pass  # a line half-written by a killed run
+    write_text(path, "".join(line + "\n" for line in keep))
+
