@@ -9,17 +9,16 @@ DMD=".venv/bin/dmd"
 NUM="${1:-10000}"
 export HF_HUB_OFFLINE=1
 
-[ -f runs/fashion-ref.npz ] || $DMD fid-ref fashion-mnist --split test --size 32 --features fashion \
-    --out runs/fashion-ref.npz
+# --ref fashion-mnist: the shipped statistics of the 10K test split (dmd fid-ref made them).
 # DMD2: two time-scale rule and GAN (recipes/fashion.toml).
 $DMD distill recipes/fashion.toml
-$DMD compare runs/fashion --out runs/fashion/compare --ref runs/fashion-ref.npz --features fashion \
-    --num "$NUM" --teacher-steps 1,4,50
+$DMD compare runs/fashion --out runs/fashion/compare --ref fashion-mnist --features fashion \
+    --num "$NUM" --teacher-steps 1,4,50 --batch-size 32
 # DMD v1: regression on teacher ODE pairs (DDIM 50 steps, guidance 2, the recipe's).
-$DMD make-pairs --teacher unet2d --set teacher.unet2d.model=fashion-mnist --guidance 2 --steps 50 \
-    --num 4000 --out pairs/fashion
+$DMD make-pairs --teacher unet2d --recipe recipes/fashion.toml --steps 50 --num 4000 --batch-size 32 \
+    --out pairs/fashion
 $DMD distill recipes/fashion.toml --set run.out=runs/fashion-dmd --set train.method=dmd \
     --set train.critic_steps_per_generator_step=1 --set regression.pairs=pairs/fashion \
     --set gan.generator_weight=0 --set gan.critic_weight=0
-$DMD compare runs/fashion-dmd --out runs/fashion-dmd/compare --ref runs/fashion-ref.npz --features fashion \
-    --num "$NUM" --teacher-steps 50
+$DMD compare runs/fashion-dmd --out runs/fashion-dmd/compare --ref fashion-mnist --features fashion \
+    --num "$NUM" --teacher-steps 50 --batch-size 32
