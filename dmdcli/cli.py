@@ -138,7 +138,8 @@ def make_pairs(teacher: str = typer.Option(..., help="teacher: gmm, sd, unet2d, 
                sampler: Optional[str] = typer.Option(None, help="ddim (eta 0), dpmpp-2m, euler or heun "
                                                                 "(default: heun for edm, else ddim)"),
                guidance: Optional[float] = typer.Option(None, help="CFG scale, standard form (default: the "
-                                                                  "recipe's; without one, sd 3, else 1)"),
+                                                                  "recipe's or --set teacher.guidance; else sd 3, "
+                                                                  "others 1)"),
                seed: int = typer.Option(0), shard_size: int = typer.Option(1024), batch_size: int = typer.Option(256),
                decode: bool = typer.Option(False, "--decode", help="sd: also store decoded images (uint8)"),
                verify: int = typer.Option(0, help="instead of making pairs, check hashes and regenerate N of them")):
@@ -156,10 +157,10 @@ def make_pairs(teacher: str = typer.Option(..., help="teacher: gmm, sd, unet2d, 
         _report_problems(verify_pairs(out, t, verify, seed), f"{out}: every shard matches its hash and "
                                                                f"{verify} regenerated pairs match")
         return
-    if guidance is None and recipe:
-        from .recipe import load_recipe
+    if guidance is None and (recipe or any(s.startswith("teacher.guidance=") for s in set_)):
+        from .recipe import load_recipe, recipe_from_data
 
-        guidance = load_recipe(recipe, set_).teacher.guidance
+        guidance = (load_recipe(recipe, set_) if recipe else recipe_from_data({}, set_)).teacher.guidance
     if guidance is None:
         guidance = 3.0 if t.name == "sd" else 1.0
     settings = PairSettings(steps, sampler or t.default_sampler, guidance, seed, shard_size, decode)
@@ -259,6 +260,9 @@ def fid(samples: Optional[Path] = typer.Argument(None, help="samples file or fol
 
     if (samples is None) == (from_ is None):
         raise UserError("give a samples file or folder, or --from RUN to generate samples on the fly")
+    from .fid import check_reference_features
+
+    check_reference_features(ref, features)
     if from_ is not None:
         from .generate import student_tensors
 

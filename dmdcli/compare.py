@@ -15,7 +15,7 @@ def compare(run, out: Path, num: int, teacher_steps: list[int], ref: str, featur
             mode: str = "clean", seed: int = 0, batch_size: int = 256, sampler: str | None = None) -> list[dict]:
     """One row per sampler setting: the student first, then the teacher at each step count.
     Each row: who, steps, images per second, FID (+ KID, class accuracy where available)."""
-    from .fid import fid_report
+    from .fid import check_reference_features, fid_report
     from .generate import make_samples
     from .plots import class_grid
     from .runs import load_student
@@ -23,6 +23,7 @@ def compare(run, out: Path, num: int, teacher_steps: list[int], ref: str, featur
     if num <= 0 or not teacher_steps or min(teacher_steps) < 1:
         raise UserError(f"--num must be positive and --teacher-steps a list of step counts >= 1, got {num} "
                         f"and {teacher_steps}")
+    check_reference_features(ref, features)
     recipe, teacher, generator, step = load_student(run)
     if len(teacher.sample_shape) != 3:
         raise UserError(f"compare measures image students; {run}'s teacher ({teacher.name}) makes vectors: "

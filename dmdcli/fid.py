@@ -225,16 +225,21 @@ def _named_reference(name: str) -> Path:
     return path
 
 
+def check_reference_features(ref: str, features: str) -> None:
+    """A shipped reference holds one feature network's statistics: say so before any sampling."""
+    shipped = SHIPPED_REFERENCES.get(ref, {}).get("features")
+    if shipped and features != shipped:
+        raise UserError(f"reference {ref!r} holds statistics of the {shipped!r} features, not {features!r}; "
+                        f"add --features {shipped}, or make statistics for {features!r} with `dmd fid-ref`")
+
+
 def fid_report(tensors: dict, ref: str, features: str = "inception", mode: str = "clean",
                batch_size: int = 64, kid: bool = True, crop: int = 0) -> dict:
     from cleanfid.fid import frechet_distance, kernel_distance
 
     if ref in REFERENCES:
         mode = REFERENCES[ref]["mode"]
-    shipped = SHIPPED_REFERENCES.get(ref, {}).get("features")
-    if shipped and features != shipped:
-        raise UserError(f"reference {ref!r} holds statistics of the {shipped!r} features, not {features!r}; "
-                        f"add --features {shipped}")
+    check_reference_features(ref, features)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     images = _crop_tensor(to_uint8_images(tensors), crop)   # not images: say so before any download
     model = feature_model(features, mode, device)
@@ -275,7 +280,9 @@ def make_reference(source: str, out: Path, features: str = "inception", mode: st
         uint8 = ((images + 1) * 127.5).round().to(torch.uint8).expand(-1, 3, -1, -1)
         feats = image_features(_crop_tensor(uint8, crop), model, mode, device, batch_size)
         mu, sigma, count = feats.mean(0), np.cov(feats, rowvar=False), len(feats)
+    network = Path(str(SHIPPED_FEATURES.get(features, features)))   # which weights made the statistics
     with atomic_path(Path(out)) as tmp:
         with open(tmp, "wb") as f:
-            np.savez(f, mu=mu, sigma=sigma, count=count, features=features, mode=mode, crop=crop)
+            np.savez(f, mu=mu, sigma=sigma, count=count, features=features, mode=mode, crop=crop,
+                     features_sha256=sha256(network) if network.is_file() else "")
     return {"count": count, "dim": int(mu.shape[0])}

@@ -226,8 +226,10 @@ class PairSet(torch.utils.data.Dataset):
             if problems:
                 raise UserError(f"{problems[0]}; rerun the `dmd make-pairs` command to rebuild it")
         if teacher is not None and manifest["teacher"] != teacher.describe():
+            now = teacher.describe()
+            changed = sorted(k for k in {*manifest["teacher"], *now} if manifest["teacher"].get(k) != now.get(k))
             raise UserError(f"pairs in {folder} were made by another teacher than the recipe's "
-                            f"({manifest['teacher'].get('name')}, settings differ); make pairs with "
+                            f"({manifest['teacher'].get('name')}; {', '.join(changed)} differ); make pairs with "
                             f"`dmd make-pairs --recipe RECIPE` so they use the recipe's teacher")
         self.manifest = manifest
         self.shards = sorted(manifest["shards"], key=lambda r: r["start"])

@@ -20,7 +20,7 @@ from .errors import UserError
 from .io import try_lock, write_text
 from .recipe import Recipe, from_dict, to_dict, to_toml
 from .stopping import StopRequest, Stopped
-from .trainer import DMDTrainer
+from .trainer import DMDTrainer, make_accelerator
 
 # Keys that may change between a run and its resumption (they do not change the result).
 RESUMABLE_CHANGES = {("train", "steps"), ("run", "checkpoint_every"), ("run", "keep_checkpoints"),
@@ -47,15 +47,23 @@ def check_same_run(run_dir: Path, recipe) -> None:
 def distill(recipe: Recipe, progress_factory=None, console=None) -> Path:
     """Run (or resume) a distillation; returns the run folder."""
     run_dir = Path(recipe.run.out)
-    check_same_run(run_dir, recipe)
-    trainer = DMDTrainer(recipe)
-    acc = trainer.acc
+    acc = make_accelerator(recipe)
     # One command per run folder: a second one (another terminal, a resubmitted job) would
-    # interleave checkpoints and metrics with the first.
-    lock = try_lock(run_dir) if acc.is_main_process else True
-    if _any_rank(acc, lock is None):
+    # interleave checkpoints and metrics with the first. Taken before any model is loaded.
+    lock = try_lock(run_dir) if acc.is_main_process else None
+    if _any_rank(acc, acc.is_main_process and lock is None):
         raise UserError(f"{run_dir} is in use by another `dmd distill` (process "
                         f"{_lock_holder(run_dir)}); let it finish or stop it, then run the same command again")
+    try:
+        return _distill(recipe, acc, run_dir, progress_factory, console)
+    finally:
+        if lock is not None:
+            lock.close()
+
+
+def _distill(recipe: Recipe, acc: Accelerator, run_dir: Path, progress_factory, console) -> Path:
+    check_same_run(run_dir, recipe)
+    trainer = DMDTrainer(recipe, acc)
     if acc.is_main_process:
         write_text(run_dir / "recipe.toml", to_toml(recipe))
     last = checkpoint.latest_valid(run_dir)

@@ -27,21 +27,34 @@ from .sampling import generator_x0, student_sample
 from .teacher import build_teacher, make_student
 
 
+def uses_gan(recipe: Recipe) -> bool:
+    return recipe.gan.generator_weight > 0 or recipe.gan.critic_weight > 0
+
+
+def make_accelerator(recipe: Recipe) -> Accelerator:
+    """The run's Accelerator (DMDTrainer refuses sharded launches before loading anything)."""
+    # With the GAN head, a critic pass that needs no logits leaves the head unused.
+    kwargs = [DistributedDataParallelKwargs(find_unused_parameters=True)] if uses_gan(recipe) else []
+    acc = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=recipe.train.mixed_precision,
+                      kwargs_handlers=kwargs, log_with=_tracker(recipe.run.log_with), project_dir=recipe.run.out)
+    return acc
+
+
 class DMDTrainer:
     def __init__(self, recipe: Recipe, accelerator: Accelerator | None = None):
         self.recipe = r = recipe
         self.run_dir = Path(r.run.out)
-        self.gan = r.gan.generator_weight > 0 or r.gan.critic_weight > 0
-        # With the GAN head, a critic pass that needs no logits leaves the head unused.
-        kwargs = [DistributedDataParallelKwargs(find_unused_parameters=True)] if self.gan else []
-        self.acc = accelerator or Accelerator(cpu=not torch.cuda.is_available(),
-                                              mixed_precision=r.train.mixed_precision, kwargs_handlers=kwargs,
-                                              log_with=_tracker(r.run.log_with), project_dir=r.run.out)
+        self.gan = uses_gan(r)
+        self.acc = accelerator or make_accelerator(r)
         refuse_sharding(self.acc)
         device = self.acc.device
         self.teacher = build_teacher(r.teacher).to(device)
         self.schedule = self.teacher.schedule
         self.pairs = PairSet(r.regression.pairs, self.teacher) if r.train.method == "dmd" else None
+        if self.pairs is not None and self.pairs.manifest["guidance"] != r.teacher.guidance:
+            raise UserError(f"pairs in {r.regression.pairs} were made at guidance {self.pairs.manifest['guidance']} "
+                            f"and the recipe's teacher uses {r.teacher.guidance}; make pairs with `dmd make-pairs "
+                            f"--recipe RECIPE` (it takes the recipe's guidance)")
         self.lpips = load_lpips(r.regression.lpips_weights, device) \
             if self.pairs is not None and r.regression.distance == "lpips" else None
         torch.manual_seed(r.run.seed)  # network initialisation
@@ -181,8 +194,8 @@ class DMDTrainer:
         """DMD eq. 9's d(G(z), y): LPIPS on decoded images (the paper's), or a distance on samples."""
         if self.lpips is None:
             return losses.regression_loss(pred, y, self.recipe.regression.distance)
-        with torch.no_grad():
-            target = self.teacher.to_images(y).to(pred.device)
+        with torch.no_grad():   # both sides decoded alike, so d(y, y) = 0
+            target = self.teacher.images_with_grad(y)
         return lpips_distance(self.lpips, self.teacher.images_with_grad(pred), target)
 
     def critic_step(self) -> dict:
@@ -347,15 +360,15 @@ class DMDTrainer:
 
 
 def refuse_sharding(acc) -> None:
-    """FSDP and DeepSpeed shard weights and optimiser state across processes; checkpoints here
-    are whole state dicts written by the main process, which would save one shard and
-    resume wrong. Refuse before a day of GPU time is spent rather than after."""
+    """Checkpoints here are whole state dicts written by the main process: under FSDP,
+    DeepSpeed or any other sharding they would hold one process's shard and resume wrong.
+    Only plain and data-parallel launches pass; refuse before a day of GPU time is spent."""
     from accelerate.utils import DistributedType
 
-    if acc.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
-        kind = acc.distributed_type.value
-        raise UserError(f"distill does not support {kind} yet (its checkpoints would hold one process's shard); "
-                        f"launch with DDP (accelerate launch --multi_gpu) and save memory with "
+    kind = DistributedType(acc.distributed_type)
+    if kind != DistributedType.NO and not kind.value.startswith("MULTI_"):
+        raise UserError(f"distill does not support {kind.value} yet (its checkpoints would hold one process's "
+                        f"shard); launch with DDP (accelerate launch --multi_gpu) and save memory with "
                         f"train.gradient_checkpointing, train.lora_rank or mixed_precision bf16")
 
 

@@ -37,17 +37,23 @@ def test_classifier_takes_clean_fids_inputs(classifier):
         assert (classifier.classify(big).argmax(1) == y).float().mean().item() >= 0.9
 
 
-def test_shipped_reference_statistics_are_the_test_splits():
-    """`--ref fashion-mnist` (the 10K test split, made by `dmd fid-ref`): the mean feature of a
-    1,000-image slice lies within 5 standard errors of the shipped mean in every live dimension,
+def test_shipped_reference_statistics_fit_the_test_split_and_the_shipped_classifier():
+    """`--ref fashion-mnist` (the 10K test split, made by `dmd fid-ref` with the shipped
+    classifier, whose sha256 it records): the mean feature of a 1,000-image slice of the test
+    split lies within 5 standard errors of the shipped mean in every live dimension,
     its variances agree (within 10% for the median dimension), and the dimensions the classifier never uses are 0 in both."""
     import numpy as np
 
     from dmdcli.fid import SHIPPED_REFERENCES, feature_model, image_features
 
+    from dmdcli.fid import SHIPPED_FEATURES
+    from dmdcli.io import sha256
+
     with np.load(SHIPPED_REFERENCES["fashion-mnist"]["file"]) as f:
         mu, sigma, count, features = f["mu"], f["sigma"], int(f["count"]), str(f["features"])
+        made_by = str(f["features_sha256"])
     assert (count, features, mu.shape) == (10000, "fashion", (128,))
+    assert made_by == sha256(SHIPPED_FEATURES["fashion"]), "statistics of another classifier: rerun dmd fid-ref"
     model = feature_model("fashion", "clean", torch.device("cpu"))
 
     def feats(split: str):
@@ -76,3 +82,9 @@ def test_shipped_reference_needs_its_own_features(tmp_path, capsys):
     assert main(["fid", str(samples), "--ref", "fashion-mnist"]) == 2
     assert ("reference 'fashion-mnist' holds statistics of the 'fashion' features, not 'inception'; add "
             "--features fashion") in capsys.readouterr().err.replace("\n", "")
+    # Before any sampling: `fid --from` and `compare` refuse with nothing generated or written.
+    assert main(["fid", "--from", str(tmp_path / "no-run-needed"), "--ref", "fashion-mnist"]) == 2
+    assert main(["compare", str(tmp_path / "no-run-needed"), "--out", str(tmp_path / "c"),
+                 "--ref", "fashion-mnist"]) == 2
+    assert capsys.readouterr().err.count("holds statistics of the 'fashion' features") == 2
+    assert not (tmp_path / "c").exists()

@@ -1,6 +1,7 @@
 """Image FID on clean-fid, with a small TorchScript feature network saved by the test."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -155,6 +156,10 @@ def test_crop_applies_to_samples_and_references_alike(tmp_path, features, capsys
     folder = as_folder(tmp_path / "same", wide_a)
     assert main(["fid-ref", str(folder), "--out", str(tmp_path / "c.npz"), "--features", str(features),
                  "--crop", "8"]) == 0
+    from dmdcli.io import sha256
+
+    with np.load(tmp_path / "c.npz") as f:   # which feature network made them
+        assert str(f["features_sha256"]) == sha256(Path(features))
     capsys.readouterr()
     assert main(["fid", str(sa), "--ref", str(tmp_path / "c.npz"), "--features", str(features)]) == 2
     assert "c.npz was made with --crop 8, these samples with --crop 0; use the same for both" in capsys.readouterr().err

@@ -8,29 +8,28 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 lpips = pytest.importorskip("lpips")
 
 from dmdcli.cli import main  # noqa: E402
-from dmdcli.perceptual import _lpips_network, load_lpips, lpips_distance  # noqa: E402
+from dmdcli.perceptual import load_lpips, lpips_distance  # noqa: E402
 from tiny_models import save_tiny_unet2d, unet2d_recipe  # noqa: E402
 
 
-def write_trunk(path: Path, net: str, seed: int = 0) -> torch.nn.Module:
-    """A random trunk saved as torchvision saves it (`features.N.*`); returns the LPIPS
-    network holding that trunk and the package's real linear layers."""
+def write_trunk(path: Path, net: str, seed: int = 0) -> torch.nn.Sequential:
+    """torchvision's own network with random weights, its `features.*` tensors saved as
+    torchvision's files hold them (the classifier is left out: LPIPS does not use it)."""
+    import torchvision
+
     torch.manual_seed(seed)
-    model = _lpips_network(net)
-    trunk = {"features." + k.split(".", 2)[2]: v for k, v in model.state_dict().items() if k.startswith("net.")}
-    torch.save(trunk, path)
-    linear = torch.load(Path(lpips.__file__).parent / "weights" / "v0.1" / f"{net}.pth", map_location="cpu",
-                        weights_only=True)
-    model.load_state_dict(linear, strict=False)
-    return model.eval()
+    model = {"vgg": torchvision.models.vgg16, "alex": torchvision.models.alexnet}[net](weights=None)
+    torch.save({k: v for k, v in model.state_dict().items() if k.startswith("features.")}, path)
+    return model.features.eval()
 
 
 def test_conversion_needs_the_flag_and_gives_the_same_network(tmp_path, capsys):
-    reference = write_trunk(tmp_path / "vgg16.pth", "vgg")
+    features = write_trunk(tmp_path / "vgg16.pth", "vgg")
     out = tmp_path / "lpips-vgg.safetensors"
     assert main(["convert-lpips", str(tmp_path / "vgg16.pth"), "--out", str(out)]) == 2
     assert (f"reading {tmp_path / 'vgg16.pth'} means unpickling it (a torch .pth); if you trust the file, add "
@@ -41,8 +40,20 @@ def test_conversion_needs_the_flag_and_gives_the_same_network(tmp_path, capsys):
     torch.manual_seed(1)
     x, y = torch.rand(2, 3, 32, 32) * 2 - 1, torch.rand(2, 3, 32, 32) * 2 - 1
     with torch.no_grad():
+        # The trunk is torchvision's VGG16: LPIPS reads relu1_2, relu2_2, relu3_3, relu4_3, relu5_3.
+        h, taps = model.scaling_layer(x), []
+        for i, layer in enumerate(features):
+            h = layer(h)
+            if i in (3, 8, 15, 22, 29):
+                taps.append(h)
+        for ours, theirs in zip(model.net(model.scaling_layer(x)), taps, strict=True):
+            torch.testing.assert_close(ours, theirs, rtol=0, atol=0)
+        # The linear layers are the ones the lpips package ships.
+        linear = torch.load(Path(lpips.__file__).parent / "weights" / "v0.1" / "vgg.pth", map_location="cpu",
+                            weights_only=True)
+        assert all(torch.equal(model.state_dict()[k], v) for k, v in linear.items())
         up = torch.nn.functional.interpolate
-        expected = reference(up(x, size=224, mode="bilinear"), up(y, size=224, mode="bilinear")).mean()
+        expected = model(up(x, size=224, mode="bilinear"), up(y, size=224, mode="bilinear")).mean()
         assert torch.equal(lpips_distance(model, x, y), expected)
         assert lpips_distance(model, x, x).item() == 0 and expected.item() > 0
     assert not any(p.requires_grad for p in model.parameters())
@@ -76,13 +87,19 @@ def test_dmd_v1_trains_with_lpips_on_decoded_images(tmp_path):
     from dmdcli.trainer import DMDTrainer
 
     trainer = DMDTrainer(load_recipe(recipe, ["run.out=" + str(tmp_path / "probe")]))
-    x, y = torch.rand(2, 1, 16, 16) * 2 - 1, torch.rand(2, 1, 16, 16) * 2 - 1
+    x, y = (torch.rand(2, 1, 16, 16, device=trainer.acc.device) * 2 - 1 for _ in range(2))
     assert isinstance(trainer.lpips, lpips.LPIPS)
     assert torch.equal(trainer._regression(x, y), lpips_distance(trainer.lpips, x, y))
+    assert trainer._regression(x, x).item() == 0
     assert main(["distill", str(recipe), "--set", "run.log_every=1"]) == 0
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     reg = [r["loss_reg"] for r in rows if "loss_reg" in r]
     assert reg and all(0 < v < float("inf") for v in reg)
+    # The generator started as the teacher's UNet and has moved.
+    trained = load_file(str(tmp_path / "run" / "checkpoints" / "step-00000002" / "generator.safetensors"))
+    start = load_file(str(teacher / "unet" / "diffusion_pytorch_model.safetensors"))
+    assert set(trained) == {"unet." + k for k in start}
+    assert any(not torch.equal(trained["unet." + k], v) for k, v in start.items())
 
 
 def test_sd_images_with_grad_carry_gradients_to_latents(tmp_path):

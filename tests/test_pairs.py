@@ -142,17 +142,26 @@ def test_not_enough_disk_is_refused_before_work(tmp_path, monkeypatch, capsys):
     assert not out.exists()
 
 
-def test_pairs_of_an_auto_dtype_teacher_serve_a_float32_recipe_on_cpu(tmp_path):
+@pytest.mark.skipif(torch.cuda.is_available(), reason="dtype auto is bf16 on CUDA")
+def test_pairs_of_an_auto_dtype_teacher_serve_a_float32_recipe_on_cpu(tmp_path, capsys):
     """`dtype = "auto"` is float32 on a CPU: pairs made without a recipe (the documented
-    `make-pairs --teacher unet2d` command) belong to a recipe that says float32."""
+    `make-pairs --teacher unet2d` command) belong to a recipe that says float32. Their
+    guidance (here from --set teacher.guidance) must be the recipe's."""
     from tiny_models import save_tiny_unet2d, unet2d_recipe
 
     teacher = save_tiny_unet2d(tmp_path / "teacher")
     pairs = tmp_path / "p"
     assert main(["make-pairs", "--teacher", "unet2d", "--set", f"teacher.unet2d.model={teacher}", "--num", "4",
-                 "--steps", "2", "--guidance", "2", "--out", str(pairs)]) == 0
-    assert json.loads((pairs / "manifest.json").read_text())["teacher"]["dtype"] == "float32"
+                 "--steps", "2", "--set", "teacher.guidance=2", "--out", str(pairs)]) == 0
+    manifest = json.loads((pairs / "manifest.json").read_text())
+    assert manifest["teacher"]["dtype"] == "float32" and manifest["guidance"] == 2.0
     recipe = unet2d_recipe(tmp_path / "r.toml", teacher, tmp_path / "run", steps=1,
                            extra=f'method = "dmd"\n[regression]\npairs = "{pairs}"\n')
-    recipe.write_text(recipe.read_text().replace(f'model = "{teacher}"\n', f'model = "{teacher}"\ndtype = "float32"\n'))
+    text = recipe.read_text()
+    recipe.write_text(text.replace(f'model = "{teacher}"\n', f'model = "{teacher}"\ndtype = "float32"\n'))
+    assert recipe.read_text() != text
     assert main(["distill", str(recipe)]) == 0
+    capsys.readouterr()
+    assert main(["distill", str(recipe), "--set", "teacher.guidance=3", "--set", f"run.out={tmp_path / 'r3'}"]) == 2
+    assert (f"pairs in {pairs} were made at guidance 2.0 and the recipe's teacher uses 3.0; make pairs with "
+            f"`dmd make-pairs --recipe RECIPE`") in capsys.readouterr().err.replace("\n", "")

@@ -98,6 +98,24 @@ def test_a_second_command_on_a_busy_run_is_refused_and_writes_nothing(tmp_path, 
     assert (run_dir / "checkpoints" / "step-00000020").is_dir()
 
 
+def test_the_run_lock_dies_with_its_process_even_on_sigkill(tmp_path):
+    from dmdcli.io import try_lock
+
+    code = ("import sys, time; from pathlib import Path; from dmdcli.io import try_lock; "
+            "held = try_lock(Path(sys.argv[1])); print('locked', flush=True); time.sleep(600)")
+    proc = subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "locked"
+        assert try_lock(tmp_path) is None
+        assert (tmp_path / ".lock").read_text().strip() == str(proc.pid)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    held = try_lock(tmp_path)
+    assert held is not None
+    held.close()
+
+
 def test_changed_recipe_is_refused(tmp_path, tiny_recipe, capsys):
     from dmdcli.cli import main
 

@@ -307,18 +307,21 @@ def test_lora_trains_adapters_only_and_exports_merged(tmp_path, unet_teacher):
         torch.testing.assert_close(plain(x, t, class_labels=c).sample, student(x, t, c), rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("kind", ["FSDP", "DEEPSPEED"])
-def test_sharded_launches_are_refused_before_any_work(kind):
-    """Checkpoints are whole state dicts from the main process: under FSDP or DeepSpeed they
-    would hold one shard. accelerate will not start either on a CPU, so the check is fed the
-    one attribute it reads."""
+@pytest.mark.parametrize("kind", ["FSDP", "DEEPSPEED", "MEGATRON_LM", "XLA"])
+def test_sharded_launches_are_refused_before_any_work(kind, tiny_recipe, monkeypatch):
+    """Checkpoints are whole state dicts from the main process: under FSDP, DeepSpeed or any
+    other sharding they would hold one shard. accelerate will not start those on a CPU, so the
+    trainer is handed the one attribute it reads first; no teacher may be loaded."""
     from types import SimpleNamespace
 
     from accelerate.utils import DistributedType
 
+    import dmdcli.trainer
     from dmdcli.errors import UserError
     from dmdcli.trainer import refuse_sharding
 
+    monkeypatch.setattr(dmdcli.trainer, "build_teacher", lambda cfg: pytest.fail("a teacher was loaded"))
     with pytest.raises(UserError, match=f"distill does not support {kind} yet .* launch with DDP"):
-        refuse_sharding(SimpleNamespace(distributed_type=DistributedType[kind]))
-    refuse_sharding(SimpleNamespace(distributed_type=DistributedType.MULTI_GPU))
+        DMDTrainer(load_recipe(tiny_recipe()), accelerator=SimpleNamespace(distributed_type=DistributedType[kind]))
+    for fine in ("NO", "MULTI_CPU", "MULTI_GPU"):
+        refuse_sharding(SimpleNamespace(distributed_type=DistributedType[fine]))
