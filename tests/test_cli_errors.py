@@ -135,4 +135,4 @@ def test_pairs_from_another_teacher_are_refused(tmp_path, capsys, tiny_recipe):
     capsys.readouterr()
     code, _, err = run(capsys, "distill", path)
     assert code == 2
-    assert f"pairs in {out} were made by another teacher than the recipe's (gmm, settings differ)" in one_error_line(err)
+    assert f"pairs in {out} were made by another teacher than the recipe's (gmm; gmm.radius differ)" in one_error_line(err)
