@@ -317,8 +317,9 @@ def compare(run: Path = typer.Argument(..., help="run or checkpoint folder"),
             features: str = typer.Option("inception", help="'inception', 'fashion' or a TorchScript file"),
             mode: str = typer.Option("clean"), seed: int = typer.Option(0), batch_size: int = typer.Option(256),
             sampler: Optional[str] = typer.Option(None, help="teacher sampler (default: the teacher's own)")):
-    """The student against its teacher at several step counts: FID, KID, class accuracy and
-    images per second on the same noise and conditions, plus a teacher-over-student grid."""
+    """The student against its teacher at several step counts: FID, KID, class accuracy,
+    within-class spread (0: the noise is ignored, mode collapse) and images per second on the
+    same noise and conditions, plus a teacher-over-student grid."""
     from .compare import compare as run_compare, rows_for_table, speedup
 
     try:
@@ -328,7 +329,7 @@ def compare(run: Path = typer.Argument(..., help="run or checkpoint folder"),
     rows = run_compare(run, out, num, steps, ref, features, mode, seed, batch_size, sampler)
     table = Table(title=f"{run}: {rows[0]['num_samples']} samples a row, {rows[0]['features']} features, "
                         f"reference {rows[0]['reference']}")
-    for column in ("sampler", "FID", "KID", "class accuracy", "images/s"):
+    for column in ("sampler", "FID", "KID", "class accuracy", "spread", "images/s"):
         table.add_column(column, justify="left" if column == "sampler" else "right")
     for row in rows_for_table(rows):
         table.add_row(*row)

@@ -8,14 +8,14 @@ import json
 from pathlib import Path
 
 from .errors import UserError
-from .evaluate import load_samples
+from .evaluate import load_samples, within_class_spread
 
 
 def compare(run, out: Path, num: int, teacher_steps: list[int], ref: str, features: str = "inception",
             mode: str = "clean", seed: int = 0, batch_size: int = 256, sampler: str | None = None) -> list[dict]:
     """One row per sampler setting: the student first, then the teacher at each step count.
     Each row: who, steps, images per second, FID (+ KID, class accuracy where available)."""
-    from .fid import check_reference_features, fid_report
+    from .fid import check_reference_features, fid_report, to_uint8_images
     from .generate import make_samples
     from .plots import class_grid
     from .runs import load_student
@@ -45,8 +45,10 @@ def compare(run, out: Path, num: int, teacher_steps: list[int], ref: str, featur
         tensors, _ = load_samples(folder)
         report = fid_report(tensors, ref, features, mode, batch_size=min(batch_size, 256))
         made[(who, steps)] = result[0]
+        spread = within_class_spread(to_uint8_images(tensors), tensors.get("label"))
         rows.append({"who": who, "steps": steps, "images_per_second": result[1], "fid": report["fid"],
                      "kid": report.get("kid"), "class_accuracy": report.get("class_accuracy"),
+                     "within_class_spread": spread,
                      "num_samples": report["num_samples"], "reference": report["reference"],
                      "features": report["features"], "sampler": None if who == "student" else sampler,
                      "guidance": None if who == "student" else guidance})
@@ -74,4 +76,4 @@ def rows_for_table(rows: list[dict]) -> list[list[str]]:
     return [[f"{r['who']} ({r['steps']} step{'s' if r['steps'] > 1 else ''}"
              + (f", {r['sampler']}, guidance {r['guidance']}" if r["who"] == "teacher" else "") + ")",
              num(r["fid"], ".3f"), num(r["kid"], ".5f"), num(r["class_accuracy"], ".3f"),
-             num(r["images_per_second"], ",.1f")] for r in rows]
+             num(r.get("within_class_spread"), ".3f"), num(r["images_per_second"], ",.1f")] for r in rows]

@@ -58,6 +58,17 @@ def load_samples(path: str | Path) -> tuple[dict, dict]:
     return tensors, meta
 
 
+def within_class_spread(images: torch.Tensor, labels: torch.Tensor | None) -> float:
+    """Mode-collapse gauge: the per-pixel standard deviation across the samples of one class
+    (or prompt), averaged over pixels and classes, for uint8 images on a [-1, 1] scale. A
+    generator that ignores its noise scores 0; compare it with the teacher's on the same
+    conditions. Classes with one sample are skipped."""
+    x = images.float() / 127.5 - 1
+    groups = [x] if labels is None else [x[labels == c] for c in labels.unique()]
+    stds = [g.std(dim=0).mean() for g in groups if len(g) > 1]
+    return float(torch.stack(stds).mean()) if stds else float("nan")
+
+
 def frechet_distance(a: torch.Tensor, b: torch.Tensor) -> float:
     """Frechet distance between Gaussians fitted to two sample sets (clean-fid's formula)."""
     from cleanfid.fid import frechet_distance as fd

@@ -23,9 +23,10 @@ def test_compare_measures_student_and_teacher_rows_alike(tmp_path):
     assert list(rows) == [("student", 1), ("teacher", 1), ("teacher", 2)]
     assert abs(rows[("teacher", 2)]["fid"]) < 1e-3 and rows[("teacher", 1)]["fid"] > 1e-2
     assert all(r["class_accuracy"] is not None and r["num_samples"] == 12 for r in rows.values())
+    assert all(r["within_class_spread"] > 0 for r in rows.values())   # random weights: nothing has collapsed
     assert rows[("teacher", 2)]["guidance"] == 2.0 and rows[("student", 1)]["sampler"] is None
     assert (tmp_path / "cmp" / "grid.png").read_bytes()[:4] == b"\x89PNG"
-    assert "class accuracy" in result.stdout and "images/s" in result.stdout
+    assert "class accuracy" in result.stdout and "images/s" in result.stdout and "spread" in result.stdout
     assert "x the teacher's images per second at 2 steps" in result.stderr
 
 
@@ -35,3 +36,20 @@ def test_compare_refuses_vector_students_before_writing(tmp_path, tiny_recipe):
     assert main(["distill", str(tiny_recipe(steps=4, checkpoint_every=4))]) == 0
     assert main(["compare", str(tmp_path / "runs" / "tiny"), "--out", str(tmp_path / "c"), "--ref", "gmm"]) == 2
     assert not (tmp_path / "c").exists()
+
+
+def test_within_class_spread_is_zero_for_a_collapsed_generator_and_the_std_otherwise():
+    import torch
+
+    from dmdcli.evaluate import within_class_spread
+
+    g = torch.Generator().manual_seed(0)
+    labels = torch.arange(4000) % 4
+    # Per class one fixed image: a generator that ignores its noise.
+    collapsed = (torch.rand(4, 1, 8, 8, generator=g) * 255).round().to(torch.uint8)[labels]
+    assert within_class_spread(collapsed, labels) == 0
+    # Uniform pixels on [-1, 1] (uint8 0..255): std 2 / sqrt(12) = 0.577 in every class.
+    uniform = torch.randint(0, 256, (4000, 1, 8, 8), generator=g, dtype=torch.uint8)
+    assert abs(within_class_spread(uniform, labels) - 2 / 12 ** 0.5) < 0.01
+    # Spread is measured within each class, not across them: distinct per-class images are still 0.
+    assert within_class_spread(collapsed, None) > 0.1
