@@ -114,8 +114,11 @@ def convert_lpips(trunk: Path = typer.Argument(..., help="torchvision's ImageNet
                   f"regression.distance = \"lpips\", regression.lpips_weights = \"{out}\"", highlight=False)
 
 
-def _teacher_from(name: str, recipe: Optional[Path], set_: List[str]):
-    """--teacher NAME (gmm, sd, unet2d, or an alias such as sd15), settings from --recipe/--set."""
+def _teacher_from(name: str, recipe: Optional[Path], set_: List[str], guidance: Optional[float],
+                  defaults: dict[str, float]):
+    """(teacher, guidance) for --teacher NAME (gmm, sd, unet2d, or an alias such as sd15) with
+    settings from --recipe/--set. Guidance: --guidance, else the recipe's or --set
+    teacher.guidance, else the command's default for the teacher (`defaults`, else 1)."""
     from .hub import ALIASES
     from .recipe import load_recipe, recipe_from_data
     from .teacher import build_teacher
@@ -124,7 +127,10 @@ def _teacher_from(name: str, recipe: Optional[Path], set_: List[str]):
     cfg = load_recipe(recipe, set_).teacher if recipe else recipe_from_data(data, set_).teacher
     if recipe and cfg.name != data["teacher"]["name"]:
         raise UserError(f"--teacher {name} but recipe {recipe} names teacher {cfg.name!r}")
-    return build_teacher(cfg)
+    if guidance is None:
+        given = recipe or any(s.startswith("teacher.guidance=") for s in set_)
+        guidance = cfg.guidance if given else defaults.get(cfg.name, 1.0)
+    return build_teacher(cfg), guidance
 
 
 @app.command("make-pairs")
@@ -149,7 +155,7 @@ def make_pairs(teacher: str = typer.Option(..., help="teacher: gmm, sd, unet2d, 
 
     if prompts is not None:
         set_ = [*set_, f"teacher.sd.prompts={json.dumps(prompts)}"]
-    t = _teacher_from(teacher, recipe, set_)
+    t, guidance = _teacher_from(teacher, recipe, set_, guidance, {"sd": 3.0})
     if verify:
         import torch
 
@@ -157,12 +163,6 @@ def make_pairs(teacher: str = typer.Option(..., help="teacher: gmm, sd, unet2d, 
         _report_problems(verify_pairs(out, t, verify, seed), f"{out}: every shard matches its hash and "
                                                                f"{verify} regenerated pairs match")
         return
-    if guidance is None and (recipe or any(s.startswith("teacher.guidance=") for s in set_)):
-        from .recipe import load_recipe, recipe_from_data
-
-        guidance = (load_recipe(recipe, set_) if recipe else recipe_from_data({}, set_)).teacher.guidance
-    if guidance is None:
-        guidance = 3.0 if t.name == "sd" else 1.0
     settings = PairSettings(steps, sampler or t.default_sampler, guidance, seed, shard_size, decode)
     manifest = make_pairs_on_all_ranks(t, out, num, settings, batch_size, progress_factory=progress_bar)
     if manifest:
@@ -193,7 +193,8 @@ def sample(run: Optional[Path] = typer.Argument(None, help="run or checkpoint fo
            teacher: Optional[str] = typer.Option(None, help="sample this teacher alone (gmm, sd, unet2d, sd15)"),
            set_: List[str] = typer.Option([], "--set", help="teacher setting, section.key=value"),
            teacher_steps: int = typer.Option(50, help="teacher ODE steps; with a run, from the same noise (0: skip)"),
-           guidance: Optional[float] = typer.Option(None, help="teacher CFG scale, standard form (default: the recipe's, else 1)"),
+           guidance: Optional[float] = typer.Option(None, help="teacher CFG scale, standard form (default: the "
+                                                               "run's recipe or --set teacher.guidance, else 1)"),
            sampler: Optional[str] = typer.Option(None, help="teacher sampler: ddim, dpmpp-2m, euler or heun "
                                                             "(default: heun for edm, else ddim)"),
            seed: int = typer.Option(0), batch_size: int = typer.Option(256),
@@ -225,10 +226,10 @@ def sample(run: Optional[Path] = typer.Argument(None, help="run or checkpoint fo
             raise UserError("--teacher-steps must be at least 1 when sampling a teacher alone")
         from accelerate import PartialState
 
-        t = _teacher_from(teacher, None, set_).to(PartialState().device)
+        t, guidance = _teacher_from(teacher, None, set_, guidance, {})
+        t.to(PartialState().device)
         sampler = sampler or t.default_sampler
-        results = make_samples(out, num, t, teacher_steps=teacher_steps,
-                               guidance=1.0 if guidance is None else guidance, sampler=sampler, seed=seed,
+        results = make_samples(out, num, t, teacher_steps=teacher_steps, guidance=guidance, sampler=sampler, seed=seed,
                                batch_size=batch_size, images=images)
     if not results:   # not the main process under accelerate launch
         return

@@ -110,11 +110,16 @@ SHIPPED_REFERENCES = {"fashion-mnist": {"file": Path(__file__).parent / "assets"
                                         "features": "fashion"}}
 
 
+def shipped_or_path(features: str) -> str:
+    """A shipped feature network's file for its name ("fashion"), else what was given."""
+    return str(SHIPPED_FEATURES.get(features, features))
+
+
 def feature_model(features: str, mode: str, device: torch.device):
     """clean-fid's Inception (ours to fetch into the cache, or a local copy of its file), a
     shipped feature network by name ("fashion": our Fashion-MNIST classifier, which also
     classifies), or a TorchScript feature network."""
-    features = str(SHIPPED_FEATURES.get(features, features))
+    features = shipped_or_path(features)
     if mode not in MODES:
         raise UserError(f"unknown FID mode {mode!r}: choose clean or legacy_tensorflow")
     if features == "inception" or Path(features).name == INCEPTION_FILE:
@@ -280,7 +285,7 @@ def make_reference(source: str, out: Path, features: str = "inception", mode: st
         uint8 = ((images + 1) * 127.5).round().to(torch.uint8).expand(-1, 3, -1, -1)
         feats = image_features(_crop_tensor(uint8, crop), model, mode, device, batch_size)
         mu, sigma, count = feats.mean(0), np.cov(feats, rowvar=False), len(feats)
-    network = Path(str(SHIPPED_FEATURES.get(features, features)))   # which weights made the statistics
+    network = Path(shipped_or_path(features))   # which weights made the statistics
     with atomic_path(Path(out)) as tmp:
         with open(tmp, "wb") as f:
             np.savez(f, mu=mu, sigma=sigma, count=count, features=features, mode=mode, crop=crop,

@@ -26,6 +26,7 @@ from safetensors.torch import save_file
 
 from .errors import UserError
 from .io import atomic_path, sha256, write_json
+from .recipe import dotted
 from .sampling import SAMPLERS, teacher_ode
 from .teacher import uint8_images
 from .stopping import StopRequest, Stopped
@@ -212,14 +213,6 @@ def check_shards(folder: Path, manifest: dict) -> list[str]:
     return problems
 
 
-def _dotted(tree: dict, prefix: str = "") -> dict:
-    """{"gmm": {"radius": 5}} -> {"gmm.radius": 5}, so a message can name the key that differs."""
-    out = {}
-    for key, value in tree.items():
-        out.update(_dotted(value, f"{prefix}{key}.") if isinstance(value, dict) else {prefix + key: value})
-    return out
-
-
 class PairSet(torch.utils.data.Dataset):
     """The pairs of a complete folder, memory-mapped shard by shard (safetensors' own mmap),
     opened lazily in each process, so DataLoader workers and ranks can share one folder."""
@@ -234,7 +227,7 @@ class PairSet(torch.utils.data.Dataset):
             if problems:
                 raise UserError(f"{problems[0]}; rerun the `dmd make-pairs` command to rebuild it")
         if teacher is not None and manifest["teacher"] != teacher.describe():
-            was, now = _dotted(manifest["teacher"]), _dotted(teacher.describe())
+            was, now = dotted(manifest["teacher"]), dotted(teacher.describe())
             changed = sorted(k for k in {*was, *now} if was.get(k) != now.get(k))
             raise UserError(f"pairs in {folder} were made by another teacher than the recipe's "
                             f"({manifest['teacher'].get('name')}; {', '.join(changed)} differ); make pairs with "

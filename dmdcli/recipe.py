@@ -304,6 +304,14 @@ def to_dict(recipe: Recipe) -> dict:
     return dataclasses.asdict(recipe)
 
 
+def dotted(tree: dict, prefix: str = "") -> dict:
+    """Nested tables as dotted keys: {"gmm": {"radius": 5}} -> {"gmm.radius": 5}."""
+    out = {}
+    for key, value in tree.items():
+        out.update(dotted(value, f"{prefix}{key}.") if isinstance(value, dict) else {prefix + key: value})
+    return out
+
+
 def to_toml(recipe) -> str:
     return tomli_w.dumps(to_dict(recipe))
 

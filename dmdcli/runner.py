@@ -18,7 +18,7 @@ from accelerate import Accelerator
 from . import checkpoint
 from .errors import UserError
 from .io import try_lock, write_text
-from .recipe import Recipe, from_dict, to_dict, to_toml
+from .recipe import Recipe, dotted, from_dict, to_dict, to_toml
 from .stopping import StopRequest, Stopped
 from .trainer import DMDTrainer, make_accelerator
 
@@ -138,15 +138,9 @@ def _any_rank(acc: Accelerator, flag: bool) -> bool:
     return bool(acc.reduce(torch.tensor([float(flag)], device=acc.device), reduction="sum").item())
 
 
-def _flat(tree: dict | Recipe, prefix: str = "") -> dict:
-    """The recipe as dotted key -> scalar (nested tables too), for the trackers' hyperparameters."""
-    out = {}
-    for key, v in (to_dict(tree) if isinstance(tree, Recipe) else tree).items():
-        if isinstance(v, dict):
-            out.update(_flat(v, f"{prefix}{key}."))
-        else:
-            out[prefix + key] = v if isinstance(v, (int, float, str, bool)) else str(v)
-    return out
+def _flat(recipe: Recipe) -> dict:
+    """The recipe as dotted key -> scalar, for the trackers' hyperparameters."""
+    return {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in dotted(to_dict(recipe)).items()}
 
 
 def _truncate_metrics(path: Path, step: int) -> None:

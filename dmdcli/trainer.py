@@ -35,9 +35,8 @@ def make_accelerator(recipe: Recipe) -> Accelerator:
     """The run's Accelerator (DMDTrainer refuses sharded launches before loading anything)."""
     # With the GAN head, a critic pass that needs no logits leaves the head unused.
     kwargs = [DistributedDataParallelKwargs(find_unused_parameters=True)] if uses_gan(recipe) else []
-    acc = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=recipe.train.mixed_precision,
-                      kwargs_handlers=kwargs, log_with=_tracker(recipe.run.log_with), project_dir=recipe.run.out)
-    return acc
+    return Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=recipe.train.mixed_precision,
+                       kwargs_handlers=kwargs, log_with=_tracker(recipe.run.log_with), project_dir=recipe.run.out)
 
 
 class DMDTrainer:

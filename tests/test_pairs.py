@@ -165,3 +165,15 @@ def test_pairs_of_an_auto_dtype_teacher_serve_a_float32_recipe_on_cpu(tmp_path, 
     assert main(["distill", str(recipe), "--set", "teacher.guidance=3", "--set", f"run.out={tmp_path / 'r3'}"]) == 2
     assert (f"pairs in {pairs} were made at guidance 2.0 and the recipe's teacher uses 3.0; make pairs with "
             f"`dmd make-pairs --recipe RECIPE`") in capsys.readouterr().err.replace("\n", "")
+
+
+def test_a_teacher_alone_samples_at_the_guidance_set_for_it(tmp_path):
+    """`sample --teacher ... --set teacher.guidance=2` uses 2, as make-pairs does (it used 1)."""
+    from tiny_models import save_tiny_unet2d
+
+    from dmdcli.evaluate import load_samples
+
+    teacher = save_tiny_unet2d(tmp_path / "teacher")
+    assert main(["sample", "--teacher", "unet2d", "--set", f"teacher.unet2d.model={teacher}", "--set",
+                 "teacher.guidance=2", "--num", "2", "--teacher-steps", "1", "--out", str(tmp_path / "s")]) == 0
+    assert load_samples(tmp_path / "s")[1]["source"].endswith("guidance 2.0")
