@@ -21,16 +21,22 @@ from .teacher import uint8_images
 
 
 def _batched(fn, indices: range, batch_size: int, teacher, seed: int):
-    """fn(noise, cond, idx) over batches; noise and conditions are functions of the index."""
-    parts, t0 = [], time.perf_counter()
+    """fn(noise, cond, idx) over batches; noise and conditions are functions of the index.
+    The rate (samples per second) times fn alone, not the per-index noise made on the CPU,
+    and leaves out the first of several batches, which pays CUDA's lazy start-up."""
+    parts, times = [], []
     for start in range(indices.start, indices.stop, batch_size):
         idx = range(start, min(start + batch_size, indices.stop))
         labels = teacher.condition_ids(idx)
         z = pair_noise(seed, idx, teacher.sample_shape).to(getattr(teacher, "device", "cpu"))
         cond = teacher.encode_condition(labels.to(z.device) if labels is not None else None)
-        parts.append(fn(z, cond, idx).cpu())
+        t0 = time.perf_counter()
+        parts.append(fn(z, cond, idx).cpu())   # .cpu() waits for the device
+        times.append((len(idx), time.perf_counter() - t0))
+    timed = times[1:] or times
+    rate = sum(n for n, _ in timed) / max(sum(t for _, t in timed), 1e-9)
     empty = torch.empty(0, *teacher.sample_shape)
-    return (torch.cat(parts) if parts else empty), len(indices) / max(time.perf_counter() - t0, 1e-9)
+    return (torch.cat(parts) if parts else empty), rate
 
 
 def _share(num: int, rank: int, world: int) -> range:

@@ -53,3 +53,34 @@ def test_within_class_spread_is_zero_for_a_collapsed_generator_and_the_std_other
     assert abs(within_class_spread(uniform, labels) - 2 / 12 ** 0.5) < 0.01
     # Spread is measured within each class, not across them: distinct per-class images are still 0.
     assert within_class_spread(collapsed, None) > 0.1
+
+
+def test_images_per_second_leaves_out_the_first_batch_and_the_input_noise(monkeypatch):
+    """On a GPU the first batch pays CUDA's lazy start-up, and the per-index noise is CPU
+    work: timing either would make a one-step student look several times slower."""
+    import time
+
+    import torch
+
+    from dmdcli import generate
+    from dmdcli.gmm import GMMTeacher
+    from dmdcli.recipe import GMMConfig
+
+    teacher = GMMTeacher(GMMConfig(conditional=True))
+    slow_noise = generate.pair_noise
+
+    def noise(*args):
+        time.sleep(0.05)
+        return slow_noise(*args)
+
+    monkeypatch.setattr(generate, "pair_noise", noise)
+    calls = []
+
+    def fn(z, cond, idx):
+        time.sleep(0.4 if not calls else 0.01)   # the first batch: start-up
+        calls.append(len(idx))
+        return torch.zeros(len(idx), *teacher.sample_shape)
+
+    x, rate = generate._batched(fn, range(12), 4, teacher, seed=0)
+    assert calls == [4, 4, 4] and x.shape[0] == 12
+    assert 200 < rate < 800   # 8 samples in 2 x 0.01 s; timing start-up and noise too gave 12 / 0.58 = 21

@@ -1,0 +1,61 @@
+#!/usr/bin/env bash
+# Issue 7's benchmark (bench/fashion.sh's commands) on one GPU machine inside a short lease.
+# These networks are far too small to fill a GPU, so the distillations run side by side:
+#   fashion           DMD2, recipes/fashion.toml as it stands (3,000 steps)
+#   fashion-dmd       DMD v1, bench/fashion.sh's settings (3,000 steps)
+#   fashion-long      the DMD2 run with train.steps=LONG
+#   fashion-dmd-long  the DMD v1 run with train.steps=LONG
+# Each distillation gets CAP seconds; then it is stopped cleanly (SIGTERM: it finishes its step
+# and writes a checkpoint) and measured where it got to (compare.json names the step).
+# `fashion` is then compared alone, so its images/s are its own; the others side by side.
+# Usage: bash bench/fashion_gpu.sh [NUM]
+#   env: DMD (the dmd command), PY (its python), BATCH (500), CAP (240 s), LONG (50000), PAIRS (4000), LOGS (runs/gpu-logs)
+set -uo pipefail
+cd "$(dirname "$0")/.."
+DMD="${DMD:-.venv/bin/dmd}"
+PY="${PY:-.venv/bin/python}"
+NUM="${1:-10000}"
+BATCH="${BATCH:-500}"
+CAP="${CAP:-240}"
+LONG="${LONG:-50000}"
+PAIRS="${PAIRS:-4000}"
+LOGS="${LOGS:-runs/gpu-logs}"
+export HF_HUB_OFFLINE=1 OMP_NUM_THREADS="${OMP_NUM_THREADS:-3}"
+mkdir -p "$LOGS"
+t0=$SECONDS
+stamp() { echo "[$((SECONDS - t0)) s] $*"; }
+run() {   # run NAME CMD...: log to $LOGS/NAME.log, print its tail if it fails
+    local name=$1; shift
+    "$@" >"$LOGS/$name.log" 2>&1
+    local rc=$?
+    stamp "$name: exit $rc"
+    [ $rc -eq 0 ] || [ $rc -eq 124 ] || tail -n 15 "$LOGS/$name.log"
+}
+V1=(--set train.method=dmd --set train.critic_steps_per_generator_step=1 --set regression.pairs=pairs/fashion
+    --set gan.generator_weight=0 --set gan.critic_weight=0)
+capped() { timeout -s TERM -k 60 "$CAP" "$@"; }
+
+stamp "make-pairs ($PAIRS pairs, DDIM 50 steps, guidance 2)"
+run make-pairs $DMD make-pairs --teacher unet2d --recipe recipes/fashion.toml --steps 50 --num "$PAIRS" \
+    --batch-size "$BATCH" --out pairs/fashion
+# The two DMD2 runs read Fashion-MNIST's training images: unpack them once, before both start.
+run fashion-mnist $PY -c "from dmdcli.datasets import load_images; load_images('fashion-mnist')"
+stamp "four distillations side by side, $CAP s each at most"
+run fashion capped $DMD distill recipes/fashion.toml &
+run fashion-dmd capped $DMD distill recipes/fashion.toml --set run.out=runs/fashion-dmd "${V1[@]}" &
+run fashion-long capped $DMD distill recipes/fashion.toml --set run.out=runs/fashion-long --set train.steps="$LONG" &
+run fashion-dmd-long capped $DMD distill recipes/fashion.toml --set run.out=runs/fashion-dmd-long \
+    --set train.steps="$LONG" "${V1[@]}" &
+wait
+COMPARE=(--ref fashion-mnist --features fashion --num "$NUM" --batch-size "$BATCH")
+stamp "compare fashion alone (teacher at 1, 4 and 50 steps)"
+run compare-fashion $DMD compare runs/fashion --out runs/fashion/compare --teacher-steps 1,4,50 "${COMPARE[@]}"
+stamp "compare the other three side by side (teacher at 50 steps)"
+for name in fashion-dmd fashion-long fashion-dmd-long; do
+    run "compare-$name" $DMD compare "runs/$name" --out "runs/$name/compare" --teacher-steps 50 "${COMPARE[@]}" &
+done
+wait
+stamp done
+for name in fashion fashion-dmd fashion-long fashion-dmd-long; do
+    echo "== $name"; tail -n 12 "$LOGS/compare-$name.log"
+done
