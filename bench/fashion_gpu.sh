@@ -3,13 +3,13 @@
 # These networks are far too small to fill a GPU, so the distillations run side by side:
 #   fashion           DMD2, recipes/fashion.toml as it stands (3,000 steps)
 #   fashion-dmd       DMD v1, bench/fashion.sh's settings (3,000 steps)
-#   fashion-long      the DMD2 run with train.steps=LONG
-#   fashion-dmd-long  the DMD v1 run with train.steps=LONG
+#   fashion-long      the DMD2 run with train.steps=LONG and train.batch_size=LONG_BATCH
+#   fashion-dmd-long  the DMD v1 run likewise
 # Each distillation gets CAP seconds; then it is stopped cleanly (SIGTERM: it finishes its step
 # and writes a checkpoint) and measured where it got to (compare.json names the step).
 # `fashion` is then compared alone, so its images/s are its own; the others side by side.
 # Usage: bash bench/fashion_gpu.sh [NUM]
-#   env: DMD (the dmd command), PY (its python), BATCH (500), CAP (240 s), LONG (50000), PAIRS (4000), LOGS (runs/gpu-logs)
+#   env: DMD (the dmd command), PY (its python), BATCH (500), CAP (240 s), LONG (50000), LONG_BATCH (128), PAIRS (4000), LOGS (runs/gpu-logs)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 DMD="${DMD:-.venv/bin/dmd}"
@@ -18,6 +18,7 @@ NUM="${1:-10000}"
 BATCH="${BATCH:-500}"
 CAP="${CAP:-240}"
 LONG="${LONG:-50000}"
+LONG_BATCH="${LONG_BATCH:-128}"
 PAIRS="${PAIRS:-4000}"
 LOGS="${LOGS:-runs/gpu-logs}"
 export HF_HUB_OFFLINE=1 OMP_NUM_THREADS="${OMP_NUM_THREADS:-3}"
@@ -43,9 +44,10 @@ run fashion-mnist $PY -c "from dmdcli.datasets import load_images; load_images('
 stamp "four distillations side by side, $CAP s each at most"
 run fashion capped $DMD distill recipes/fashion.toml &
 run fashion-dmd capped $DMD distill recipes/fashion.toml --set run.out=runs/fashion-dmd "${V1[@]}" &
-run fashion-long capped $DMD distill recipes/fashion.toml --set run.out=runs/fashion-long --set train.steps="$LONG" &
+run fashion-long capped $DMD distill recipes/fashion.toml --set run.out=runs/fashion-long --set train.steps="$LONG" \
+    --set train.batch_size="$LONG_BATCH" &
 run fashion-dmd-long capped $DMD distill recipes/fashion.toml --set run.out=runs/fashion-dmd-long \
-    --set train.steps="$LONG" "${V1[@]}" &
+    --set train.steps="$LONG" --set train.batch_size="$LONG_BATCH" "${V1[@]}" &
 wait
 COMPARE=(--ref fashion-mnist --features fashion --num "$NUM" --batch-size "$BATCH")
 stamp "compare fashion alone (teacher at 1, 4 and 50 steps)"
