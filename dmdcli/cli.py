@@ -239,7 +239,7 @@ def sample(run: Optional[Path] = typer.Argument(None, help="run or checkpoint fo
 
 
 @app.command()
-def fid(samples: Optional[Path] = typer.Argument(None, help="samples file or folder from `dmd sample`"),
+def fid(samples: Optional[Path] = typer.Argument(None, help="samples file or folder from `dmd sample`, or its --images npz"),
         from_: Optional[Path] = typer.Option(None, "--from", help="instead: generate the samples on the fly "
                                                                    "from this run or checkpoint, writing no file"),
         num: int = typer.Option(50000, help="with --from: how many samples (classes by global index)"),
@@ -303,6 +303,7 @@ def fid(samples: Optional[Path] = typer.Argument(None, help="samples file or fol
             table.add_row(f"KID ({report['num_samples']} samples)", f"{report['kid']:.5f}")
         if "class_accuracy" in report:
             table.add_row("class accuracy (by the feature network)", f"{report['class_accuracy']:.3f}")
+        table.add_row("within-class spread (per-pixel std)", f"{report['within_class_spread']:.3f}")
         table.add_row("reference", report["reference"])
     Console().print(table)
     if json_out:

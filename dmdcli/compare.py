@@ -8,14 +8,14 @@ import json
 from pathlib import Path
 
 from .errors import UserError
-from .evaluate import load_samples, within_class_spread
+from .evaluate import load_samples
 
 
 def compare(run, out: Path, num: int, teacher_steps: list[int], ref: str, features: str = "inception",
             mode: str = "clean", seed: int = 0, batch_size: int = 256, sampler: str | None = None) -> list[dict]:
     """One row per sampler setting: the student first, then the teacher at each step count.
     Each row: who, steps, images per second, FID (+ KID, class accuracy where available)."""
-    from .fid import check_reference_features, fid_report, to_uint8_images
+    from .fid import check_reference_features, fid_report
     from .generate import make_samples
     from .plots import class_grid
     from .runs import load_student
@@ -45,10 +45,9 @@ def compare(run, out: Path, num: int, teacher_steps: list[int], ref: str, featur
         tensors, _ = load_samples(folder)
         report = fid_report(tensors, ref, features, mode, batch_size=min(batch_size, 256))
         made[(who, steps)] = result[0]
-        spread = within_class_spread(to_uint8_images(tensors), tensors.get("label"))
         rows.append({"who": who, "steps": steps, "images_per_second": result[1], "fid": report["fid"],
                      "kid": report.get("kid"), "class_accuracy": report.get("class_accuracy"),
-                     "within_class_spread": spread,
+                     "within_class_spread": report["within_class_spread"],
                      "num_samples": report["num_samples"], "reference": report["reference"],
                      "features": report["features"], "sampler": None if who == "student" else sampler,
                      "guidance": None if who == "student" else guidance})

@@ -41,12 +41,16 @@ def save_samples(path: Path, x: torch.Tensor, labels: torch.Tensor | None, teach
 
 
 def load_samples(path: str | Path) -> tuple[dict, dict]:
-    """(tensors, metadata) of a samples file, or of SAMPLES_FILE inside a folder."""
+    """(tensors, metadata) of a samples file, of SAMPLES_FILE inside a folder, or of an .npz
+    of uint8 images (arr_0: N x H x W x C, as `sample --images npz` and ADM's tools write;
+    an optional `label` array) whose tensors are `image` (N x C x H x W) and `label`."""
     path = Path(path)
     if path.is_dir():
         path = path / SAMPLES_FILE
     if not path.is_file():
         raise UserError(f"samples not found: {path}; make them with `dmd sample RUN --out DIR`")
+    if path.suffix == ".npz":
+        return _load_npz(path), {}
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
@@ -56,6 +60,22 @@ def load_samples(path: str | Path) -> tuple[dict, dict]:
     if "x" not in tensors:
         raise UserError(f"{path} holds no tensor named 'x'; it was not written by `dmd sample`")
     return tensors, meta
+
+
+def _load_npz(path: Path) -> dict:
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            arrays = {k: f[k] for k in f.files}
+    except (OSError, ValueError, EOFError) as e:
+        raise UserError(f"{path} is not a readable .npz ({e})") from None
+    img = arrays.get("arr_0")
+    if img is None or img.dtype != np.uint8 or img.ndim != 4 or img.shape[3] not in (1, 3):
+        raise UserError(f"{path} needs arr_0, uint8 images N x H x W x C (C 1 or 3), as `dmd sample --images "
+                        f"npz` writes; got {None if img is None else (img.dtype, img.shape)}")
+    tensors = {"image": torch.from_numpy(img).permute(0, 3, 1, 2).contiguous()}
+    if "label" in arrays:
+        tensors["label"] = torch.from_numpy(arrays["label"]).long()
+    return tensors
 
 
 def within_class_spread(images: torch.Tensor, labels: torch.Tensor | None) -> float:

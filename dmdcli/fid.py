@@ -246,7 +246,10 @@ def fid_report(tensors: dict, ref: str, features: str = "inception", mode: str =
         mode = REFERENCES[ref]["mode"]
     check_reference_features(ref, features)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    images = _crop_tensor(to_uint8_images(tensors), crop)   # not images: say so before any download
+    from .evaluate import within_class_spread
+
+    uncropped = to_uint8_images(tensors)   # not images: say so before any download
+    images = _crop_tensor(uncropped, crop)
     model = feature_model(features, mode, device)
     feats = image_features(images, model, mode, device, batch_size)
     mu_r, sigma_r, feats_r, described = reference_stats(ref, model, mode, device, batch_size, crop)
@@ -255,7 +258,7 @@ def fid_report(tensors: dict, ref: str, features: str = "inception", mode: str =
                         f"{feats.shape[1]}-d; use the same --features for both")
     report = {"fid": float(frechet_distance(feats.mean(0), np.cov(feats, rowvar=False), mu_r, sigma_r)),
               "num_samples": len(feats), "reference": described, "features": features, "mode": mode,
-              "crop": crop}
+              "crop": crop, "within_class_spread": within_class_spread(uncropped, tensors.get("label"))}
     if kid and feats_r is not None:
         np.random.seed(0)   # clean-fid's KID draws subsets with numpy's global generator
         report["kid"] = float(kernel_distance(feats, feats_r))

@@ -84,3 +84,29 @@ def test_images_per_second_leaves_out_the_first_batch_and_the_input_noise(monkey
     x, rate = generate._batched(fn, range(12), 4, teacher, seed=0)
     assert calls == [4, 4, 4] and x.shape[0] == 12
     assert 200 < rate < 800   # 8 samples in 2 x 0.01 s; timing start-up and noise too gave 12 / 0.58 = 21
+
+
+def test_fid_reads_the_npz_that_sample_writes(tmp_path):
+    """`dmd sample --images npz` then `dmd fid FILE.npz`: the same report as on the samples
+    file, class accuracy and within-class spread included; a bad array is refused in one line."""
+    import numpy as np
+
+    teacher = save_tiny_unet2d(tmp_path / "teacher")
+    made = run_dmd("sample", "--teacher", "unet2d", "--set", f"teacher.unet2d.model={teacher}", "--num", 20,
+                   "--teacher-steps", 2, "--out", tmp_path / "s", "--images", "npz")
+    assert made.returncode == 0, made.stderr
+    reports = []
+    for samples in (tmp_path / "s", tmp_path / "s" / "samples.npz"):
+        out = tmp_path / f"{len(reports)}.json"
+        result = run_dmd("fid", samples, "--ref", tmp_path / "s" / "samples.safetensors", "--features", "fashion",
+                         "--json", out)
+        assert result.returncode == 0, result.stderr
+        reports.append(json.loads(out.read_text()))
+    assert reports[0] == reports[1]
+    assert abs(reports[1]["fid"]) < 1e-3 and reports[1]["class_accuracy"] is not None
+    assert 0 < reports[1]["within_class_spread"] < 2
+    assert "within-class spread" in result.stdout
+    np.savez(tmp_path / "bad.npz", arr_0=np.zeros((4, 8, 8, 3), dtype=np.float32))
+    bad = run_dmd("fid", tmp_path / "bad.npz", "--ref", tmp_path / "s" / "samples.safetensors", "--features", "fashion")
+    assert bad.returncode == 2 and "needs arr_0, uint8 images N x H x W x C" in bad.stderr
+    assert "Traceback" not in bad.stderr
