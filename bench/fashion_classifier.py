@@ -37,7 +37,9 @@ class FashionClassifier(nn.Module):
         x = x.float().mean(dim=1, keepdim=True)
         if x.shape[-1] != 28 or x.shape[-2] != 28:
             if x.shape[-1] != 32 or x.shape[-2] != 32:
-                x = F.interpolate(x, size=(32, 32), mode="area")
+                # interpolate(mode="area") is this op, but scripting interpolate compiles all of its
+                # modes, and torch 2.14's include an op (lanczos) that older torch cannot load.
+                x = F.adaptive_avg_pool2d(x, (32, 32))
             x = x[:, :, 2:30, 2:30]
         return x / 127.5 - 1.0
 
