@@ -1,0 +1,44 @@
+"""Measure sample sets made elsewhere (e.g. on a GPU machine by `dmd sample --images npz`)
+the way `dmd compare` measures its rows: FID, class accuracy and within-class spread against
+the shipped Fashion-MNIST statistics with the shipped classifier, one row per file, and a grid
+of each student over the reference teacher's samples for the same noise and classes.
+
+Usage: .venv/bin/python bench/measure_npz.py --teacher T.npz STUDENT.npz [...] [--out DIR]
+"""
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+
+from dmdcli.evaluate import load_samples
+from dmdcli.fid import fid_report
+from dmdcli.plots import class_grid
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("files", nargs="+", type=Path, help=".npz sample sets to measure")
+    ap.add_argument("--teacher", type=Path, required=True, help="the teacher's .npz (measured, and the grids' lower half)")
+    ap.add_argument("--out", type=Path, default=Path("runs/measure-npz"))
+    a = ap.parse_args()
+    a.out.mkdir(parents=True, exist_ok=True)
+    as_x = lambda t: t["image"][:100, :1].float() / 127.5 - 1   # noqa: E731
+    teacher = load_samples(a.teacher)[0]
+    rows = []
+    print("| samples | FID | class accuracy | within-class spread | samples measured |\n|---|---|---|---|---|")
+    for path in [a.teacher, *a.files]:
+        tensors = teacher if path == a.teacher else load_samples(path)[0]
+        r = fid_report(tensors, "fashion-mnist", "fashion", batch_size=500)
+        rows.append({"file": str(path), **r})
+        print(f"| {path.name} | {r['fid']:.1f} | {r['class_accuracy']:.3f} | {r['within_class_spread']:.3f} | "
+              f"{r['num_samples']} |")
+        if path != a.teacher:
+            class_grid(as_x(tensors), as_x(teacher), 10, lambda x: x, a.out / f"{path.stem}-grid.png")
+    (a.out / "measured.json").write_text(json.dumps(rows, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    torch.set_grad_enabled(False)
+    main()
