@@ -3,21 +3,27 @@
 # These networks are far too small to fill a GPU, so the distillations run side by side:
 #   fashion           DMD2, recipes/fashion.toml as it stands (3,000 steps)
 #   fashion-dmd       DMD v1, bench/fashion.sh's settings (3,000 steps)
-#   fashion-long      the DMD2 run with train.steps=LONG and train.batch_size=LONG_BATCH
-#   fashion-dmd-long  the DMD v1 run likewise
-# Each distillation gets CAP seconds; then it is stopped cleanly (SIGTERM: it finishes its step
-# and writes a checkpoint) and measured where it got to (compare.json names the step).
-# `fashion` is then compared alone, so its images/s are its own; the others side by side.
+# and, with LONG=N, two more: the same runs with train.steps=N and train.batch_size=LONG_BATCH
+# (fashion-long, fashion-dmd-long). Each distillation gets CAP seconds; then it is stopped
+# cleanly (SIGTERM: it finishes its step and writes a checkpoint) and measured where it got to
+# (compare.json names the step). `fashion` is then compared alone, so its images/s are its
+# own; the others side by side.
 # Usage: bash bench/fashion_gpu.sh [NUM]
-#   env: DMD (the dmd command), PY (its python), BATCH (500), CAP (240 s), LONG (50000), LONG_BATCH (128), PAIRS (4000), LOGS (runs/gpu-logs)
+#   env: DMD (the dmd command), PY (its python), BATCH (500), CAP (300 s), LONG (0: off),
+#        LONG_BATCH (128), PAIRS (4000), LOGS (runs/gpu-logs)
+# On a lent machine with no network (BENCHMARKS.md, issue 7): carry diffusers, clean-fid,
+# tomli-w and scipy<1.18 as wheels, and put Fashion-MNIST's four Debian files in
+# /usr/share/datasets/fashion-mnist. Wheels and data together exceed one call's 64 MiB, so
+# bring the data in a first call and the wheels in the next, while the machine is warm.
+# Four runs side by side on an H200 made 6 to 11 iterations/s each.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 DMD="${DMD:-.venv/bin/dmd}"
 PY="${PY:-.venv/bin/python}"
 NUM="${1:-10000}"
 BATCH="${BATCH:-500}"
-CAP="${CAP:-240}"
-LONG="${LONG:-50000}"
+CAP="${CAP:-300}"
+LONG="${LONG:-0}"
 LONG_BATCH="${LONG_BATCH:-128}"
 PAIRS="${PAIRS:-4000}"
 LOGS="${LOGS:-runs/gpu-logs}"
@@ -41,23 +47,27 @@ run make-pairs $DMD make-pairs --teacher unet2d --recipe recipes/fashion.toml --
     --batch-size "$BATCH" --out pairs/fashion
 # The two DMD2 runs read Fashion-MNIST's training images: unpack them once, before both start.
 run fashion-mnist $PY -c "from dmdcli.datasets import load_images; load_images('fashion-mnist')"
-stamp "four distillations side by side, $CAP s each at most"
+RUNS=(fashion fashion-dmd)
+[ "$LONG" -gt 0 ] && RUNS+=(fashion-long fashion-dmd-long)
+stamp "${#RUNS[@]} distillations side by side, $CAP s each at most"
 run fashion capped $DMD distill recipes/fashion.toml &
 run fashion-dmd capped $DMD distill recipes/fashion.toml --set run.out=runs/fashion-dmd "${V1[@]}" &
-run fashion-long capped $DMD distill recipes/fashion.toml --set run.out=runs/fashion-long --set train.steps="$LONG" \
-    --set train.batch_size="$LONG_BATCH" &
-run fashion-dmd-long capped $DMD distill recipes/fashion.toml --set run.out=runs/fashion-dmd-long \
-    --set train.steps="$LONG" --set train.batch_size="$LONG_BATCH" "${V1[@]}" &
+if [ "$LONG" -gt 0 ]; then
+    run fashion-long capped $DMD distill recipes/fashion.toml --set run.out=runs/fashion-long \
+        --set train.steps="$LONG" --set train.batch_size="$LONG_BATCH" &
+    run fashion-dmd-long capped $DMD distill recipes/fashion.toml --set run.out=runs/fashion-dmd-long \
+        --set train.steps="$LONG" --set train.batch_size="$LONG_BATCH" "${V1[@]}" &
+fi
 wait
 COMPARE=(--ref fashion-mnist --features fashion --num "$NUM" --batch-size "$BATCH")
 stamp "compare fashion alone (teacher at 1, 4 and 50 steps)"
 run compare-fashion $DMD compare runs/fashion --out runs/fashion/compare --teacher-steps 1,4,50 "${COMPARE[@]}"
-stamp "compare the other three side by side (teacher at 50 steps)"
-for name in fashion-dmd fashion-long fashion-dmd-long; do
+stamp "compare the others side by side (teacher at 50 steps)"
+for name in "${RUNS[@]:1}"; do
     run "compare-$name" $DMD compare "runs/$name" --out "runs/$name/compare" --teacher-steps 50 "${COMPARE[@]}" &
 done
 wait
 stamp done
-for name in fashion fashion-dmd fashion-long fashion-dmd-long; do
+for name in "${RUNS[@]}"; do
     echo "== $name"; tail -n 12 "$LOGS/compare-$name.log"
 done
