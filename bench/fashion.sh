@@ -3,7 +3,7 @@
 # Fashion-MNIST teacher against the teacher at 1, 4 and 50 steps, 10,000 samples a row, the
 # shipped classifier's features, Fashion-MNIST's 10K test split as reference. Hours on 2 CPU
 # cores; rerunning resumes every step. On a GPU machine bench/fashion_gpu.sh runs the same
-# commands (with longer variants beside them).
+# commands (and, with LONG=N, longer variants beside them).
 # Usage: bash bench/fashion.sh [NUM]    env: DMD (the dmd command), BATCH (sampling batch, 32)
 set -euo pipefail
 cd "$(dirname "$0")/.."

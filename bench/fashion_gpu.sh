@@ -15,7 +15,8 @@
 # tomli-w and scipy<1.18 as wheels, and put Fashion-MNIST's four Debian files in
 # /usr/share/datasets/fashion-mnist. Wheels and data together exceed one call's 64 MiB, so
 # bring the data in a first call and the wheels in the next, while the machine is warm.
-# Four runs side by side on an H200 made 6 to 11 iterations/s each.
+# Four runs side by side on an H200 made about 6 to 11 iterations/s each. The side-by-side
+# compares share the GPU, so only `fashion`'s images/s are its own. Exits 1 if a step failed.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 DMD="${DMD:-.venv/bin/dmd}"
@@ -27,47 +28,56 @@ LONG="${LONG:-0}"
 LONG_BATCH="${LONG_BATCH:-128}"
 PAIRS="${PAIRS:-4000}"
 LOGS="${LOGS:-runs/gpu-logs}"
+[[ "$LONG" =~ ^[0-9]+$ ]] || { echo "LONG must be a whole number of steps (0: off), got $LONG"; exit 2; }
 export HF_HUB_OFFLINE=1 OMP_NUM_THREADS="${OMP_NUM_THREADS:-3}"
 mkdir -p "$LOGS"
 t0=$SECONDS
 stamp() { echo "[$((SECONDS - t0)) s] $*"; }
-run() {   # run NAME CMD...: log to $LOGS/NAME.log, print its tail if it fails
+run() {   # run NAME CMD...: log to $LOGS/NAME.log; print its tail and return 1 if it failed
     local name=$1; shift
     "$@" >"$LOGS/$name.log" 2>&1
     local rc=$?
     stamp "$name: exit $rc"
-    [ $rc -eq 0 ] || [ $rc -eq 124 ] || tail -n 15 "$LOGS/$name.log"
+    [ $rc -eq 0 ] || [ $rc -eq 124 ] && return 0   # 124: stopped at CAP, with a checkpoint
+    tail -n 15 "$LOGS/$name.log"
+    return 1
 }
+fail=0
+wait_all() { local p; for p in "$@"; do wait "$p" || fail=1; done; }
 V1=(--set train.method=dmd --set train.critic_steps_per_generator_step=1 --set regression.pairs=pairs/fashion
     --set gan.generator_weight=0 --set gan.critic_weight=0)
 capped() { timeout -s TERM -k 60 "$CAP" "$@"; }
 
 stamp "make-pairs ($PAIRS pairs, DDIM 50 steps, guidance 2)"
 run make-pairs $DMD make-pairs --teacher unet2d --recipe recipes/fashion.toml --steps 50 --num "$PAIRS" \
-    --batch-size "$BATCH" --out pairs/fashion
+    --batch-size "$BATCH" --out pairs/fashion || exit 1
 # The two DMD2 runs read Fashion-MNIST's training images: unpack them once, before both start.
-run fashion-mnist $PY -c "from dmdcli.datasets import load_images; load_images('fashion-mnist')"
+run fashion-mnist $PY -c "from dmdcli.datasets import load_images; load_images('fashion-mnist')" || exit 1
 RUNS=(fashion fashion-dmd)
 [ "$LONG" -gt 0 ] && RUNS+=(fashion-long fashion-dmd-long)
 stamp "${#RUNS[@]} distillations side by side, $CAP s each at most"
-run fashion capped $DMD distill recipes/fashion.toml &
-run fashion-dmd capped $DMD distill recipes/fashion.toml --set run.out=runs/fashion-dmd "${V1[@]}" &
+run fashion capped $DMD distill recipes/fashion.toml & pids=($!)
+run fashion-dmd capped $DMD distill recipes/fashion.toml --set run.out=runs/fashion-dmd "${V1[@]}" & pids+=($!)
 if [ "$LONG" -gt 0 ]; then
     run fashion-long capped $DMD distill recipes/fashion.toml --set run.out=runs/fashion-long \
-        --set train.steps="$LONG" --set train.batch_size="$LONG_BATCH" &
+        --set train.steps="$LONG" --set train.batch_size="$LONG_BATCH" & pids+=($!)
     run fashion-dmd-long capped $DMD distill recipes/fashion.toml --set run.out=runs/fashion-dmd-long \
-        --set train.steps="$LONG" --set train.batch_size="$LONG_BATCH" "${V1[@]}" &
+        --set train.steps="$LONG" --set train.batch_size="$LONG_BATCH" "${V1[@]}" & pids+=($!)
 fi
-wait
+wait_all "${pids[@]}"
 COMPARE=(--ref fashion-mnist --features fashion --num "$NUM" --batch-size "$BATCH")
 stamp "compare fashion alone (teacher at 1, 4 and 50 steps)"
-run compare-fashion $DMD compare runs/fashion --out runs/fashion/compare --teacher-steps 1,4,50 "${COMPARE[@]}"
+run compare-fashion $DMD compare runs/fashion --out runs/fashion/compare --teacher-steps 1,4,50 "${COMPARE[@]}" \
+    || fail=1
 stamp "compare the others side by side (teacher at 50 steps)"
+pids=()
 for name in "${RUNS[@]:1}"; do
     run "compare-$name" $DMD compare "runs/$name" --out "runs/$name/compare" --teacher-steps 50 "${COMPARE[@]}" &
+    pids+=($!)
 done
-wait
+wait_all "${pids[@]}"
 stamp done
 for name in "${RUNS[@]}"; do
     echo "== $name"; tail -n 12 "$LOGS/compare-$name.log"
 done
+exit $fail

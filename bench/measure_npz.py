@@ -32,7 +32,7 @@ def main():
         tensors = teacher if path == a.teacher else load_samples(path)[0]
         r = fid_report(tensors, "fashion-mnist", "fashion", batch_size=500)
         rows.append({"file": str(path), **r})
-        print(f"| {path.name} | {r['fid']:.1f} | {r['class_accuracy']:.3f} | {r['within_class_spread']:.3f} | "
+        print(f"| {path.name} | {r['fid']:.1f} | {r.get('class_accuracy') or 0:.3f} | {r['within_class_spread'] or 0:.3f} | "
               f"{r['num_samples']} |")
         if path != a.teacher:
             class_grid(as_x(tensors), as_x(teacher), 10, lambda x: x, a.out / f"{path.stem}-grid.png")

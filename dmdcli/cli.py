@@ -303,7 +303,8 @@ def fid(samples: Optional[Path] = typer.Argument(None, help="samples file or fol
             table.add_row(f"KID ({report['num_samples']} samples)", f"{report['kid']:.5f}")
         if "class_accuracy" in report:
             table.add_row("class accuracy (by the feature network)", f"{report['class_accuracy']:.3f}")
-        table.add_row("within-class spread (per-pixel std)", f"{report['within_class_spread']:.3f}")
+        if report["within_class_spread"] is not None:
+            table.add_row("within-class spread (per-pixel std)", f"{report['within_class_spread']:.3f}")
         table.add_row("reference", report["reference"])
     Console().print(table)
     if json_out:

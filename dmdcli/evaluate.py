@@ -63,30 +63,53 @@ def load_samples(path: str | Path) -> tuple[dict, dict]:
 
 
 def _load_npz(path: Path) -> dict:
+    import zipfile
+    import zlib
+
     try:
         with np.load(path, allow_pickle=False) as f:
             arrays = {k: f[k] for k in f.files}
-    except (OSError, ValueError, EOFError) as e:
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as e:
         raise UserError(f"{path} is not a readable .npz ({e})") from None
     img = arrays.get("arr_0")
     if img is None or img.dtype != np.uint8 or img.ndim != 4 or img.shape[3] not in (1, 3):
         raise UserError(f"{path} needs arr_0, uint8 images N x H x W x C (C 1 or 3), as `dmd sample --images "
                         f"npz` writes; got {None if img is None else (img.dtype, img.shape)}")
     tensors = {"image": torch.from_numpy(img).permute(0, 3, 1, 2).contiguous()}
-    if "label" in arrays:
-        tensors["label"] = torch.from_numpy(arrays["label"]).long()
+    label = arrays.get("label", arrays.get("arr_1"))   # ADM's class-conditional samples: arr_1
+    if label is not None:
+        if label.dtype.kind not in "iu" or label.shape != (len(img),):
+            raise UserError(f"{path}: labels must be {len(img)} integers, one per image; got "
+                            f"{label.dtype} {label.shape}")
+        tensors["label"] = torch.from_numpy(label).long()
     return tensors
 
 
-def within_class_spread(images: torch.Tensor, labels: torch.Tensor | None) -> float:
+def within_class_spread(images: torch.Tensor, labels: torch.Tensor | None, chunk: int = 1024) -> float | None:
     """Mode-collapse gauge: the per-pixel standard deviation across the samples of one class
     (or prompt), averaged over pixels and classes, for uint8 images on a [-1, 1] scale. A
     generator that ignores its noise scores 0; compare it with the teacher's on the same
-    conditions. Classes with one sample are skipped."""
-    x = images.float() / 127.5 - 1
-    groups = [x] if labels is None else [x[labels == c] for c in labels.unique()]
-    stds = [g.std(dim=0).mean() for g in groups if len(g) > 1]
-    return float(torch.stack(stds).mean()) if stds else float("nan")
+    conditions. Classes with one sample are skipped; None when no class has two. Streams in
+    chunks, so 50K images cost per-pixel sums, not float copies of them all."""
+    if images.ndim == 4 and images.shape[1] > 1 and images.stride(1) == 0:
+        images = images[:, :1]   # gray repeated to three channels: one is the same measure
+    groups = [torch.arange(len(images))] if labels is None else \
+        [torch.nonzero(labels == c).flatten() for c in labels.unique()]
+    stds = []
+    for idx in groups:
+        if len(idx) < 2:
+            continue
+        total = torch.zeros(images.shape[1:], dtype=torch.float64)
+        squares = torch.zeros_like(total)
+        shift = images[idx[0]].double()   # sums of differences from one member: exact when all are alike
+        for part in idx.split(chunk):
+            x = (images[part].double() - shift) / 127.5
+            total += x.sum(0)
+            squares += (x * x).sum(0)
+        n = len(idx)
+        var = ((squares - total * total / n) / (n - 1)).clamp(min=0)
+        stds.append(var.sqrt().mean())
+    return float(torch.stack(stds).mean()) if stds else None
 
 
 def frechet_distance(a: torch.Tensor, b: torch.Tensor) -> float:

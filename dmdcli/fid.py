@@ -258,7 +258,8 @@ def fid_report(tensors: dict, ref: str, features: str = "inception", mode: str =
                         f"{feats.shape[1]}-d; use the same --features for both")
     report = {"fid": float(frechet_distance(feats.mean(0), np.cov(feats, rowvar=False), mu_r, sigma_r)),
               "num_samples": len(feats), "reference": described, "features": features, "mode": mode,
-              "crop": crop, "within_class_spread": within_class_spread(uncropped, tensors.get("label"))}
+              "crop": crop,   # spread on the images as made; the COCO protocol's crops have one per prompt
+              "within_class_spread": None if crop else within_class_spread(uncropped, tensors.get("label"))}
     if kid and feats_r is not None:
         np.random.seed(0)   # clean-fid's KID draws subsets with numpy's global generator
         report["kid"] = float(kernel_distance(feats, feats_r))

@@ -22,21 +22,28 @@ from .teacher import uint8_images
 
 def _batched(fn, indices: range, batch_size: int, teacher, seed: int):
     """fn(noise, cond, idx) over batches; noise and conditions are functions of the index.
-    The rate (samples per second) times fn alone, not the per-index noise made on the CPU,
-    and leaves out the first of several batches, which pays CUDA's lazy start-up."""
-    parts, times = [], []
-    for start in range(indices.start, indices.stop, batch_size):
-        idx = range(start, min(start + batch_size, indices.stop))
+    The rate (samples per second) times the fn calls: not the per-index starting noise made
+    on the CPU, nor the conditions (a text encoder's prompts), nor an untimed one-sample call
+    first that pays CUDA's lazy start-up. Few-step students make their re-noise inside fn."""
+    def inputs(idx):
         labels = teacher.condition_ids(idx)
         z = pair_noise(seed, idx, teacher.sample_shape).to(getattr(teacher, "device", "cpu"))
-        cond = teacher.encode_condition(labels.to(z.device) if labels is not None else None)
+        return z, teacher.encode_condition(labels.to(z.device) if labels is not None else None)
+
+    if len(indices):
+        first = range(indices.start, indices.start + 1)
+        fn(*inputs(first), first).cpu()   # warm-up, untimed
+    parts, seconds = [], 0.0
+    for start in range(indices.start, indices.stop, batch_size):
+        idx = range(start, min(start + batch_size, indices.stop))
+        z, cond = inputs(idx)
+        if z.is_cuda:
+            torch.cuda.synchronize(z.device)   # nothing queued before this batch is timed with it
         t0 = time.perf_counter()
         parts.append(fn(z, cond, idx).cpu())   # .cpu() waits for the device
-        times.append((len(idx), time.perf_counter() - t0))
-    timed = times[1:] or times
-    rate = sum(n for n, _ in timed) / max(sum(t for _, t in timed), 1e-9)
+        seconds += time.perf_counter() - t0
     empty = torch.empty(0, *teacher.sample_shape)
-    return (torch.cat(parts) if parts else empty), rate
+    return (torch.cat(parts) if parts else empty), len(indices) / max(seconds, 1e-9)
 
 
 def _share(num: int, rank: int, world: int) -> range:
