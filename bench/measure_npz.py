@@ -25,6 +25,7 @@ def main():
     a = ap.parse_args()
     a.out.mkdir(parents=True, exist_ok=True)
     as_x = lambda t: t["image"][:100, :1].float() / 127.5 - 1   # noqa: E731
+    num = lambda v: "-" if v is None else f"{v:.3f}"   # noqa: E731
     teacher = load_samples(a.teacher)[0]
     rows = []
     print("| samples | FID | class accuracy | within-class spread | samples measured |\n|---|---|---|---|---|")
@@ -32,7 +33,7 @@ def main():
         tensors = teacher if path == a.teacher else load_samples(path)[0]
         r = fid_report(tensors, "fashion-mnist", "fashion", batch_size=500)
         rows.append({"file": str(path), **r})
-        print(f"| {path.name} | {r['fid']:.1f} | {r.get('class_accuracy') or 0:.3f} | {r['within_class_spread'] or 0:.3f} | "
+        print(f"| {path.name} | {r['fid']:.1f} | {num(r.get('class_accuracy'))} | {num(r['within_class_spread'])} | "
               f"{r['num_samples']} |")
         if path != a.teacher:
             class_grid(as_x(tensors), as_x(teacher), 10, lambda x: x, a.out / f"{path.stem}-grid.png")

@@ -66,9 +66,9 @@ def _load_npz(path: Path) -> dict:
     import zipfile
     import zlib
 
-    try:
+    try:   # only the arrays used: images, and labels (ADM's class-conditional samples: arr_1)
         with np.load(path, allow_pickle=False) as f:
-            arrays = {k: f[k] for k in f.files}
+            arrays = {k: f[k] for k in ("arr_0", "label", "arr_1") if k in f.files}
     except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as e:
         raise UserError(f"{path} is not a readable .npz ({e})") from None
     img = arrays.get("arr_0")
@@ -76,7 +76,7 @@ def _load_npz(path: Path) -> dict:
         raise UserError(f"{path} needs arr_0, uint8 images N x H x W x C (C 1 or 3), as `dmd sample --images "
                         f"npz` writes; got {None if img is None else (img.dtype, img.shape)}")
     tensors = {"image": torch.from_numpy(img).permute(0, 3, 1, 2).contiguous()}
-    label = arrays.get("label", arrays.get("arr_1"))   # ADM's class-conditional samples: arr_1
+    label = arrays.get("label", arrays.get("arr_1"))
     if label is not None:
         if label.dtype.kind not in "iu" or label.shape != (len(img),):
             raise UserError(f"{path}: labels must be {len(img)} integers, one per image; got "

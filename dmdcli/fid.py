@@ -19,6 +19,7 @@ import torch
 
 from .datasets import cache_dir
 from .errors import UserError
+from .evaluate import within_class_spread
 from .io import sha256
 
 REFERENCES = {
@@ -246,8 +247,6 @@ def fid_report(tensors: dict, ref: str, features: str = "inception", mode: str =
         mode = REFERENCES[ref]["mode"]
     check_reference_features(ref, features)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    from .evaluate import within_class_spread
-
     uncropped = to_uint8_images(tensors)   # not images: say so before any download
     images = _crop_tensor(uncropped, crop)
     model = feature_model(features, mode, device)
