@@ -86,7 +86,7 @@ def _distill(recipe: Recipe, acc: Accelerator, run_dir: Path, progress_factory, 
                                        "tensorboard": {"purge_step": trainer.step} if trainer.step else {}})
     sums: dict[str, float] = {}
     counts: dict[str, int] = {}
-    t0 = time.time()
+    t0, start_step = time.time(), trainer.step
     progress = progress_factory() if (progress_factory and acc.is_main_process) else None
     try:
         with progress or contextlib.nullcontext(), StopRequest() as stop:
@@ -106,9 +106,11 @@ def _distill(recipe: Recipe, acc: Accelerator, run_dir: Path, progress_factory, 
                         with open(metrics_path, "a") as f:
                             f.write(json.dumps(means) + "\n")
                     acc.log({k: v for k, v in means.items() if k != "step"}, step=step)
+                    losses = "  ".join(f"{k[5:]} {means[k]:.4f}" for k in sorted(means) if k.startswith("loss_"))
                     if progress:
-                        progress.update(task, losses="  ".join(f"{k[5:]} {means[k]:.4f}" for k in sorted(means)
-                                                               if k.startswith("loss_")))
+                        progress.update(task, losses=losses)
+                        if not progress.console.is_terminal:   # a batch job's log: rich draws no live bar there
+                            progress.console.print(_log_line(step, total, start_step, time.time() - t0, losses))
                     sums, counts = {}, {}
                 if progress:
                     progress.update(task, completed=step)
@@ -122,6 +124,13 @@ def _distill(recipe: Recipe, acc: Accelerator, run_dir: Path, progress_factory, 
     finally:   # flush the trackers however the run ends
         acc.end_training()
     return run_dir
+
+
+def _log_line(step: int, total: int, start_step: int, seconds: float, losses: str) -> str:
+    """What a log window prints where no live progress bar can be drawn (output to a file)."""
+    rate = (step - start_step) / seconds if seconds > 0 else 0.0
+    eta = time.strftime("%H:%M:%S", time.gmtime((total - step) / rate)) if rate > 0 else "-"
+    return f"distill step {step}/{total}  {rate:.2f} it/s  eta {eta}  {losses}"
 
 
 def _lock_holder(run_dir: Path) -> str:

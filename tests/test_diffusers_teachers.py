@@ -207,27 +207,32 @@ def test_export_sd_student_is_a_one_step_pipeline(tmp_path, sd_folder, prompts):
     torch.testing.assert_close(theirs, ours, atol=1e-4, rtol=1e-4)
 
 
-def test_export_unet2d_student_snippet_reproduces_samples(tmp_path, unet_folder):
+@pytest.mark.parametrize("t", [999, 600])
+def test_export_unet2d_student_snippet_reproduces_samples(tmp_path, unet_folder, t):
+    """The exported LCMScheduler reproduces the student at its conditioning timestep: 999, or
+    600 as recipes/fashion.toml's one-step student (an epsilon output, read as x0 at t = 600)."""
     from diffusers import LCMScheduler, UNet2DModel
 
     from dmdcli.runs import load_student
     from dmdcli.sampling import student_sample
 
-    recipe = unet2d_recipe(tmp_path / "u.toml", unet_folder, tmp_path / "runs" / "u")
+    recipe = unet2d_recipe(tmp_path / "u.toml", unet_folder, tmp_path / "runs" / "u",
+                           extra=f"[student]\ntimesteps = [{t}]\n")
     assert main(["distill", str(recipe)]) == 0
     out = tmp_path / "export"
     assert main(["export", str(tmp_path / "runs" / "u"), "--out", str(out)]) == 0
     unet = UNet2DModel.from_pretrained(out, subfolder="unet")
     scheduler = LCMScheduler.from_pretrained(out, subfolder="scheduler")
-    scheduler.set_timesteps(timesteps=[999])
+    scheduler.set_timesteps(timesteps=[t])
     x = z = torch.randn(4, 1, 16, 16, generator=torch.Generator().manual_seed(0))
     labels = torch.arange(4) % 3
     with torch.no_grad():
         for t in scheduler.timesteps:
             x = scheduler.step(unet(x, t, class_labels=labels).sample, t, x).prev_sample
     _, teacher, generator, _ = load_student(tmp_path / "runs" / "u")
-    torch.testing.assert_close(x, student_sample(generator, teacher.schedule, z, labels, [999]), atol=1e-4, rtol=1e-4)
-    assert "class_labels=labels" in (out / "README.md").read_text()
+    torch.testing.assert_close(x, student_sample(generator, teacher.schedule, z, labels, [t]), atol=1e-4, rtol=1e-4)
+    card = (out / "README.md").read_text()
+    assert "class_labels=labels" in card and f"scheduler.set_timesteps(timesteps=[{t}])" in card
 
 
 def test_export_refuses_vector_students(tmp_path, tiny_recipe, capsys):

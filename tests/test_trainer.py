@@ -325,3 +325,22 @@ def test_sharded_launches_are_refused_before_any_work(kind, tiny_recipe, monkeyp
         DMDTrainer(load_recipe(tiny_recipe()), accelerator=SimpleNamespace(distributed_type=DistributedType[kind]))
     for fine in ("NO", "MULTI_CPU", "MULTI_GPU"):
         refuse_sharding(SimpleNamespace(distributed_type=DistributedType[fine]))
+
+
+def test_a_log_file_gets_a_line_per_log_window(tiny_recipe, tmp_path, capsys):
+    """Where output goes to a file (a batch job, nohup), rich draws no live bar: each log
+    window prints one plain line with the step, the rate, the time left and the losses; a
+    resumed run counts its rate from where it resumed."""
+    import re
+
+    from dmdcli.cli import main
+
+    recipe = tiny_recipe(steps=20, checkpoint_every=10)
+    assert main(["distill", str(recipe), "--set", "run.log_every=5", "--set", "run.log_with=none",
+                 "--set", "train.steps=10"]) == 0
+    assert main(["distill", str(recipe), "--set", "run.log_every=5", "--set", "run.log_with=none"]) == 0
+    lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("distill step")]
+    assert [ln.split()[2] for ln in lines] == ["5/10", "10/10", "15/20", "20/20"]
+    pattern = r"distill step \d+/\d+  \d+\.\d\d it/s  eta \d\d:\d\d:\d\d  critic \d+\.\d{4}  dm \d+\.\d{4}"
+    assert all(re.fullmatch(pattern, ln) for ln in lines), lines
+    assert lines[-1].split("eta ")[1].startswith("00:00:00")
