@@ -1,0 +1,60 @@
+"""Where should a one-step student read its noise? The untrained generator (the teacher's
+network) at several conditioning timesteps, measured the way `dmd fid` measures, with a grid.
+
+Usage: .venv/bin/python bench/student_init.py RECIPE [--timesteps 999,800,700,600,500]
+           [--num 1000] [--ref fashion-mnist --features fashion] [--out runs/student-init]
+
+The first row is always 999 with an x0 output head (`student.prediction_type = "sample"`);
+the others read the output as the teacher does. BENCHMARKS.md has the Fashion-MNIST table.
+"""
+
+import argparse
+from pathlib import Path
+
+import torch
+
+from dmdcli.evaluate import sample_tensors
+from dmdcli.fid import fid_report
+from dmdcli.pairs import pair_noise
+from dmdcli.plots import image_grid
+from dmdcli.recipe import load_recipe
+from dmdcli.sampling import student_sample
+from dmdcli.teacher import build_teacher, make_student
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("recipe", type=Path)
+    ap.add_argument("--timesteps", default="999,800,700,600,500")
+    ap.add_argument("--num", type=int, default=1000)
+    ap.add_argument("--ref", default="fashion-mnist")
+    ap.add_argument("--features", default="fashion")
+    ap.add_argument("--out", type=Path, default=Path("runs/student-init"))
+    a = ap.parse_args()
+    a.out.mkdir(parents=True, exist_ok=True)
+    rows = [(999, "sample")] + [(int(t), "teacher") for t in a.timesteps.split(",")]
+    print("| noise fed in at | output read as | sqrt(alpha_bar) | FID | class accuracy | within-class spread |\n"
+          "|---|---|---|---|---|---|")
+    grid = []
+    for t, pred in rows:
+        r = load_recipe(a.recipe, [f"student.timesteps=[{t}]", f"student.prediction_type={pred}"])
+        teacher = build_teacher(r.teacher)
+        torch.manual_seed(r.run.seed)   # as distill initialises its networks
+        generator = make_student(teacher, r).eval()
+        idx = range(a.num)
+        z, labels = pair_noise(r.run.seed, idx, teacher.sample_shape), teacher.condition_ids(idx)
+        x = torch.cat([student_sample(generator, teacher.schedule, z[i:i + 250],
+                                      teacher.encode_condition(labels[i:i + 250] if labels is not None else None), [t])
+                       for i in range(0, a.num, 250)])
+        rep = fid_report(sample_tensors(teacher.to_images(x), labels), a.ref, a.features, batch_size=250)
+        num = lambda v: "-" if v is None else f"{v:.3f}"   # noqa: E731
+        print(f"| {t} | {'x0' if pred == 'sample' else 'as the teacher'} | "
+              f"{float(teacher.schedule.alphas_cumprod[t]) ** 0.5:.4f} | {rep['fid']:.1f} | "
+              f"{num(rep.get('class_accuracy'))} | {num(rep.get('within_class_spread'))} |", flush=True)
+        grid.append(teacher.to_images(x[:20]))
+    image_grid(torch.cat(grid), a.out / "student-init.png", nrow=20)
+    print(f"grid: {a.out / 'student-init.png'} (one row per line of the table)")
+
+
+if __name__ == "__main__":
+    main()
