@@ -1,6 +1,7 @@
 """Would an average of the generator's weights beat each checkpoint alone? Averages the
 `generator.safetensors` of the given checkpoints of one run, samples as `dmd sample` does
-(seed 0, classes i % 10) and measures as `dmd fid` does.
+(seed 0, classes i % 10; one-step students only: few-step ones would re-noise differently)
+and measures as `dmd fid` does.
 
 Usage: .venv/bin/python bench/average_checkpoints.py RUN/checkpoints/step-A [RUN/checkpoints/step-B ...]
            [--num 2000] [--ref fashion-mnist --features fashion]

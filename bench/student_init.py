@@ -5,7 +5,8 @@ Usage: .venv/bin/python bench/student_init.py RECIPE [--timesteps 999,800,700,60
            [--num 1000] [--ref fashion-mnist --features fashion] [--out runs/student-init]
 
 The first row is always 999 with an x0 output head (`student.prediction_type = "sample"`);
-the others read the output as the teacher does. BENCHMARKS.md has the Fashion-MNIST table.
+the others read the output as the teacher does. VP teachers only (it reads alpha_bar).
+BENCHMARKS.md has the Fashion-MNIST table ("as the teacher" is epsilon there).
 """
 
 import argparse

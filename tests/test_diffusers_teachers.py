@@ -227,8 +227,8 @@ def test_export_unet2d_student_snippet_reproduces_samples(tmp_path, unet_folder,
     x = z = torch.randn(4, 1, 16, 16, generator=torch.Generator().manual_seed(0))
     labels = torch.arange(4) % 3
     with torch.no_grad():
-        for t in scheduler.timesteps:
-            x = scheduler.step(unet(x, t, class_labels=labels).sample, t, x).prev_sample
+        for s in scheduler.timesteps:
+            x = scheduler.step(unet(x, s, class_labels=labels).sample, s, x).prev_sample
     _, teacher, generator, _ = load_student(tmp_path / "runs" / "u")
     torch.testing.assert_close(x, student_sample(generator, teacher.schedule, z, labels, [t]), atol=1e-4, rtol=1e-4)
     card = (out / "README.md").read_text()

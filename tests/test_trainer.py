@@ -327,14 +327,17 @@ def test_sharded_launches_are_refused_before_any_work(kind, tiny_recipe, monkeyp
         refuse_sharding(SimpleNamespace(distributed_type=DistributedType[fine]))
 
 
-def test_a_log_file_gets_a_line_per_log_window(tiny_recipe, tmp_path, capsys):
+def test_a_log_file_gets_a_line_per_log_window(tiny_recipe, tmp_path, capsys, monkeypatch):
     """Where output goes to a file (a batch job, nohup), rich draws no live bar: each log
-    window prints one plain line with the step, the rate, the time left and the losses; a
-    resumed run counts its rate from where it resumed."""
+    window prints one plain line with the step, the rate, the time left and the losses."""
     import re
 
+    from rich.console import Console
+
+    import dmdcli.cli
     from dmdcli.cli import main
 
+    monkeypatch.setattr(dmdcli.cli, "console", Console(stderr=True, force_terminal=False, force_interactive=False))
     recipe = tiny_recipe(steps=20, checkpoint_every=10)
     assert main(["distill", str(recipe), "--set", "run.log_every=5", "--set", "run.log_with=none",
                  "--set", "train.steps=10"]) == 0
@@ -343,4 +346,11 @@ def test_a_log_file_gets_a_line_per_log_window(tiny_recipe, tmp_path, capsys):
     assert [ln.split()[2] for ln in lines] == ["5/10", "10/10", "15/20", "20/20"]
     pattern = r"distill step \d+/\d+  \d+\.\d\d it/s  eta \d\d:\d\d:\d\d  critic \d+\.\d{4}  dm \d+\.\d{4}"
     assert all(re.fullmatch(pattern, ln) for ln in lines), lines
-    assert lines[-1].split("eta ")[1].startswith("00:00:00")
+
+
+def test_log_line_rate_counts_from_the_resumed_step_and_hours_pass_a_day():
+    from dmdcli.runner import _log_line
+
+    assert _log_line(15, 20, 10, 5.0, "dm 1.0000") == "distill step 15/20  1.00 it/s  eta 00:00:05  dm 1.0000"
+    assert _log_line(1, 100001, 0, 1.0, "") == "distill step 1/100001  1.00 it/s  eta 27:46:40  "
+    assert _log_line(0, 10, 0, 0.0, "") == "distill step 0/10  0.00 it/s  eta -  "
