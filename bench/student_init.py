@@ -14,12 +14,10 @@ from pathlib import Path
 
 import torch
 
-from dmdcli.evaluate import sample_tensors
 from dmdcli.fid import fid_report
-from dmdcli.pairs import pair_noise
+from dmdcli.generate import generator_tensors
 from dmdcli.plots import image_grid
 from dmdcli.recipe import load_recipe
-from dmdcli.sampling import student_sample
 from dmdcli.teacher import build_teacher, make_student
 
 
@@ -42,17 +40,13 @@ def main():
         teacher = build_teacher(r.teacher)
         torch.manual_seed(r.run.seed)   # as distill initialises its networks
         generator = make_student(teacher, r).eval()
-        idx = range(a.num)
-        z, labels = pair_noise(r.run.seed, idx, teacher.sample_shape), teacher.condition_ids(idx)
-        x = torch.cat([student_sample(generator, teacher.schedule, z[i:i + 250],
-                                      teacher.encode_condition(labels[i:i + 250] if labels is not None else None), [t])
-                       for i in range(0, a.num, 250)])
-        rep = fid_report(sample_tensors(teacher.to_images(x), labels), a.ref, a.features, batch_size=250)
+        samples = generator_tensors(generator, teacher, [t], a.num, r.run.seed, batch_size=250)
+        rep = fid_report(samples, a.ref, a.features, batch_size=250)
         num = lambda v: "-" if v is None else f"{v:.3f}"   # noqa: E731
         print(f"| {t} | {'x0' if pred == 'sample' else 'as the teacher'} | "
               f"{float(teacher.schedule.alphas_cumprod[t]) ** 0.5:.4f} | {rep['fid']:.1f} | "
               f"{num(rep.get('class_accuracy'))} | {num(rep.get('within_class_spread'))} |", flush=True)
-        grid.append(teacher.to_images(x[:20]))
+        grid.append(teacher.to_images(samples["x"][:20]))
     image_grid(torch.cat(grid), a.out / "student-init.png", nrow=20)
     print(f"grid: {a.out / 'student-init.png'} (one row per line of the table)")
 

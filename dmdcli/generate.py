@@ -145,8 +145,14 @@ def student_tensors(run, num: int, seed: int = 0, batch_size: int = 256) -> tupl
     from .runs import load_student
 
     recipe, teacher, generator, _ = load_student(run)
-    x, _ = _batched(_student(generator, teacher, recipe.student.timesteps, seed), range(num), batch_size, teacher, seed)
-    return sample_tensors(x, teacher.condition_ids(range(num)), _decoded(teacher, x)), teacher.describe()
+    return generator_tensors(generator, teacher, recipe.student.timesteps, num, seed, batch_size), teacher.describe()
+
+
+def generator_tensors(generator, teacher, timesteps, num: int, seed: int = 0, batch_size: int = 256) -> dict:
+    """A generator's samples at `timesteps` as a samples file holds them, made in memory with
+    `dmd sample`'s per-index noise and classes (for one not saved as a run: bench/)."""
+    x, _ = _batched(_student(generator, teacher, timesteps, seed), range(num), batch_size, teacher, seed)
+    return sample_tensors(x, teacher.condition_ids(range(num)), _decoded(teacher, x))
 
 
 def _join_ranks(out: Path, results: dict, state) -> dict:
