@@ -11,8 +11,6 @@ from typing import List, Optional
 
 import typer
 from rich.console import Console
-from rich.progress import (BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn,
-                           TimeElapsedColumn, TimeRemainingColumn)
 from rich.table import Table
 from rich.text import Text
 
@@ -29,17 +27,11 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 console = Console(stderr=True, soft_wrap=True)  # long paths stay on one line
 
 
-class RateColumn(ProgressColumn):
-    def render(self, task) -> Text:
-        return Text(f"{task.speed:.1f}/s" if task.speed else "-/s", style="cyan")
+def progress_bar(extra: str = ""):
+    """The shared rich bar on this module's console (dmdcli.progress)."""
+    from .progress import progress_bar as bar
 
-
-def progress_bar(extra: str = "") -> Progress:
-    columns = [TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), RateColumn(),
-               TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn()]
-    if extra:
-        columns.append(TextColumn(extra))
-    return Progress(*columns, console=console, transient=False)
+    return bar(console, extra)
 
 
 @app.command()
@@ -217,10 +209,12 @@ def sample(run: Optional[Path] = typer.Argument(None, help="run or checkpoint fo
     if run is not None:
         recipe, t, generator, step = load_student(run, ema=ema)
         sampler = sampler or t.default_sampler
-        results = make_samples(out, num, t, generator=generator, timesteps=recipe.student.timesteps,
-                               student_source=f"student {run} step {step}, {len(recipe.student.timesteps)} step(s)",
-                               teacher_steps=teacher_steps, sampler=sampler, seed=seed, batch_size=batch_size,
-                               guidance=recipe.teacher.guidance if guidance is None else guidance, images=images)
+        with progress_bar() as bar:
+            results = make_samples(out, num, t, generator=generator, timesteps=recipe.student.timesteps,
+                                   student_source=f"student {run} step {step}, {len(recipe.student.timesteps)} step(s)",
+                                   teacher_steps=teacher_steps, sampler=sampler, seed=seed, batch_size=batch_size,
+                                   guidance=recipe.teacher.guidance if guidance is None else guidance, images=images,
+                                   progress=bar)
     else:
         if teacher_steps < 1:
             raise UserError("--teacher-steps must be at least 1 when sampling a teacher alone")
@@ -229,8 +223,9 @@ def sample(run: Optional[Path] = typer.Argument(None, help="run or checkpoint fo
         t, guidance = _teacher_from(teacher, None, set_, guidance, {})
         t.to(PartialState().device)
         sampler = sampler or t.default_sampler
-        results = make_samples(out, num, t, teacher_steps=teacher_steps, guidance=guidance, sampler=sampler, seed=seed,
-                               batch_size=batch_size, images=images)
+        with progress_bar() as bar:
+            results = make_samples(out, num, t, teacher_steps=teacher_steps, guidance=guidance, sampler=sampler,
+                                   seed=seed, batch_size=batch_size, images=images, progress=bar)
     if not results:   # not the main process under accelerate launch
         return
     for who, (_, rate, steps) in results.items():
@@ -274,7 +269,8 @@ def fid(samples: Optional[Path] = typer.Argument(None, help="samples file or fol
         if PartialState().num_processes > 1:
             raise UserError("fid --from runs in one process; under accelerate launch, run `dmd sample` and "
                             "then `dmd fid` on its folder")
-        tensors, desc = student_tensors(from_, num, seed=seed, batch_size=max(batch_size, 1))
+        with progress_bar() as bar:
+            tensors, desc = student_tensors(from_, num, seed=seed, batch_size=max(batch_size, 1), progress=bar)
     else:
         tensors, meta = load_samples(samples)
         desc = json.loads(meta.get("teacher", "{}"))
@@ -329,7 +325,8 @@ def compare(run: Path = typer.Argument(..., help="run or checkpoint folder"),
         steps = [int(s) for s in teacher_steps.split(",") if s.strip()]
     except ValueError:
         raise UserError(f"--teacher-steps must be comma-separated integers, got {teacher_steps!r}") from None
-    rows = run_compare(run, out, num, steps, ref, features, mode, seed, batch_size, sampler)
+    with progress_bar() as bar:
+        rows = run_compare(run, out, num, steps, ref, features, mode, seed, batch_size, sampler, progress=bar)
     table = Table(title=f"{run}: {rows[0]['num_samples']} samples a row, {rows[0]['features']} features, "
                         f"reference {rows[0]['reference']}")
     for column in ("sampler", "FID", "KID", "class accuracy", "spread", "images/s"):

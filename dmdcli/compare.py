@@ -12,9 +12,11 @@ from .evaluate import load_samples
 
 
 def compare(run, out: Path, num: int, teacher_steps: list[int], ref: str, features: str = "inception",
-            mode: str = "clean", seed: int = 0, batch_size: int = 256, sampler: str | None = None) -> list[dict]:
+            mode: str = "clean", seed: int = 0, batch_size: int = 256, sampler: str | None = None,
+            progress=None) -> list[dict]:
     """One row per sampler setting: the student first, then the teacher at each step count.
-    Each row: who, steps, images per second, FID (+ KID, class accuracy where available)."""
+    Each row: who, steps, images per second, FID (+ KID, class accuracy where available).
+    `progress` (a rich Progress) shows each row's sampling."""
     from .fid import check_reference_features, fid_report
     from .generate import make_samples
     from .plots import class_grid
@@ -38,10 +40,10 @@ def compare(run, out: Path, num: int, teacher_steps: list[int], ref: str, featur
         if who == "student":
             result = make_samples(folder, num, teacher, generator=generator, timesteps=recipe.student.timesteps,
                                   teacher_steps=0, seed=seed, batch_size=batch_size,
-                                  student_source=f"student {run} step {step}")["student"]
+                                  student_source=f"student {run} step {step}", progress=progress)["student"]
         else:
             result = make_samples(folder, num, teacher, teacher_steps=steps, guidance=guidance, sampler=sampler,
-                                  seed=seed, batch_size=batch_size)["teacher"]
+                                  seed=seed, batch_size=batch_size, progress=progress)["teacher"]
         tensors, _ = load_samples(folder)
         report = fid_report(tensors, ref, features, mode, batch_size=min(batch_size, 256))
         made[(who, steps)] = result[0]

@@ -20,8 +20,9 @@ from .sampling import student_sample, teacher_ode
 from .teacher import uint8_images
 
 
-def _batched(fn, indices: range, batch_size: int, teacher, seed: int):
+def _batched(fn, indices: range, batch_size: int, teacher, seed: int, progress=None, label: str = "samples"):
     """fn(noise, cond, idx) over batches; noise and conditions are functions of the index.
+    With a rich `progress`, a task `label` advances by each batch.
     The rate (samples per second) times the fn calls: not the per-index starting noise made
     on the CPU, nor the conditions (a text encoder's prompts), nor an untimed one-sample call
     first that pays CUDA's lazy start-up. Few-step students make their re-noise inside fn."""
@@ -34,6 +35,7 @@ def _batched(fn, indices: range, batch_size: int, teacher, seed: int):
         first = range(indices.start, indices.start + 1)
         fn(*inputs(first), first).cpu()   # warm-up, untimed
     parts, seconds = [], 0.0
+    task = progress.add_task(label, total=len(indices)) if progress is not None else None
     for start in range(indices.start, indices.stop, batch_size):
         idx = range(start, min(start + batch_size, indices.stop))
         z, cond = inputs(idx)
@@ -42,6 +44,8 @@ def _batched(fn, indices: range, batch_size: int, teacher, seed: int):
         t0 = time.perf_counter()
         parts.append(fn(z, cond, idx).cpu())   # .cpu() waits for the device
         seconds += time.perf_counter() - t0
+        if task is not None:
+            progress.advance(task, len(idx))
     empty = torch.empty(0, *teacher.sample_shape)
     return (torch.cat(parts) if parts else empty), len(indices) / max(seconds, 1e-9)
 
@@ -70,23 +74,26 @@ def _decoded(teacher, x):
 
 def make_samples(out: Path, num: int, teacher, *, generator=None, timesteps=(999,), student_source: str = "",
                  teacher_steps: int = 50, guidance: float = 1.0, sampler: str = "ddim", seed: int = 0,
-                 batch_size: int = 256, images: str = "none") -> dict:
+                 batch_size: int = 256, images: str = "none", progress=None) -> dict:
     """Write samples.safetensors (the student's, or the teacher's when there is no student),
     teacher.safetensors beside a student's when teacher_steps > 0, and samples.png; with
     images="png" also one PNG per sample (images/, teacher-images/), with "npz" the uint8
     images as samples.npz / teacher.npz (arr_0: N x H x W x C, as ADM's and EDM's FID tools read).
-    Returns {who: (samples, samples per second of all processes, steps)} on the main process."""
+    Returns {who: (samples, samples per second of all processes, steps)} on the main process.
+    `progress` (a rich Progress) shows the main process's share, one task per sampler."""
     from accelerate import PartialState
 
     state = PartialState()
+    progress = progress if state.is_main_process else None
     mine = _share(num, state.process_index, state.num_processes)
     results = {}   # each process decodes its own share
     if generator is not None:
-        x, rate = _batched(_student(generator, teacher, timesteps, seed), mine, batch_size, teacher, seed)
+        x, rate = _batched(_student(generator, teacher, timesteps, seed), mine, batch_size, teacher, seed,
+                           progress, f"student, {len(timesteps)} step(s)")
         results["student"] = (x, rate, len(timesteps), _decoded(teacher, x))
     if teacher_steps:
         x, rate = _batched(lambda z, c, idx: teacher_ode(teacher, z, c, teacher_steps, guidance, sampler),
-                           mine, batch_size, teacher, seed)
+                           mine, batch_size, teacher, seed, progress, f"teacher, {teacher_steps} steps")
         results["teacher"] = (x, rate, teacher_steps, _decoded(teacher, x))
     out.mkdir(parents=True, exist_ok=True)
     names = {who: ("samples" if who == "student" or "student" not in results else "teacher") for who in results}
@@ -139,19 +146,22 @@ def _write_npz(path: Path, x, img, labels) -> None:
         np.savez(f, **arrays)
 
 
-def student_tensors(run, num: int, seed: int = 0, batch_size: int = 256) -> tuple[dict, dict]:
+def student_tensors(run, num: int, seed: int = 0, batch_size: int = 256, progress=None) -> tuple[dict, dict]:
     """(tensors as a samples file holds them, teacher description) of a run's student, made in
     memory: the same samples `dmd sample RUN --num N --seed S` would write."""
     from .runs import load_student
 
     recipe, teacher, generator, _ = load_student(run)
-    return generator_tensors(generator, teacher, recipe.student.timesteps, num, seed, batch_size), teacher.describe()
+    return (generator_tensors(generator, teacher, recipe.student.timesteps, num, seed, batch_size, progress),
+            teacher.describe())
 
 
-def generator_tensors(generator, teacher, timesteps, num: int, seed: int = 0, batch_size: int = 256) -> dict:
+def generator_tensors(generator, teacher, timesteps, num: int, seed: int = 0, batch_size: int = 256,
+                      progress=None) -> dict:
     """A generator's samples at `timesteps` as a samples file holds them, made in memory with
     `dmd sample`'s per-index noise and classes (for one not saved as a run: bench/)."""
-    x, _ = _batched(_student(generator, teacher, timesteps, seed), range(num), batch_size, teacher, seed)
+    x, _ = _batched(_student(generator, teacher, timesteps, seed), range(num), batch_size, teacher, seed,
+                    progress, f"student, {len(timesteps)} step(s)")
     return sample_tensors(x, teacher.condition_ids(range(num)), _decoded(teacher, x))
 
 

@@ -86,7 +86,7 @@ def _distill(recipe: Recipe, acc: Accelerator, run_dir: Path, progress_factory, 
                                        "tensorboard": {"purge_step": trainer.step} if trainer.step else {}})
     sums: dict[str, float] = {}
     counts: dict[str, int] = {}
-    t0, start_step = time.time(), trainer.step
+    t0 = time.time()
     progress = progress_factory() if (progress_factory and acc.is_main_process) else None
     try:
         with progress or contextlib.nullcontext(), StopRequest() as stop:
@@ -109,10 +109,6 @@ def _distill(recipe: Recipe, acc: Accelerator, run_dir: Path, progress_factory, 
                     losses = "  ".join(f"{k[5:]} {means[k]:.4f}" for k in sorted(means) if k.startswith("loss_"))
                     if progress:
                         progress.update(task, losses=losses)
-                        out = progress.console   # rich draws no live bar where it is not interactive (a log file)
-                        if not (out.is_interactive or out.is_jupyter):
-                            out.print(_log_line(step, total, start_step, time.time() - t0, losses),
-                                      markup=False, highlight=False)
                     sums, counts = {}, {}
                 if progress:
                     progress.update(task, completed=step)
@@ -126,16 +122,6 @@ def _distill(recipe: Recipe, acc: Accelerator, run_dir: Path, progress_factory, 
     finally:   # flush the trackers however the run ends
         acc.end_training()
     return run_dir
-
-
-def _log_line(step: int, total: int, start_step: int, seconds: float, losses: str) -> str:
-    """What a log window prints where no live progress bar can be drawn (output to a file)."""
-    rate = (step - start_step) / seconds if seconds > 0 else 0.0
-    eta = "-"
-    if rate > 0:
-        h, rest = divmod(round((total - step) / rate), 3600)
-        eta = f"{h:02d}:{rest // 60:02d}:{rest % 60:02d}"   # hours past 24 stay hours
-    return f"distill step {step}/{total}  {rate:.2f} it/s  eta {eta}  {losses}"
 
 
 def _lock_holder(run_dir: Path) -> str:

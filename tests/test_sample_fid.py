@@ -17,6 +17,10 @@ def test_sample_then_fid(tmp_path, tiny_recipe, capsys):
     assert main(["sample", str(run_dir), "--num", "500", "--out", str(out), "--teacher-steps", "20"]) == 0
     err = capsys.readouterr().err
     assert "student: 500 samples, 1 step(s)" in err and "teacher: 500 samples, 20 step(s)" in err
+    # No live bar under pytest (not a terminal): one plain line a sampler when it ends (batches of
+    # 256 take well under PLAIN_EVERY seconds, so none at 256).
+    plain = [ln.split("/s")[0] for ln in err.splitlines() if "/500  " in ln]
+    assert [ln.rsplit("  ", 1)[0] for ln in plain] == ["student, 1 step(s) 500/500", "teacher, 20 steps 500/500"]
     student, teacher = load_file(str(out / "samples.safetensors")), load_file(str(out / "teacher.safetensors"))
     assert student["x"].shape == teacher["x"].shape == (500, 2)
     with safe_open(str(out / "samples.safetensors"), framework="pt") as f:

@@ -327,30 +327,27 @@ def test_sharded_launches_are_refused_before_any_work(kind, tiny_recipe, monkeyp
         refuse_sharding(SimpleNamespace(distributed_type=DistributedType[fine]))
 
 
-def test_a_log_file_gets_a_line_per_log_window(tiny_recipe, tmp_path, capsys, monkeypatch):
-    """Where output goes to a file (a batch job, nohup), rich draws no live bar: each log
-    window prints one plain line with the step, the rate, the time left and the losses."""
+def test_a_log_file_gets_plain_progress_lines_with_the_losses(tiny_recipe, tmp_path, capsys, monkeypatch):
+    """Where output goes to a file (a batch job, nohup), rich draws no live bar: the shared
+    bar prints plain lines (here every step: PLAIN_EVERY = 0) with the losses of the last
+    log window, and a resumed run's lines go on from its checkpoint."""
     import re
 
     from rich.console import Console
 
     import dmdcli.cli
+    import dmdcli.progress
     from dmdcli.cli import main
 
     monkeypatch.setattr(dmdcli.cli, "console", Console(stderr=True, force_terminal=False, force_interactive=False))
+    monkeypatch.setattr(dmdcli.progress, "PLAIN_EVERY", 0.0)
     recipe = tiny_recipe(steps=20, checkpoint_every=10)
     assert main(["distill", str(recipe), "--set", "run.log_every=5", "--set", "run.log_with=none",
                  "--set", "train.steps=10"]) == 0
     assert main(["distill", str(recipe), "--set", "run.log_every=5", "--set", "run.log_with=none"]) == 0
-    lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("distill step")]
-    assert [ln.split()[2] for ln in lines] == ["5/10", "10/10", "15/20", "20/20"]
-    pattern = r"distill step \d+/\d+  \d+\.\d\d it/s  eta \d\d:\d\d:\d\d  critic \d+\.\d{4}  dm \d+\.\d{4}"
-    assert all(re.fullmatch(pattern, ln) for ln in lines), lines
-
-
-def test_log_line_rate_counts_from_the_resumed_step_and_hours_pass_a_day():
-    from dmdcli.runner import _log_line
-
-    assert _log_line(15, 20, 10, 5.0, "dm 1.0000") == "distill step 15/20  1.00 it/s  eta 00:00:05  dm 1.0000"
-    assert _log_line(1, 100001, 0, 1.0, "") == "distill step 1/100001  1.00 it/s  eta 27:46:40  "
-    assert _log_line(0, 10, 0, 0.0, "") == "distill step 0/10  0.00 it/s  eta -  "
+    lines = [ln for ln in capsys.readouterr().err.splitlines() if re.match(r"distill \d", ln)]   # not rich's last frame
+    assert [ln.split()[1] for ln in lines] == [f"{i}/10" for i in range(1, 11)] + [f"{i}/20" for i in range(11, 21)]
+    pattern = r"distill \d+/\d+  \d+\.\d\d/s  eta \d\d:\d\d:\d\d  critic \d+\.\d{4}  dm \d+\.\d{4}"
+    with_losses = lines[4:10] + lines[14:]   # from each run's first log window (steps 5 and 15) on
+    assert all(re.fullmatch(pattern, ln) for ln in with_losses), lines
+    assert not any("critic" in ln for ln in lines[:4] + lines[10:14])
