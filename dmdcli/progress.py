@@ -1,7 +1,7 @@
 """The progress display every long command shares: a rich bar with rate and ETA on a
 terminal. Where rich draws no live bar (output to a file: nohup, a batch scheduler, CI), the
-same tasks print one plain line every PLAIN_EVERY seconds and when they finish, so a log
-file shows how far a run is and when it will end."""
+same tasks print one plain line every PLAIN_EVERY seconds and when they finish instead, so a
+log file shows how far a run is and when it will end."""
 
 from __future__ import annotations
 
@@ -34,9 +34,12 @@ def plain_line(description: str, completed: float, total: float | None, start_co
 class PlainLogProgress(Progress):
     """rich's Progress, plus plain lines where the console is not interactive."""
 
-    def __init__(self, *columns, every: float | None = None, **kwargs):
-        super().__init__(*columns, **kwargs)
-        self.plain = not (self.console.is_interactive or self.console.is_jupyter)
+    def __init__(self, *columns, every: float | None = None, console=None, **kwargs):
+        plain = console is not None and not (console.is_interactive or console.is_jupyter)
+        # Plain: the lines are the display. rich's own last frame, squeezed into a file's 80
+        # columns, would add a line of ellipses.
+        super().__init__(*columns, console=console, disable=plain, **kwargs)
+        self.plain = plain
         self.every = PLAIN_EVERY if every is None else every
         self._plain_state: dict = {}   # task id: (start time, start completed, last print time, last completed)
 
