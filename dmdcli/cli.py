@@ -28,10 +28,13 @@ console = Console(stderr=True, soft_wrap=True)  # long paths stay on one line
 
 
 def progress_bar(extra: str = ""):
-    """The shared rich bar on this module's console (dmdcli.progress)."""
+    """The shared rich bar on this module's console (dmdcli.progress); quiet on the processes
+    other than the main one under accelerate launch, which share its terminal."""
+    from accelerate import PartialState
+
     from .progress import progress_bar as bar
 
-    return bar(console, extra)
+    return bar(console, extra, quiet=not PartialState().is_main_process)
 
 
 @app.command()

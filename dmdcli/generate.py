@@ -93,7 +93,7 @@ def make_samples(out: Path, num: int, teacher, *, generator=None, timesteps=(999
         results["student"] = (x, rate, len(timesteps), _decoded(teacher, x))
     if teacher_steps:
         x, rate = _batched(lambda z, c, idx: teacher_ode(teacher, z, c, teacher_steps, guidance, sampler),
-                           mine, batch_size, teacher, seed, progress, f"teacher, {teacher_steps} steps")
+                           mine, batch_size, teacher, seed, progress, f"teacher, {teacher_steps} step(s)")
         results["teacher"] = (x, rate, teacher_steps, _decoded(teacher, x))
     out.mkdir(parents=True, exist_ok=True)
     names = {who: ("samples" if who == "student" or "student" not in results else "teacher") for who in results}

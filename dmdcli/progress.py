@@ -27,19 +27,19 @@ def plain_line(description: str, completed: float, total: float | None, start_co
         h, rest = divmod(round((total - completed) / rate), 3600)
         eta = f"{h:02d}:{rest // 60:02d}:{rest % 60:02d}"   # hours past 24 stay hours
     extra = "  ".join(str(v) for v in fields.values() if str(v))
-    return (f"{description} {completed:g}/{'?' if total is None else f'{total:g}'}  {rate:.2f}/s  eta {eta}"
+    return (f"{description} {int(completed)}/{'?' if total is None else int(total)}  {rate:.2f}/s  eta {eta}"
             + (f"  {extra}" if extra else ""))
 
 
 class PlainLogProgress(Progress):
     """rich's Progress, plus plain lines where the console is not interactive."""
 
-    def __init__(self, *columns, every: float | None = None, console=None, **kwargs):
-        plain = console is not None and not (console.is_interactive or console.is_jupyter)
+    def __init__(self, *columns, every: float | None = None, quiet: bool = False, **kwargs):
+        super().__init__(*columns, disable=quiet, **kwargs)
         # Plain: the lines are the display. rich's own last frame, squeezed into a file's 80
-        # columns, would add a line of ellipses.
-        super().__init__(*columns, console=console, disable=plain, **kwargs)
-        self.plain = plain
+        # columns, would add a line of ellipses. Quiet (another process than the main one): nothing.
+        self.plain = not quiet and not (self.console.is_interactive or self.console.is_jupyter)
+        self.disable = quiet or self.plain
         self.every = PLAIN_EVERY if every is None else every
         self._plain_state: dict = {}   # task id: (start time, start completed, last print time, last completed)
 
@@ -70,11 +70,12 @@ class PlainLogProgress(Progress):
                            markup=False, highlight=False)
 
 
-def progress_bar(console, extra: str = "", every: float | None = None) -> Progress:
+def progress_bar(console, extra: str = "", every: float | None = None, quiet: bool = False) -> Progress:
     """The bar: description, bar, done/total, rate, elapsed, ETA, and `extra` (a format of
-    the task's fields, e.g. "{task.fields[losses]}")."""
+    the task's fields, e.g. "{task.fields[losses]}"). quiet: show nothing (for the processes
+    other than the main one under accelerate launch, whose terminal it shares)."""
     columns = [TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), RateColumn(),
                TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn()]
     if extra:
         columns.append(TextColumn(extra))
-    return PlainLogProgress(*columns, console=console, transient=False, every=every)
+    return PlainLogProgress(*columns, console=console, transient=False, every=every, quiet=quiet)

@@ -72,7 +72,7 @@ def train_teacher(r: TeacherRecipe, progress_factory=None, console=None) -> Path
         step = state["step"]
         if console:
             console.print(f"resuming {run_dir} from {last.name}")
-    progress = progress_factory() if progress_factory else None
+    progress = progress_factory() if (progress_factory and acc.is_main_process) else None
     t0, loss_sum, n = time.time(), 0.0, 0
     with progress or contextlib.nullcontext(), StopRequest() as stop:
         task = progress.add_task("teacher", total=r.train.steps, completed=step, losses="") if progress else None

@@ -14,6 +14,7 @@ def test_plain_line_rate_counts_from_where_this_process_started_and_hours_pass_a
         "distill 15/20  1.00/s  eta 00:00:05  dm 1.0000"
     assert plain_line("pairs", 1, 100001, 0, 1.0, {}) == "pairs 1/100001  1.00/s  eta 27:46:40"
     assert plain_line("student", 0, 10, 0, 0.0, {"losses": ""}) == "student 0/10  0.00/s  eta -"
+    assert plain_line("pairs", 1234567, 2000000, 1234566, 1.0, {}) == "pairs 1234567/2000000  1.00/s  eta 212:37:13"
 
 
 def _file_bar(every, clock):
@@ -45,3 +46,16 @@ def test_a_terminal_gets_the_live_bar_and_no_plain_lines():
             bar.advance(task)
     assert "pairs 3/3  " not in out.getvalue()
     assert "3/3" in out.getvalue()   # the bar's own MofN column
+
+
+def test_a_quiet_bar_shows_nothing_on_a_terminal_or_in_a_file():
+    """Under accelerate launch the other processes get a quiet bar: their empty live display
+    would erase the main process's line on the terminal they share."""
+    for interactive in (True, False):
+        out = io.StringIO()
+        console = Console(file=out, force_terminal=interactive, force_interactive=interactive, width=200)
+        with progress_bar(console, every=0.0, quiet=True) as bar:
+            task = bar.add_task("pairs", total=3)
+            for _ in range(3):
+                bar.advance(task)
+        assert out.getvalue() == ""

@@ -20,7 +20,7 @@ def test_sample_then_fid(tmp_path, tiny_recipe, capsys):
     # No live bar under pytest (not a terminal): one plain line a sampler when it ends (batches of
     # 256 take well under PLAIN_EVERY seconds, so none at 256).
     plain = [ln.split("/s")[0] for ln in err.splitlines() if "/500  " in ln]
-    assert [ln.rsplit("  ", 1)[0] for ln in plain] == ["student, 1 step(s) 500/500", "teacher, 20 steps 500/500"]
+    assert [ln.rsplit("  ", 1)[0] for ln in plain] == ["student, 1 step(s) 500/500", "teacher, 20 step(s) 500/500"]
     student, teacher = load_file(str(out / "samples.safetensors")), load_file(str(out / "teacher.safetensors"))
     assert student["x"].shape == teacher["x"].shape == (500, 2)
     with safe_open(str(out / "samples.safetensors"), framework="pt") as f:
