@@ -1,7 +1,7 @@
 """The progress display every long command shares: a rich bar with rate and ETA on a
 terminal. Where rich draws no live bar (output to a file: nohup, a batch scheduler, CI), the
-same tasks print one plain line every PLAIN_EVERY seconds and when they finish instead, so a
-log file shows how far a run is and when it will end."""
+same tasks print plain lines instead: as they advance, at most one every PLAIN_EVERY seconds,
+and one when they complete, so a log file shows how far a run is and when it will end."""
 
 from __future__ import annotations
 
