@@ -69,6 +69,9 @@ class TeacherConfig:
     name: str = "gmm"
     # Real-score guidance in the standard form eps_u + s (eps_c - eps_u); 1 = none.
     guidance: float = 1.0
+    # Timesteps [first, last] at which the real score is guided; elsewhere it is the plain
+    # conditional score (guidance in a limited interval, Kynkaanniemi et al. 2024).
+    guidance_interval: list[int] = field(default_factory=lambda: [0, 999])
     gmm: GMMConfig = field(default_factory=GMMConfig)
     sd: SDConfig = field(default_factory=SDConfig)
     unet2d: UNet2DConfig = field(default_factory=UNet2DConfig)
@@ -292,6 +295,10 @@ def validate(r: Recipe) -> None:
     if not ts or any(a <= b for a, b in zip(ts, ts[1:])) or not all(0 <= t <= 999 for t in ts):
         raise UserError(f"recipe key 'student.timesteps' must be a non-empty, strictly descending list "
                         f"of timesteps in 0..999, e.g. [999] or [999, 749, 499, 249]; got {ts}")
+    gi = r.teacher.guidance_interval
+    if len(gi) != 2 or not 0 <= gi[0] <= gi[1] <= 999:
+        raise UserError(f"recipe key 'teacher.guidance_interval' must be two timesteps [first, last] with "
+                        f"0 <= first <= last <= 999, e.g. [0, 999] (guide everywhere); got {gi}")
     if r.regression.distance == "lpips" and not r.regression.lpips_weights:
         raise UserError("regression.distance = 'lpips' needs regression.lpips_weights = FILE, made by `dmd "
                         "convert-lpips` from torchvision's VGG16 weights; without them use 'pseudo_huber' or 'mse'")

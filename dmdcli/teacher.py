@@ -79,6 +79,20 @@ def uint8_images(x: torch.Tensor) -> torch.Tensor:
     return ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
 
 
+def real_score(teacher: Teacher, x_t: torch.Tensor, t: torch.Tensor, cond, guidance: float,
+               interval=(0, 999)) -> torch.Tensor:
+    """The teacher's x0 prediction, guided only where interval[0] <= t <= interval[1]
+    (Kynkaanniemi et al. 2024): elsewhere the conditional prediction, guidance 1."""
+    inside = (t >= interval[0]) & (t <= interval[1])
+    if guidance == 1.0 or bool(inside.all()):
+        return teacher.denoise(x_t, t, cond, guidance)
+    x0 = teacher.denoise(x_t, t, cond, 1.0)
+    if bool(inside.any()):
+        i = inside.nonzero().squeeze(1)
+        x0[i] = teacher.denoise(x_t[i], t[i], cond[i] if cond is not None else None, guidance).to(x0.dtype)
+    return x0
+
+
 def resolve_dtype(name: str) -> torch.dtype:
     """A recipe's dtype name; "auto" is bf16 on CUDA (the authors' choice), else fp32."""
     if name == "auto":

@@ -24,7 +24,7 @@ from .pairs import PairSet
 from .perceptual import load_lpips, lpips_distance
 from .recipe import Recipe
 from .sampling import generator_x0, student_sample
-from .teacher import build_teacher, make_student
+from .teacher import build_teacher, make_student, real_score
 
 
 def uses_gan(recipe: Recipe) -> bool:
@@ -160,7 +160,7 @@ class DMDTrainer:
         t = self._timesteps(losses.dm_timesteps, n)
         x_t = self.schedule.add_noise(x.detach(), self._randn(x.shape), t)
         with torch.no_grad(), self.acc.autocast():
-            x0_real = self.teacher.denoise(x_t, t, cond, r.teacher.guidance)
+            x0_real = real_score(self.teacher, x_t, t, cond, r.teacher.guidance, r.teacher.guidance_interval)
             x0_fake = self._critic(x_t, t, cond)[0]
         loss_dm, non_finite = losses.distribution_matching_loss(x, x0_real, x0_fake)
         loss, logs = r.train.dm_weight * loss_dm, {"loss_dm": loss_dm.item(), "dm_non_finite": non_finite}

@@ -35,6 +35,10 @@ def one_error_line(err: str) -> str:
     ("student.timesteps", [499, 999], "recipe key 'student.timesteps' must be a non-empty, strictly descending"),
     ("student.timesteps", [1000], "of timesteps in 0..999, e.g. [999] or [999, 749, 499, 249]; got [1000]"),
     ("student.timesteps", [999, 999], "got [999, 999]"),
+    ("teacher.guidance_interval", [600, 300], "recipe key 'teacher.guidance_interval' must be two timesteps "
+     "[first, last] with 0 <= first <= last <= 999, e.g. [0, 999] (guide everywhere); got [600, 300]"),
+    ("teacher.guidance_interval", [300], "got [300]"),
+    ("teacher.guidance_interval", [0, 1000], "got [0, 1000]"),
     ("regression.distance", "lpips",
      "regression.distance = 'lpips' needs regression.lpips_weights = FILE, made by `dmd convert-lpips`"),
     ("train.lr_critic", -1e-3, "recipe key 'train.lr_critic' must be positive, got -0.001"),

@@ -8,6 +8,7 @@ from dmdcli.gmm import SCHEDULER_CONFIG, GMMTeacher, Mixture
 from dmdcli.recipe import GMMConfig
 from dmdcli.sampling import teacher_ode
 from dmdcli.schedules import EDMSchedule, VPSchedule
+from dmdcli.teacher import real_score
 
 
 def mc_posterior_mean(mixture, x_t, a, b, n=2_000_000, seed=0, labels=None):
@@ -49,6 +50,22 @@ def test_conditional_denoiser_and_guidance():
     torch.testing.assert_close(null, uncond)
     guided = teacher.denoise(x_t, t, labels, guidance=3.0)
     torch.testing.assert_close(guided, uncond + 3.0 * (cond - uncond))
+
+
+def test_real_score_guides_only_inside_its_interval():
+    teacher = GMMTeacher(GMMConfig(conditional=True))
+    t = torch.tensor([100, 299, 300, 450, 600, 601, 900, 300])
+    x_t = torch.randn(8, 2, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    labels = torch.tensor([0, 1, 2, 3, 4, 5, 6, 7])
+    cond = teacher.denoise(x_t, t, labels, guidance=1.0)
+    guided = teacher.denoise(x_t, t, labels, guidance=3.0)
+    assert (guided - cond).abs().amax(dim=1).min() > 1e-3        # guidance changes every row
+    mixed = real_score(teacher, x_t, t, labels, 3.0, (300, 600))
+    inside = torch.tensor([False, False, True, True, True, False, False, True])
+    torch.testing.assert_close(mixed[inside], guided[inside])
+    torch.testing.assert_close(mixed[~inside], cond[~inside])
+    torch.testing.assert_close(real_score(teacher, x_t, t, labels, 3.0), guided)          # default: everywhere
+    torch.testing.assert_close(real_score(teacher, x_t, t, labels, 3.0, (950, 999)), cond)  # nowhere
 
 
 def test_vp_schedule_matches_diffusers_add_noise_and_conversions():
