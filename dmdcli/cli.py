@@ -294,7 +294,8 @@ def fid(samples: Optional[Path] = typer.Argument(None, help="samples file or fol
         if ref == "gmm":
             raise UserError("--ref gmm is for samples of the gmm teacher; give imagenet64, an .npz, a folder "
                             "or a samples file")
-        report = fid_report(tensors, ref, features, mode, batch_size, crop=crop)
+        with progress_bar() as bar:
+            report = fid_report(tensors, ref, features, mode, batch_size, crop=crop, progress=bar)
         table.title = (f"FID, {report['features']} features, {report['mode']} mode"
                        + (f", centre-cropped to {crop}px" if crop else ""))
         table.add_row(f"FID ({report['num_samples']} samples)", f"{report['fid']:.3f}")
@@ -357,7 +358,8 @@ def fid_ref(source: str = typer.Argument(..., help="folder of images, samples fi
     """Reference statistics (mu, sigma) for `dmd fid --ref FILE`, kept where you say."""
     from .fid import make_reference
 
-    info = make_reference(source, out, features, mode, batch_size, split, size, crop)
+    with progress_bar() as bar:
+        info = make_reference(source, out, features, mode, batch_size, split, size, crop, progress=bar)
     console.print(f"wrote {out}: {info['count']} images, {info['dim']}-d features ({features}, {mode})")
 
 

@@ -45,7 +45,7 @@ def compare(run, out: Path, num: int, teacher_steps: list[int], ref: str, featur
             result = make_samples(folder, num, teacher, teacher_steps=steps, guidance=guidance, sampler=sampler,
                                   seed=seed, batch_size=batch_size, progress=progress)["teacher"]
         tensors, _ = load_samples(folder)
-        report = fid_report(tensors, ref, features, mode, batch_size=min(batch_size, 256))
+        report = fid_report(tensors, ref, features, mode, batch_size=min(batch_size, 256), progress=progress)
         made[(who, steps)] = result[0]
         rows.append({"who": who, "steps": steps, "images_per_second": result[1], "fid": report["fid"],
                      "kid": report.get("kid"), "class_accuracy": report.get("class_accuracy"),

@@ -144,23 +144,34 @@ def feature_model(features: str, mode: str, device: torch.device):
     return model
 
 
-def image_features(images: torch.Tensor, model, mode: str, device, batch_size: int = 64) -> np.ndarray:
-    """Features of uint8 images through clean-fid's own resize-and-extract path."""
+def image_features(images: torch.Tensor, model, mode: str, device, batch_size: int = 64, progress=None,
+                   label: str = "features") -> np.ndarray:
+    """Features of uint8 images through clean-fid's own resize-and-extract path; with a rich
+    `progress`, a task `label` advances as clean-fid takes each batch."""
     from cleanfid.fid import get_model_features
 
     batches = iter(images.split(batch_size))
+    task = progress.add_task(label, total=len(images)) if progress is not None else None
+    taken = 0
 
     def next_batch(z):   # clean-fid asks for exactly batch_size images per call, in order
+        nonlocal taken
+        if task is not None:   # the batches taken before this one are through the network
+            progress.update(task, completed=taken)
         batch = next(batches).float()
+        taken += len(batch)
         if len(batch) < batch_size:   # pad the last batch; the extra features are cut below
             batch = torch.cat([batch, batch[-1:].expand(batch_size - len(batch), -1, -1, -1)])
         return batch
 
-    return get_model_features(next_batch, model, mode=mode, z_dim=1, num_gen=len(images), batch_size=batch_size,
-                              device=device, verbose=False)[: len(images)]
+    feats = get_model_features(next_batch, model, mode=mode, z_dim=1, num_gen=len(images), batch_size=batch_size,
+                               device=device, verbose=False)[: len(images)]
+    if task is not None:
+        progress.update(task, completed=len(images))
+    return feats
 
 
-def reference_stats(ref: str, model, mode: str, device, batch_size: int, crop: int = 0) -> tuple:
+def reference_stats(ref: str, model, mode: str, device, batch_size: int, crop: int = 0, progress=None) -> tuple:
     """(mu, sigma, features or None, description) of a reference; crop > 0: images are
     centre-cropped and resized to crop x crop first (statistics files must say the same)."""
     from .evaluate import load_samples
@@ -197,7 +208,7 @@ def reference_stats(ref: str, model, mode: str, device, batch_size: int, crop: i
         return feats.mean(0), np.cov(feats, rowvar=False), feats, f"folder {path} ({len(feats)} images)"
     if path.exists():
         feats = image_features(_crop_tensor(to_uint8_images(load_samples(path)[0]), crop), model, mode, device,
-                               batch_size)
+                               batch_size, progress, "features, reference")
         return feats.mean(0), np.cov(feats, rowvar=False), feats, f"samples {path} ({len(feats)})"
     if ref in CLEANFID_NAMES:
         res, split = CLEANFID_NAMES[ref]
@@ -240,7 +251,9 @@ def check_reference_features(ref: str, features: str) -> None:
 
 
 def fid_report(tensors: dict, ref: str, features: str = "inception", mode: str = "clean",
-               batch_size: int = 64, kid: bool = True, crop: int = 0) -> dict:
+               batch_size: int = 64, kid: bool = True, crop: int = 0, progress=None) -> dict:
+    """FID (KID where the reference has features, class accuracy where the feature network
+    classifies) of samples against `ref`; `progress` (a rich Progress) shows feature extraction."""
     from cleanfid.fid import frechet_distance, kernel_distance
 
     if ref in REFERENCES:
@@ -250,8 +263,9 @@ def fid_report(tensors: dict, ref: str, features: str = "inception", mode: str =
     uncropped = to_uint8_images(tensors)   # not images: say so before any download
     images = _crop_tensor(uncropped, crop)
     model = feature_model(features, mode, device)
-    feats = image_features(images, model, mode, device, batch_size)
-    mu_r, sigma_r, feats_r, described = reference_stats(ref, model, mode, device, batch_size, crop)
+    # The reference first: a bad reference file is said before the samples' features are spent.
+    mu_r, sigma_r, feats_r, described = reference_stats(ref, model, mode, device, batch_size, crop, progress)
+    feats = image_features(images, model, mode, device, batch_size, progress, "features, samples")
     if mu_r.shape != feats.shape[1:]:
         raise UserError(f"reference {ref} has {mu_r.shape[0]}-d statistics but the features are "
                         f"{feats.shape[1]}-d; use the same --features for both")
@@ -272,7 +286,7 @@ def fid_report(tensors: dict, ref: str, features: str = "inception", mode: str =
 
 
 def make_reference(source: str, out: Path, features: str = "inception", mode: str = "clean",
-                   batch_size: int = 64, split: str = "test", size: int = 0, crop: int = 0) -> dict:
+                   batch_size: int = 64, split: str = "test", size: int = 0, crop: int = 0, progress=None) -> dict:
     """mu/sigma of a folder, samples file or dataset (fashion-mnist, imagefolder:PATH, a Hub
     dataset) written as an .npz (under a temporary name, then renamed)."""
     from .datasets import load_images
@@ -281,12 +295,12 @@ def make_reference(source: str, out: Path, features: str = "inception", mode: st
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = feature_model(features, mode, device)
     if Path(source).exists():
-        mu, sigma, feats, described = reference_stats(source, model, mode, device, batch_size, crop)
+        mu, sigma, feats, described = reference_stats(source, model, mode, device, batch_size, crop, progress)
         count = len(feats) if feats is not None else 0
     else:
         images, _, _ = load_images(source, split, size)   # size: the students' (fashion: 32, padded)
         uint8 = ((images + 1) * 127.5).round().to(torch.uint8).expand(-1, 3, -1, -1)
-        feats = image_features(_crop_tensor(uint8, crop), model, mode, device, batch_size)
+        feats = image_features(_crop_tensor(uint8, crop), model, mode, device, batch_size, progress)
         mu, sigma, count = feats.mean(0), np.cov(feats, rowvar=False), len(feats)
     network = Path(shipped_or_path(features))   # which weights made the statistics
     with atomic_path(Path(out)) as tmp:

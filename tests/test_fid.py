@@ -56,13 +56,18 @@ def test_fid_matches_clean_fid_called_directly(tmp_path, features):
     assert ours["num_samples"] == 40 and "kid" in ours
 
 
-def test_fid_of_a_set_against_itself_is_zero_and_by_hand_otherwise(tmp_path, features):
+def test_fid_of_a_set_against_itself_is_zero_and_by_hand_otherwise(tmp_path, features, capsys):
     from cleanfid.fid import get_model_features
 
     a, b = image_set(0), image_set(1, shift=0.15)
     sa, sb = as_samples(tmp_path / "a.safetensors", a), as_samples(tmp_path / "b.safetensors", b)
-    assert main(["fid", str(sa), "--ref", str(sa), "--features", str(features), "--json", str(tmp_path / "s.json")]) == 0
+    assert main(["fid", str(sa), "--ref", str(sa), "--features", str(features), "--json", str(tmp_path / "s.json"),
+                 "--batch-size", "16"]) == 0
     assert abs(json.loads((tmp_path / "s.json").read_text())["fid"]) < 1e-3
+    # Feature extraction shows progress (plain lines here, not a terminal): the reference's, then the
+    # samples', each complete only when its last batch (8 of 16 padded) is through.
+    plain = [ln.split("  ")[0] for ln in capsys.readouterr().err.splitlines() if ln.startswith("features")]
+    assert plain == ["features, reference 40/40", "features, samples 40/40"]
     assert main(["fid", str(sa), "--ref", str(sb), "--features", str(features), "--json", str(tmp_path / "d.json")]) == 0
     got = json.loads((tmp_path / "d.json").read_text())["fid"]
     model = torch.jit.load(str(features))
@@ -199,3 +204,18 @@ def test_named_reference_checksum_is_recorded_and_checked(tmp_path, features, mo
     err = capsys.readouterr().err
     assert "does not match the sha256 of 'imagenet64'" in err and "delete imagenet-64x64.npz and " \
         "imagenet-64x64.npz.sha256 to download it again" in err
+
+
+def test_feature_progress_counts_only_batches_through_the_network(features):
+    from rich.progress import Progress
+
+    from dmdcli.fid import image_features
+
+    model, seen = torch.jit.load(str(features)), []
+    with Progress(disable=True) as progress:
+        def network(x):
+            seen.append(progress.tasks[0].completed)
+            return model(x)
+        feats = image_features(image_set(0), network, "clean", torch.device("cpu"), batch_size=16, progress=progress)
+        assert seen == [0, 16, 32] and progress.tasks[0].completed == progress.tasks[0].total == 40
+    assert feats.shape == (40, 16)
