@@ -12,8 +12,8 @@ VP teachers with guidance (the recipe's teacher.guidance); BENCHMARKS.md has the
 import argparse
 
 import torch
-import torch.nn.functional as F
 
+from grain import high_frequency   # bench/grain.py, beside this file
 from dmdcli.datasets import load_images
 from dmdcli.recipe import load_recipe
 from dmdcli.teacher import build_teacher
@@ -21,7 +21,7 @@ from dmdcli.teacher import build_teacher
 
 def high_frequency_share(d: torch.Tensor) -> float:
     """Share of the energy of d above a 3x3 box blur."""
-    return float(((d - F.avg_pool2d(d, 3, 1, 1, count_include_pad=False)) ** 2).sum() / (d ** 2).sum())
+    return float((high_frequency(d) ** 2).sum() / (d ** 2).sum())
 
 
 @torch.no_grad()
