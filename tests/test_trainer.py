@@ -351,3 +351,19 @@ def test_a_log_file_gets_plain_progress_lines_with_the_losses(tiny_recipe, tmp_p
     with_losses = lines[4:10] + lines[14:]   # from each run's first log window (steps 5 and 15) on
     assert all(re.fullmatch(pattern, ln) for ln in with_losses), lines
     assert not any("critic" in ln for ln in lines[:4] + lines[10:14])
+
+
+def test_real_score_guidance_applies_only_inside_its_interval(tiny_recipe):
+    """DM timesteps are 20..980: an interval of [990, 999] guides none of them, so the
+    generator's first update equals the unguided one, and differs from the guided one."""
+    def first_update(*overrides):
+        tr = trainer_for(tiny_recipe, "teacher.gmm.conditional=true", "train.critic_warmup_steps=0",
+                         "train.warmup_steps=0", *overrides)
+        tr.generator_step()
+        return torch.cat([p.detach().flatten() for p in tr.generator.parameters()])
+    unguided = first_update("teacher.guidance=1.0")
+    outside = first_update("teacher.guidance=3.0", "teacher.guidance_interval=[990, 999]")
+    guided = first_update("teacher.guidance=3.0")
+    assert torch.equal(outside, unguided)
+    assert not torch.allclose(guided, unguided)
+    assert torch.equal(first_update("teacher.guidance=3.0", "teacher.guidance_interval=[0, 999]"), guided)
