@@ -14,6 +14,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .losses import classifier_free_guidance
+
 
 class Teacher(ABC):
     name: str
@@ -87,9 +89,10 @@ def real_score(teacher: Teacher, x_t: torch.Tensor, t: torch.Tensor, cond, guida
     if guidance == 1.0 or bool(inside.all()):
         return teacher.denoise(x_t, t, cond, guidance)
     x0 = teacher.denoise(x_t, t, cond, 1.0)
-    if bool(inside.any()):
+    if bool(inside.any()):   # only the unconditional prediction is missing there (cond None: unconditional)
         i = inside.nonzero().squeeze(1)
-        x0[i] = teacher.denoise(x_t[i], t[i], cond[i] if cond is not None else None, guidance).to(x0.dtype)
+        uncond = teacher.denoise(x_t[i], t[i], None, 1.0)
+        x0[i] = classifier_free_guidance(uncond, x0[i], guidance).to(x0.dtype)
     return x0
 
 
