@@ -22,7 +22,7 @@ def passes_per_iteration(r: Recipe, conditional: bool) -> list[str]:
     cfg = 2 if (r.teacher.guidance != 1.0 and conditional) else 1
     gan = r.gan.generator_weight > 0 or r.gan.critic_weight > 0
     sim = len(r.student.timesteps) - 1
-    reg = (r.regression.batch_size or b) if r.train.method == "dmd" else 0
+    reg = (r.regression.batch_size or b) if r.regression.pairs else 0
     gen = [f"generator forward+backward at batch {b + reg}" + (f" ({reg} of them regression pairs)" if reg else ""),
            f"real score forward at batch {cfg * b}" + (" (guidance: conditional and unconditional)" if cfg == 2 else ""),
            f"critic forward at batch {b}"]

@@ -49,7 +49,7 @@ class DMDTrainer:
         device = self.acc.device
         self.teacher = build_teacher(r.teacher).to(device)
         self.schedule = self.teacher.schedule
-        self.pairs = PairSet(r.regression.pairs, self.teacher) if r.train.method == "dmd" else None
+        self.pairs = PairSet(r.regression.pairs, self.teacher) if r.regression.pairs else None
         if self.pairs is not None and self.pairs.manifest["guidance"] != r.teacher.guidance:
             raise UserError(f"pairs in {r.regression.pairs} were made at guidance {self.pairs.manifest['guidance']} "
                             f"and the recipe's teacher uses {r.teacher.guidance}; make pairs with `dmd make-pairs "
@@ -145,8 +145,8 @@ class DMDTrainer:
         x_in, t_in, cond = self._generator_inputs(r.train.batch_size)
         n = len(x_in)
         if self.pairs is not None:
-            # DMD v1: the regression batch (pair noise at the first timestep) rides in the same
-            # forward pass, so DDP sees one forward per backward.
+            # DMD v1's regression (or DMD2 given pairs): the regression batch (pair noise at the
+            # first timestep) rides in the same forward pass, so DDP sees one forward per backward.
             z, y, labels = self._draw(lambda m: self.pairs.batch(m, self.data_rng),
                                       r.regression.batch_size or r.train.batch_size)
             z, y = z.to(x_in.device) * self.schedule.init_noise_sigma, y.to(x_in.device)

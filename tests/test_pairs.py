@@ -65,10 +65,12 @@ def test_corrupt_shard_is_named_when_training(tmp_path, capsys):
         PairSet(out)
 
 
-def test_dmd_v1_trains_on_pairs(tmp_path, tiny_recipe):
+@pytest.mark.parametrize("method", ["dmd", "dmd2"])
+def test_regression_on_pairs_in_either_method(tmp_path, tiny_recipe, method):
+    """v1 needs pairs; DMD2 given pairs adds the same regression term rather than ignoring them."""
     out = tmp_path / "p"
     assert main(["make-pairs", "--teacher", "gmm", "--num", "256", "--out", str(out), "--steps", "10"]) == 0
-    path = tiny_recipe(method="dmd", steps=12, checkpoint_every=12,
+    path = tiny_recipe(method=method, steps=12, checkpoint_every=12,
                        extra=f'\n[regression]\npairs = "{out}"\ndistance = "pseudo_huber"\n')
     assert main(["distill", str(path)]) == 0
     rows = [json.loads(line) for line in (tmp_path / "runs" / "tiny" / "metrics.jsonl").read_text().splitlines()]
