@@ -171,6 +171,29 @@ def image_features(images: torch.Tensor, model, mode: str, device, batch_size: i
     return feats
 
 
+def folder_features(path: Path, model, mode: str, device, batch_size: int, crop: int = 0, progress=None,
+                    label: str = "features, reference") -> np.ndarray:
+    """Features of a folder's images, found, read and resized as clean-fid's get_folder_features
+    does (its file list, dataset and batch function), with a rich `progress` task per batch."""
+    from glob import glob
+
+    from cleanfid.fid import EXTENSIONS, ResizeDataset, get_batch_features
+
+    files = sorted(f for ext in EXTENSIONS for f in glob(os.path.join(path, f"**/*.{ext}"), recursive=True))
+    if not files:
+        raise UserError(f"no images in {path}")
+    dataset = ResizeDataset(files, fdir=str(path), mode=mode)
+    if crop:
+        dataset.custom_image_tranform = lambda im: center_crop_resize(im, crop)
+    task = progress.add_task(label, total=len(files)) if progress is not None else None
+    feats = []
+    for batch in torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=0):
+        feats.append(get_batch_features(batch, model, device))
+        if task is not None:
+            progress.advance(task, len(batch))
+    return np.concatenate(feats)
+
+
 def reference_stats(ref: str, model, mode: str, device, batch_size: int, crop: int = 0, progress=None) -> tuple:
     """(mu, sigma, features or None, description) of a reference; crop > 0: images are
     centre-cropped and resized to crop x crop first (statistics files must say the same)."""
@@ -198,13 +221,7 @@ def reference_stats(ref: str, model, mode: str, device, batch_size: int, crop: i
                             f"use the same for both")
         return mu, sigma, None, str(path)
     if path.is_dir() and not (path / "samples.safetensors").is_file():
-        from cleanfid.fid import get_folder_features
-
-        feats = get_folder_features(str(path), model, num_workers=0, batch_size=batch_size, device=device,
-                                    mode=mode, verbose=False,
-                                    custom_image_tranform=(lambda im: center_crop_resize(im, crop)) if crop else None)
-        if len(feats) == 0:
-            raise UserError(f"no images in {path}")
+        feats = folder_features(path, model, mode, device, batch_size, crop, progress)
         return feats.mean(0), np.cov(feats, rowvar=False), feats, f"folder {path} ({len(feats)} images)"
     if path.exists():
         feats = image_features(_crop_tensor(to_uint8_images(load_samples(path)[0]), crop), model, mode, device,

@@ -40,7 +40,7 @@ def as_folder(folder, images):
     return folder
 
 
-def test_fid_matches_clean_fid_called_directly(tmp_path, features):
+def test_fid_matches_clean_fid_called_directly(tmp_path, features, capsys):
     from cleanfid import fid as cfid
 
     a, b = image_set(0), image_set(1, shift=0.15)
@@ -49,6 +49,7 @@ def test_fid_matches_clean_fid_called_directly(tmp_path, features):
     assert main(["fid", str(samples), "--ref", str(folder_b), "--features", str(features),
                  "--json", str(tmp_path / "r.json")]) == 0
     ours = json.loads((tmp_path / "r.json").read_text())
+    assert "features, reference 40/40" in capsys.readouterr().err   # the folder, read with progress
     model = torch.jit.load(str(features))
     theirs = cfid.compute_fid(str(folder_a), str(folder_b), mode="clean", custom_feat_extractor=lambda x: model(x),
                               num_workers=0, device=torch.device("cpu"), verbose=False, batch_size=16)
@@ -118,6 +119,14 @@ def test_missing_feature_file_is_one_line(tmp_path, capsys):
     sa = as_samples(tmp_path / "a.safetensors", image_set(0))
     assert main(["fid", str(sa), "--ref", str(sa), "--features", str(tmp_path / "none.pt")]) == 2
     assert f"feature network not found: {tmp_path / 'none.pt'}" in capsys.readouterr().err
+
+
+def test_reference_folder_without_images_is_one_line(tmp_path, features, capsys):
+    sa = as_samples(tmp_path / "a.safetensors", image_set(0))
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "notes.txt").write_text("no images here")
+    assert main(["fid", str(sa), "--ref", str(tmp_path / "empty"), "--features", str(features)]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == f"dmd: error: no images in {tmp_path / 'empty'}"
 
 
 def test_bad_mode_and_offline_inception_are_one_line(tmp_path, monkeypatch, capsys):
@@ -206,16 +215,20 @@ def test_named_reference_checksum_is_recorded_and_checked(tmp_path, features, mo
         "imagenet-64x64.npz.sha256 to download it again" in err
 
 
-def test_feature_progress_counts_only_batches_through_the_network(features):
+@pytest.mark.parametrize("source", ["tensor", "folder"])
+def test_feature_progress_counts_only_batches_through_the_network(features, tmp_path, source):
     from rich.progress import Progress
 
-    from dmdcli.fid import image_features
+    from dmdcli.fid import folder_features, image_features
 
     model, seen = torch.jit.load(str(features)), []
     with Progress(disable=True) as progress:
         def network(x):
             seen.append(progress.tasks[0].completed)
             return model(x)
-        feats = image_features(image_set(0), network, "clean", torch.device("cpu"), batch_size=16, progress=progress)
+        cpu = torch.device("cpu")
+        feats = image_features(image_set(0), network, "clean", cpu, batch_size=16, progress=progress) \
+            if source == "tensor" else \
+            folder_features(as_folder(tmp_path / "f", image_set(0)), network, "clean", cpu, 16, progress=progress)
         assert seen == [0, 16, 32] and progress.tasks[0].completed == progress.tasks[0].total == 40
     assert feats.shape == (40, 16)
