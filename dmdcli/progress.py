@@ -1,7 +1,8 @@
 """The progress display every long command shares: a rich bar with rate and ETA on a
 terminal. Where rich draws no live bar (output to a file: nohup, a batch scheduler, CI), the
 same tasks print plain lines instead: as they advance, at most one every PLAIN_EVERY seconds,
-and one when they complete, so a log file shows how far a run is and when it will end."""
+one when they complete, and one where they stopped, so a log file shows how far a run is
+and when it will end."""
 
 from __future__ import annotations
 
@@ -57,13 +58,20 @@ class PlainLogProgress(Progress):
         super().advance(task_id, advance)
         self._maybe_print(task_id)
 
-    def _maybe_print(self, task_id) -> None:
+    def stop(self) -> None:
+        """Leaving the display (done, an error, a clean stop on a signal): a task that moved
+        since its last plain line gets one more, so a log ends where the work stopped."""
+        for task_id in list(self._plain_state):
+            self._maybe_print(task_id, final=True)
+        super().stop()
+
+    def _maybe_print(self, task_id, final: bool = False) -> None:
         if not self.plain or task_id not in self._plain_state:
             return
         task = self._tasks[task_id]
         t0, c0, last_time, last_completed = self._plain_state[task_id]
         now, done = self.get_time(), task.total is not None and task.completed >= task.total
-        if task.completed == last_completed or not (done or now - last_time >= self.every):
+        if task.completed == last_completed or not (final or done or now - last_time >= self.every):
             return
         self._plain_state[task_id] = (t0, c0, now, task.completed)
         self.console.print(plain_line(task.description, task.completed, task.total, c0, now - t0, task.fields),

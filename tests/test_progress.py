@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 
+import pytest
 from rich.console import Console
 
 from dmdcli.progress import plain_line, progress_bar
@@ -35,6 +36,23 @@ def test_a_file_gets_a_line_every_so_often_and_one_at_the_end():
             bar.advance(task, 10)
     # 30 s after the start (70 done: 1 a second) and at the end (100 done at 60 s); no bar frame
     assert out.getvalue().splitlines() == ["pairs 70/100  1.00/s  eta 00:00:30", "pairs 100/100  1.00/s  eta 00:00:00"]
+
+
+def test_a_file_gets_a_last_line_where_the_work_stopped():
+    clock = [0.0]
+    bar, out = _file_bar(30.0, clock)
+    with pytest.raises(KeyboardInterrupt), bar:
+        task = bar.add_task("distill", total=100)
+        clock[0] += 10.0
+        bar.advance(task, 20)       # 10 s in: too soon for a plain line
+        raise KeyboardInterrupt     # the clean stop's exception, leaving the display
+    assert out.getvalue().splitlines() == ["distill 20/100  2.00/s  eta 00:00:40"]
+    done, out = _file_bar(30.0, clock)
+    with done:
+        task = done.add_task("pairs", total=10)
+        clock[0] += 5.0
+        done.advance(task, 10)      # its completion line; leaving adds nothing
+    assert out.getvalue().splitlines() == ["pairs 10/10  2.00/s  eta 00:00:00"]
 
 
 def test_a_terminal_gets_the_live_bar_and_no_plain_lines():
