@@ -17,12 +17,12 @@ NORMALISER_EPS = 1e-8
 
 
 def dm_timesteps(batch: int, num_train_timesteps: int, generator: torch.Generator,
-                 device: torch.device | str = "cpu", low: float = 0.02, high: float = 0.98) -> torch.Tensor:
-    """Timesteps for the distribution-matching loss: integers uniform in [0.02 T, 0.98 T].
-
-    For T = 1000 this is 20..980 inclusive (DMD section 3.2; DMD2 keeps it).
+                 device: torch.device | str = "cpu", first: int | None = None, last: int | None = None) -> torch.Tensor:
+    """Timesteps for the distribution-matching loss: integers uniform in [first, last],
+    by default [0.02 T, 0.98 T], for T = 1000 20..980 inclusive (DMD section 3.2; DMD2 keeps it).
     """
-    t_min, t_max = int(low * num_train_timesteps), int(high * num_train_timesteps)
+    t_min = int(0.02 * num_train_timesteps) if first is None else first
+    t_max = int(0.98 * num_train_timesteps) if last is None else last
     return torch.randint(t_min, t_max + 1, (batch,), generator=generator, device=device)
 
 

@@ -118,6 +118,10 @@ class TrainConfig:
     lora_rank: int = 0                  # > 0: train LoRA adapters of this rank (peft) on frozen UNets
     gradient_checkpointing: bool = False   # recompute activations in backward: less memory, ~30% slower
     ema_decay: float = 0.0              # EMA of the generator (diffusers' EMAModel); 0: off, as the authors
+    # The DM loss's timesteps, uniform in [first, last] (the papers': 0.02 T to 0.98 T). An
+    # epsilon teacher's x0 error grows with sigma: where sigma is far above the data's, the
+    # critic's x0 minus the teacher's is mostly error (bench/critic_fit.py).
+    dm_timesteps: list[int] = field(default_factory=lambda: [20, 980])
 
 
 @dataclass
@@ -295,10 +299,11 @@ def validate(r: Recipe) -> None:
     if not ts or any(a <= b for a, b in zip(ts, ts[1:])) or not all(0 <= t <= 999 for t in ts):
         raise UserError(f"recipe key 'student.timesteps' must be a non-empty, strictly descending list "
                         f"of timesteps in 0..999, e.g. [999] or [999, 749, 499, 249]; got {ts}")
-    gi = r.teacher.guidance_interval
-    if len(gi) != 2 or not 0 <= gi[0] <= gi[1] <= 999:
-        raise UserError(f"recipe key 'teacher.guidance_interval' must be two timesteps [first, last] with "
-                        f"0 <= first <= last <= 999, e.g. [0, 999] (guide everywhere); got {gi}")
+    for key, value, example in (("teacher.guidance_interval", r.teacher.guidance_interval, "[0, 999] (guide everywhere)"),
+                                ("train.dm_timesteps", r.train.dm_timesteps, "[20, 980] (the papers')")):
+        if len(value) != 2 or not 0 <= value[0] <= value[1] <= 999:
+            raise UserError(f"recipe key '{key}' must be two timesteps [first, last] with "
+                            f"0 <= first <= last <= 999, e.g. {example}; got {value}")
     if r.regression.distance == "lpips" and not r.regression.lpips_weights:
         raise UserError("regression.distance = 'lpips' needs regression.lpips_weights = FILE, made by `dmd "
                         "convert-lpips` from torchvision's VGG16 weights; without them use 'pseudo_huber' or 'mse'")

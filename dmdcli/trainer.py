@@ -8,6 +8,7 @@ generator steps once every `critic_steps_per_generator_step` iterations after
 
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -157,7 +158,8 @@ class DMDTrainer:
         with self.acc.autocast():
             out = generator_x0(self.generator, self.schedule, x_in, t_in, cond)
         x, cond = out[:n], (cond[:n] if cond is not None else None)
-        t = self._timesteps(losses.dm_timesteps, n)
+        first, last = r.train.dm_timesteps
+        t = self._timesteps(partial(losses.dm_timesteps, first=first, last=last), n)
         x_t = self.schedule.add_noise(x.detach(), self._randn(x.shape), t)
         with torch.no_grad(), self.acc.autocast():
             x0_real = real_score(self.teacher, x_t, t, cond, r.teacher.guidance, r.teacher.guidance_interval)

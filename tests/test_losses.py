@@ -45,6 +45,11 @@ def test_dm_timesteps_cover_20_to_980_inclusive():
     assert counts.min() > 120 and counts.max() < 300
 
 
+def test_dm_timesteps_keep_to_a_given_range():
+    t = losses.dm_timesteps(20_000, 1000, torch.Generator().manual_seed(0), first=100, last=700)
+    assert int(t.min()) == 100 and int(t.max()) == 700
+
+
 def test_critic_timesteps_cover_whole_range():
     t = losses.critic_timesteps(100_000, 1000, torch.Generator().manual_seed(0))
     assert int(t.min()) == 0 and int(t.max()) == 999

@@ -367,3 +367,6 @@ def test_real_score_guidance_applies_only_inside_its_interval(tiny_recipe):
     assert torch.equal(outside, unguided)
     assert not torch.allclose(guided, unguided)
     assert torch.equal(first_update("teacher.guidance=3.0", "teacher.guidance_interval=[0, 999]"), guided)
+    # train.dm_timesteps moves the DM loss's timesteps into that interval: guided again.
+    inside = first_update("teacher.guidance=3.0", "teacher.guidance_interval=[990, 999]", "train.dm_timesteps=[990, 999]")
+    assert not torch.allclose(inside, unguided)
