@@ -122,6 +122,9 @@ class TrainConfig:
     # epsilon teacher's x0 error grows with sigma: where sigma is far above the data's, the
     # critic's x0 minus the teacher's is mostly error (bench/critic_fit.py).
     dm_timesteps: list[int] = field(default_factory=lambda: [20, 980])
+    # > 0: the DM loss reads the fake score from an EMA of the critic's weights (decay per critic
+    # step); the critic itself trains on unchanged. 0: off, as the papers.
+    critic_ema_decay: float = 0.0
 
 
 @dataclass
@@ -287,12 +290,13 @@ def validate(r: Recipe) -> None:
                     r.run.keep_checkpoints, "regression.batch_size": r.regression.batch_size,
                     "regression.weight": r.regression.weight, "gan.generator_weight": r.gan.generator_weight,
                     "gan.critic_weight": r.gan.critic_weight, "train.lora_rank": r.train.lora_rank,
-                    "train.ema_decay": r.train.ema_decay}
+                    "train.ema_decay": r.train.ema_decay, "train.critic_ema_decay": r.train.critic_ema_decay}
     for key, v in not_negative.items():
         if v < 0:
             raise UserError(f"recipe key '{key}' must not be negative, got {v}")
-    if r.train.ema_decay >= 1:
-        raise UserError(f"recipe key 'train.ema_decay' must be below 1 (0: off), got {r.train.ema_decay}")
+    for key in ("ema_decay", "critic_ema_decay"):
+        if getattr(r.train, key) >= 1:
+            raise UserError(f"recipe key 'train.{key}' must be below 1 (0: off), got {getattr(r.train, key)}")
     if len(r.train.betas) != 2:
         raise UserError(f"recipe key 'train.betas' must have two numbers, got {r.train.betas}")
     ts = r.student.timesteps

@@ -8,6 +8,7 @@ generator steps once every `critic_steps_per_generator_step` iterations after
 
 from __future__ import annotations
 
+import copy
 from functools import partial
 from pathlib import Path
 
@@ -66,6 +67,11 @@ class DMDTrainer:
                 if not enable_gradient_checkpointing(net):
                     raise UserError(f"train.gradient_checkpointing: the {r.teacher.name} teacher's networks "
                                     f"have no checkpointing (they are small); set it to false")
+        # Optional EMA of the critic's network: the DM loss reads its fake score from these weights
+        # while the critic trains on as before (bench/critic_fit.py: at lr 1e-4 the raw critic's
+        # parameter noise swamps its x0 at high noise levels; an EMA of it does not).
+        self.critic_ema = copy.deepcopy(critic).requires_grad_(False).eval().to(device) \
+            if r.train.critic_ema_decay > 0 else None
         self.real = None
         if self.gan:
             critic = CriticWithHead(critic)
@@ -122,8 +128,14 @@ class DMDTrainer:
                                         torch.full((len(x),), ts[k], device=x.device, dtype=torch.long))
         return x, torch.full((len(z),), ts[k], device=z.device, dtype=torch.long)
 
+    def _fake_score(self, x_t, t, cond) -> torch.Tensor:
+        """The critic's x0 for the DM loss: from the critic's EMA weights if the recipe keeps them."""
+        if self.critic_ema is None:
+            return self._critic(x_t, t, cond)[0]
+        return self.schedule.to_x0(self.critic_ema(x_t, t, cond), x_t, t, self.critic_ema.prediction_type)
+
     def _critic(self, x_t, t, cond):
-        """(x0 prediction, GAN logits or None) of the critic."""
+        """(x0 prediction, raw prediction, GAN logits or None) of the critic."""
         out = self.critic(x_t, t, cond)
         pred, logits = out if self.gan else (out, None)
         net = self.acc.unwrap_model(self.critic)
@@ -163,7 +175,7 @@ class DMDTrainer:
         x_t = self.schedule.add_noise(x.detach(), self._randn(x.shape), t)
         with torch.no_grad(), self.acc.autocast():
             x0_real = real_score(self.teacher, x_t, t, cond, r.teacher.guidance, r.teacher.guidance_interval)
-            x0_fake = self._critic(x_t, t, cond)[0]
+            x0_fake = self._fake_score(x_t, t, cond)
         loss_dm, non_finite = losses.distribution_matching_loss(x, x0_real, x0_fake)
         loss, logs = r.train.dm_weight * loss_dm, {"loss_dm": loss_dm.item(), "dm_non_finite": non_finite}
         if self.gan and r.gan.generator_weight > 0:
@@ -237,6 +249,12 @@ class DMDTrainer:
         self.opt_c.step()
         self.sched_c.step()
         self.opt_c.zero_grad(set_to_none=True)
+        if self.critic_ema is not None:
+            with torch.no_grad():
+                net = self.acc.unwrap_model(self.critic)
+                net = net.critic if self.gan else net
+                for ema, p in zip(self.critic_ema.parameters(), net.parameters()):
+                    ema.lerp_(p, 1 - r.train.critic_ema_decay)
         return logs
 
     def _finite(self, loss: torch.Tensor, which: str) -> bool:
@@ -281,6 +299,8 @@ class DMDTrainer:
             save_file(acc.unwrap_model(self.critic).state_dict(), str(tmp / "critic.safetensors"))
             if self.ema is not None:
                 save_file(self.ema_state_dict(), str(tmp / "generator_ema.safetensors"))
+            if self.critic_ema is not None:
+                save_file(self.critic_ema.state_dict(), str(tmp / "critic_ema.safetensors"))
             checkpoint.save_tree(tmp, "state", {
                 "step": self.step, "num_processes": acc.num_processes,
                 "opt_g": self.opt_g.state_dict(), "opt_c": self.opt_c.state_dict(),
@@ -305,6 +325,11 @@ class DMDTrainer:
         if self.ema is not None and state.get("ema") is None:
             raise UserError(f"{ckpt} holds no EMA state, and this recipe keeps one (train.ema_decay); "
                             f"start a new run (--set run.out=...)")
+        if self.critic_ema is not None:
+            if not (ckpt / "critic_ema.safetensors").is_file():
+                raise UserError(f"{ckpt} holds no critic EMA, and this recipe keeps one (train.critic_ema_decay); "
+                                f"start a new run (--set run.out=...)")
+            self.critic_ema.load_state_dict(load_file(str(ckpt / "critic_ema.safetensors")))
         self.opt_g.load_state_dict(state["opt_g"])
         self.opt_c.load_state_dict(state["opt_c"])
         self.sched_g.load_state_dict(state["sched_g"])

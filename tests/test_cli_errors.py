@@ -39,6 +39,7 @@ def one_error_line(err: str) -> str:
      "[first, last] with 0 <= first <= last <= 999, e.g. [0, 999] (guide everywhere); got [600, 300]"),
     ("teacher.guidance_interval", [300], "got [300]"),
     ("teacher.guidance_interval", [0, 1000], "got [0, 1000]"),
+    ("train.critic_ema_decay", 1.0, "recipe key 'train.critic_ema_decay' must be below 1 (0: off), got 1.0"),
     ("train.dm_timesteps", [980, 20], "recipe key 'train.dm_timesteps' must be two timesteps [first, last] with "
      "0 <= first <= last <= 999, e.g. [20, 980] (the papers'); got [980, 20]"),
     ("regression.distance", "lpips",

@@ -16,7 +16,7 @@ from conftest import ROOT, run_dmd
 def final_weights(run_dir, steps):
     ckpt = run_dir / "checkpoints" / f"step-{steps:08d}"
     return {name: load_file(str(ckpt / f"{name}.safetensors"))
-            for name in ("generator", "critic", "state", "generator_ema") if (ckpt / f"{name}.safetensors").is_file()}
+            for name in ("generator", "critic", "state", "generator_ema", "critic_ema") if (ckpt / f"{name}.safetensors").is_file()}
 
 
 def assert_bitwise_equal(a, b):
@@ -36,8 +36,9 @@ def metrics(run_dir):
 
 def test_killed_run_resumes_bitwise(tmp_path, tiny_recipe):
     steps = 400
-    straight = tiny_recipe("straight", steps=steps, checkpoint_every=25, extra="ema_decay = 0.99\n")
-    killed = tiny_recipe("killed", steps=steps, checkpoint_every=25, extra="ema_decay = 0.99\n")
+    both = "ema_decay = 0.99\ncritic_ema_decay = 0.9\n"
+    straight = tiny_recipe("straight", steps=steps, checkpoint_every=25, extra=both)
+    killed = tiny_recipe("killed", steps=steps, checkpoint_every=25, extra=both)
     done = run_dmd("distill", straight)
     assert done.returncode == 0, done.stderr
 
@@ -57,7 +58,7 @@ def test_killed_run_resumes_bitwise(tmp_path, tiny_recipe):
     assert again.returncode == 0, again.stderr
     assert "resuming" in again.stderr
     reference = final_weights(tmp_path / "runs" / "straight", steps)
-    assert "generator_ema" in reference   # the EMA resumes bitwise too
+    assert {"generator_ema", "critic_ema"} <= reference.keys()   # the EMAs resume bitwise too
     assert_bitwise_equal(reference, final_weights(run_dir, steps))
     assert metrics(tmp_path / "runs" / "straight") == metrics(run_dir)
     # Rotation kept only the newest two checkpoints, and no temporary folder is left.

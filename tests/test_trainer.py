@@ -255,6 +255,27 @@ def test_dry_run_counts_parameters_memory_and_passes(tmp_path, unet_teacher, cap
     assert not (tmp_path / "run").exists()
 
 
+def test_dm_loss_reads_the_critic_ema(tiny_recipe):
+    """train.critic_ema_decay: after each critic step e <- d e + (1 - d) w; the DM loss's fake
+    score comes from e, so a generator step equals that of a twin whose critic holds e."""
+    a = trainer_for(tiny_recipe, "train.critic_ema_decay=0.8", "train.critic_warmup_steps=0")
+    b = trainer_for(tiny_recipe, "train.critic_warmup_steps=0")
+    critic_a, critic_b = a.acc.unwrap_model(a.critic), b.acc.unwrap_model(b.critic)
+    expected = snapshot(critic_a)
+    for _ in range(2):   # a generator and a critic step, then a critic step
+        a.train_step()
+        b.train_step()
+        expected = [0.8 * e + 0.2 * p.detach() for e, p in zip(expected, critic_a.parameters())]
+    for e, s in zip(expected, a.critic_ema.parameters()):
+        torch.testing.assert_close(s, e, rtol=1e-5, atol=1e-6)
+    assert a.is_generator_turn() and moved(expected, critic_a)   # the EMA lags the raw critic
+    assert all(torch.equal(p, q) for p, q in zip(critic_a.parameters(), critic_b.parameters()))
+    critic_b.load_state_dict(a.critic_ema.state_dict())
+    a.generator_step()
+    b.generator_step()
+    assert all(torch.equal(p, q) for p, q in zip(a.generator.parameters(), b.generator.parameters()))
+
+
 def test_sample_uses_the_ema_unless_told_not_to(tiny_recipe, tmp_path):
     from safetensors.torch import load_file
 
