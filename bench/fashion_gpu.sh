@@ -4,13 +4,16 @@
 #   fashion           DMD2, recipes/fashion.toml as it stands (3,000 steps)
 #   fashion-dmd       DMD v1, bench/fashion.sh's settings (3,000 steps)
 # and, with LONG=N, two more: the same runs with train.steps=N and train.batch_size=LONG_BATCH
-# (fashion-long, fashion-dmd-long). Each distillation gets CAP seconds; then it is stopped
+# (fashion-long, fashion-dmd-long), and with VARIANTS="NAME:KEY=VALUE;KEY=VALUE NAME2:..." one
+# DMD2 run per variant, the recipe with those --set overrides (runs/NAME), e.g.
+#   VARIANTS="fashion-dm700:train.dm_timesteps=[20,700] fashion-gan1e-2:gan.generator_weight=1e-2"
+# Each distillation gets CAP seconds; then it is stopped
 # cleanly (SIGTERM: it finishes its step and writes a checkpoint) and measured where it got to
 # (compare.json names the step). `fashion` is then compared alone, so its images/s are its
 # own; the others side by side.
 # Usage: bash bench/fashion_gpu.sh [NUM]
 #   env: DMD (the dmd command), PY (its python), BATCH (500), CAP (300 s), LONG (0: off),
-#        LONG_BATCH (128), PAIRS (4000), LOGS (runs/gpu-logs)
+#        LONG_BATCH (128), VARIANTS (none), PAIRS (4000), LOGS (runs/gpu-logs)
 # On a lent machine with no network (BENCHMARKS.md, issue 7): carry diffusers, clean-fid,
 # tomli-w and scipy<1.18 as wheels, and put Fashion-MNIST's four Debian files in
 # /usr/share/datasets/fashion-mnist. Wheels and data together exceed one call's 64 MiB, so
@@ -26,6 +29,7 @@ BATCH="${BATCH:-500}"
 CAP="${CAP:-300}"
 LONG="${LONG:-0}"
 LONG_BATCH="${LONG_BATCH:-128}"
+VARIANTS="${VARIANTS:-}"
 PAIRS="${PAIRS:-4000}"
 LOGS="${LOGS:-runs/gpu-logs}"
 [[ "$LONG" =~ ^[0-9]+$ ]] || { echo "LONG must be a whole number of steps (0: off), got $LONG"; exit 2; }
@@ -55,6 +59,7 @@ run make-pairs $DMD make-pairs --teacher unet2d --recipe recipes/fashion.toml --
 run fashion-mnist $PY -c "from dmdcli.datasets import load_images; load_images('fashion-mnist')" || exit 1
 RUNS=(fashion fashion-dmd)
 [ "$LONG" -gt 0 ] && RUNS+=(fashion-long fashion-dmd-long)
+for variant in $VARIANTS; do RUNS+=("${variant%%:*}"); done
 stamp "${#RUNS[@]} distillations side by side, $CAP s each at most"
 run fashion capped $DMD distill recipes/fashion.toml & pids=($!)
 run fashion-dmd capped $DMD distill recipes/fashion.toml --set run.out=runs/fashion-dmd "${V1[@]}" & pids+=($!)
@@ -64,6 +69,12 @@ if [ "$LONG" -gt 0 ]; then
     run fashion-dmd-long capped $DMD distill recipes/fashion.toml --set run.out=runs/fashion-dmd-long \
         --set train.steps="$LONG" --set train.batch_size="$LONG_BATCH" "${V1[@]}" & pids+=($!)
 fi
+for variant in $VARIANTS; do
+    name=${variant%%:*} sets=()
+    IFS=';' read -ra kvs <<< "${variant#*:}"
+    for kv in "${kvs[@]}"; do sets+=(--set "$kv"); done
+    run "$name" capped $DMD distill recipes/fashion.toml --set run.out="runs/$name" "${sets[@]}" & pids+=($!)
+done
 wait_all "${pids[@]}"
 COMPARE=(--ref fashion-mnist --features fashion --num "$NUM" --batch-size "$BATCH")
 stamp "compare fashion alone (teacher at 1, 4 and 50 steps)"
