@@ -68,8 +68,8 @@ class DMDTrainer:
                     raise UserError(f"train.gradient_checkpointing: the {r.teacher.name} teacher's networks "
                                     f"have no checkpointing (they are small); set it to false")
         # Optional EMA of the critic's network: the DM loss reads its fake score from these weights
-        # while the critic trains on as before (bench/critic_fit.py: at lr 1e-4 the raw critic's
-        # parameter noise swamps its x0 at high noise levels; an EMA of it does not).
+        # while the critic trains on as before. It fits a frozen generator better at high noise
+        # (bench/critic_fit.py), but made Fashion-MNIST's DMD2 worse (BENCHMARKS.md): off by default.
         self.critic_ema = copy.deepcopy(critic).requires_grad_(False).eval().to(device) \
             if r.train.critic_ema_decay > 0 else None
         self.real = None
