@@ -6,7 +6,7 @@
 # and, with LONG=N, two more: the same runs with train.steps=N and train.batch_size=LONG_BATCH
 # (fashion-long, fashion-dmd-long), and with VARIANTS="NAME:KEY=VALUE;KEY=VALUE NAME2:..." one
 # DMD2 run per variant, the recipe with those --set overrides (runs/NAME), e.g.
-#   VARIANTS="fashion-dm700:train.dm_timesteps=[20,700] fashion-gan1e-2:gan.generator_weight=1e-2"
+#   VARIANTS="fashion-dm980:train.dm_timesteps=[20,980] fashion-gan1e-2:gan.generator_weight=1e-2"
 # Each distillation gets CAP seconds; then it is stopped
 # cleanly (SIGTERM: it finishes its step and writes a checkpoint) and measured where it got to
 # (compare.json names the step). `fashion` is then compared alone, so its images/s are its
