@@ -1,7 +1,7 @@
 """Making sample sets from a student run or from a teacher: batches, timing, files.
 
-The noise of sample i is a pure function of (seed, i) and its condition is assigned by
-global index (class i % classes, prompt i % prompts), so any subset can be regenerated
+The noise of sample i is a pure function of (seed, i), from another stream than the noise of
+pair i (`sample_noise`), and its condition is assigned by global index (class i % classes, prompt i % prompts), so any subset can be regenerated
 and several ranks never repeat one order. Under `accelerate launch` each process makes a
 contiguous share of the indices and writes it to its own part file; the main process joins
 the parts in index order, so the files are the same for any number of processes.
@@ -15,9 +15,16 @@ from pathlib import Path
 import torch
 
 from .evaluate import sample_tensors, save_samples
-from .pairs import pair_noise
+from .pairs import index_noise
 from .sampling import student_sample, teacher_ode
 from .teacher import uint8_images
+
+
+def sample_noise(seed: int, indices, shape, renoise: int = 0) -> torch.Tensor:
+    """The starting noise of samples (renoise 0) and a few-step student's re-noise k: never
+    the noise of a pair, whatever the seeds (stream 1; the pairs' is stream ()), so a DMD v1
+    student is measured on noises it was not regressed on."""
+    return index_noise(seed, indices, shape, stream=(1, renoise))
 
 
 def _batched(fn, indices: range, batch_size: int, teacher, seed: int, progress=None, label: str = "samples"):
@@ -28,7 +35,7 @@ def _batched(fn, indices: range, batch_size: int, teacher, seed: int, progress=N
     first that pays CUDA's lazy start-up. Few-step students make their re-noise inside fn."""
     def inputs(idx):
         labels = teacher.condition_ids(idx)
-        z = pair_noise(seed, idx, teacher.sample_shape).to(getattr(teacher, "device", "cpu"))
+        z = sample_noise(seed, idx, teacher.sample_shape).to(getattr(teacher, "device", "cpu"))
         return z, teacher.encode_condition(labels.to(z.device) if labels is not None else None)
 
     if len(indices):
@@ -60,7 +67,7 @@ def _share(num: int, rank: int, world: int) -> range:
 def _student(generator, teacher, timesteps, seed: int):
     """fn(noise, cond, idx) of a student; few-step students re-noise with per-index noise too."""
     def run(z, c, idx):
-        renoise = [pair_noise(seed + 7919 * (k + 1), idx, teacher.sample_shape) for k in range(len(timesteps) - 1)]
+        renoise = [sample_noise(seed, idx, teacher.sample_shape, k + 1) for k in range(len(timesteps) - 1)]
         return student_sample(generator, teacher.schedule, z, c, list(timesteps), renoise=renoise)
     return run
 

@@ -52,13 +52,20 @@ class PairSettings:
             raise UserError(f"--steps must be at least 1, got {self.steps}")
 
 
-def pair_noise(seed: int, indices, shape: tuple[int, ...]) -> torch.Tensor:
-    """Noise of each pair index: N(0, I) from a generator seeded by SeedSequence((seed, i))."""
+def index_noise(seed: int, indices, shape: tuple[int, ...], stream: tuple[int, ...] = ()) -> torch.Tensor:
+    """N(0, I) of each index i from a generator seeded by SeedSequence((seed, i, *stream)).
+    Each stream is its own family of noises: `dmd sample` draws from another stream than the
+    pairs, so that a student is never measured on the noises it was regressed on."""
     out = torch.empty(len(indices), *shape)
     for row, i in enumerate(indices):
-        s = int(np.random.SeedSequence([seed, int(i)]).generate_state(1, np.uint64)[0])
+        s = int(np.random.SeedSequence([seed, int(i), *stream]).generate_state(1, np.uint64)[0])
         out[row] = torch.randn(shape, generator=torch.Generator().manual_seed(s))
     return out
+
+
+def pair_noise(seed: int, indices, shape: tuple[int, ...]) -> torch.Tensor:
+    """Noise of each pair index: SeedSequence((seed, i)), as since the first pair stores."""
+    return index_noise(seed, indices, shape)
 
 
 @torch.no_grad()

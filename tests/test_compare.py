@@ -67,13 +67,13 @@ def test_images_per_second_times_the_network_not_start_up_or_input_noise(monkeyp
     from dmdcli.recipe import GMMConfig
 
     teacher = GMMTeacher(GMMConfig(conditional=True))
-    slow_noise = generate.pair_noise
+    slow_noise = generate.sample_noise
 
     def noise(*args):
         time.sleep(0.05)
         return slow_noise(*args)
 
-    monkeypatch.setattr(generate, "pair_noise", noise)
+    monkeypatch.setattr(generate, "sample_noise", noise)
     calls = []
 
     def fn(z, cond, idx):

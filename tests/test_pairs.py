@@ -30,6 +30,20 @@ def test_pairs_are_pure_functions_of_seed_and_index(tmp_path):
     assert not torch.equal(pair_noise(7, [1], (2,)), pair_noise(8, [1], (2,)))
 
 
+def test_samples_never_start_from_the_noise_of_a_pair():
+    # Sample i of seed s used to start from pair i's noise of seed s: a DMD v1 student
+    # was measured on the very noises it had been regressed on (1,024 of 2,000 samples).
+    from dmdcli.generate import sample_noise
+    pairs = torch.cat([pair_noise(seed, range(256), (4,)) for seed in (0, 1, 7)])
+    for seed in (0, 1, 7):
+        starts = sample_noise(seed, range(256), (4,))
+        renoise = sample_noise(seed, range(256), (4,), renoise=1)
+        for z in (starts, renoise):
+            assert torch.cdist(z, pairs).min() > 1e-3
+        assert torch.cdist(starts, renoise).min() > 1e-3
+        assert torch.equal(starts, sample_noise(seed, range(256), (4,)))   # still a pure function
+
+
 def test_make_pairs_resumes_and_rebuilds_only_what_is_missing_or_corrupt(tmp_path):
     teacher = GMMTeacher(GMMConfig())
     out = tmp_path / "p"
