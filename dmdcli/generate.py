@@ -1,10 +1,11 @@
 """Making sample sets from a student run or from a teacher: batches, timing, files.
 
 The noise of sample i is a pure function of (seed, i), from another stream than the noise of
-pair i (`sample_noise`), and its condition is assigned by global index (class i % classes, prompt i % prompts), so any subset can be regenerated
-and several ranks never repeat one order. Under `accelerate launch` each process makes a
-contiguous share of the indices and writes it to its own part file; the main process joins
-the parts in index order, so the files are the same for any number of processes.
+pair i (`sample_noise`), and its condition is assigned by global index (class i % classes,
+prompt i % prompts), so any subset can be regenerated and several ranks never repeat one
+order. Under `accelerate launch` each process makes a contiguous share of the indices and
+writes it to its own part file; the main process joins the parts in index order, so the
+files are the same for any number of processes.
 """
 
 from __future__ import annotations
