@@ -154,6 +154,9 @@ def make_pairs(teacher, out: Path, num: int, settings: PairSettings, batch_size:
     num_shards = math.ceil(num / settings.shard_size)
     mine = [s for s in range(num_shards) if s % world == rank]
     todo = [s for s in mine if (_shard_done(out, s) or {}).get("count") != _count(s, num, settings.shard_size)]
+    for s in todo:   # only this rank makes shard s: a temporary file of it is a killed run's
+        for stale in out.glob(f".{_shard_name(s)}.*.tmp-*"):
+            stale.unlink(missing_ok=True)
     progress = progress_factory() if progress_factory else contextlib.nullcontext()
     with progress, StopRequest() as stop:
         if progress_factory:

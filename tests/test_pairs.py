@@ -44,6 +44,17 @@ def test_samples_never_start_from_the_noise_of_a_pair():
         assert torch.equal(starts, sample_noise(seed, range(256), (4,)))   # still a pure function
 
 
+def test_make_pairs_removes_the_temporary_file_of_a_run_killed_mid_write(tmp_path):
+    teacher, out = GMMTeacher(GMMConfig()), tmp_path / "p"
+    make_pairs(teacher, out, 64, PairSettings(steps=2, shard_size=32), batch_size=32)
+    (out / "shard-00001.json").unlink()                               # shard 1 to be made again
+    stale = [out / ".shard-00001.safetensors.tmp-999999", out / ".shard-00001.json.tmp-999999"]
+    for f in stale:
+        f.write_bytes(b"half a shard")                                # a SIGKILL inside atomic_path
+    assert make_pairs(teacher, out, 64, PairSettings(steps=2, shard_size=32), batch_size=32)["complete"]
+    assert not list(out.glob(".*.tmp-*"))
+
+
 def test_make_pairs_resumes_and_rebuilds_only_what_is_missing_or_corrupt(tmp_path):
     teacher = GMMTeacher(GMMConfig())
     out = tmp_path / "p"
