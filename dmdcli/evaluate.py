@@ -91,8 +91,8 @@ def within_class_spread(images: torch.Tensor, labels: torch.Tensor | None, chunk
     generator that ignores its noise scores 0; compare it with the teacher's on the same
     conditions. Classes with one sample are skipped; None when no class has two. Streams in
     chunks, so 50K images cost per-pixel sums, not float copies of them all."""
-    if images.ndim == 4 and images.shape[1] == 3 and (images.stride(1) == 0 or (
-            torch.equal(images[:, 0], images[:, 1]) and torch.equal(images[:, 0], images[:, 2]))):
+    if images.ndim == 4 and images.shape[1] == 3 and torch.equal(images[:, 0], images[:, 1]) \
+            and torch.equal(images[:, 0], images[:, 2]):
         images = images[:, :1]   # gray as three channels (a view or an npz's copies): one is the same measure
     groups = [torch.arange(len(images))] if labels is None else \
         [torch.nonzero(labels == c).flatten() for c in labels.unique()]
