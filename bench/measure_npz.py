@@ -3,7 +3,10 @@ the way `dmd compare` measures its rows: FID, class accuracy and within-class sp
 the shipped Fashion-MNIST statistics with the shipped classifier, one row per file, and a grid
 of each student over the reference teacher's samples for the same noise and classes.
 
-Usage: .venv/bin/python bench/measure_npz.py --teacher T.npz STUDENT.npz [...] [--out DIR]
+Usage: .venv/bin/python bench/measure_npz.py [--teacher T.npz] STUDENT.npz [...] [--out DIR] [--real N]
+
+--real N adds a row for the first N images of Fashion-MNIST's training split, in the padded
+32x32 frame the teacher makes: the figures real images reach against the test split's.
 """
 
 import argparse
@@ -12,31 +15,39 @@ from pathlib import Path
 
 import torch
 
-from dmdcli.evaluate import load_samples
+from dmdcli.datasets import load_images
+from dmdcli.evaluate import load_samples, sample_tensors
 from dmdcli.fid import fid_report
 from dmdcli.plots import class_grid
 
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("files", nargs="+", type=Path, help=".npz sample sets to measure")
-    ap.add_argument("--teacher", type=Path, required=True, help="the teacher's .npz (measured, and the grids' lower half)")
+    ap.add_argument("files", nargs="*", type=Path, help=".npz sample sets to measure")
+    ap.add_argument("--teacher", type=Path, help="the teacher's .npz (measured, and the grids' lower half)")
     ap.add_argument("--out", type=Path, default=Path("runs/measure-npz"))
+    ap.add_argument("--real", type=int, default=0, help="also measure the first N training images (0: no)")
     a = ap.parse_args()
     a.out.mkdir(parents=True, exist_ok=True)
     as_x = lambda t: t["image"][:100, :1].float() / 127.5 - 1   # noqa: E731
     num = lambda v: "-" if v is None else f"{v:.3f}"   # noqa: E731
-    teacher = load_samples(a.teacher)[0]
+    teacher = load_samples(a.teacher)[0] if a.teacher else None
     rows = []
     print("| samples | FID | class accuracy | within-class spread | samples measured |\n|---|---|---|---|---|")
-    for path in [a.teacher, *a.files]:
+    for path in [a.teacher, *a.files] if a.teacher else a.files:
         tensors = teacher if path == a.teacher else load_samples(path)[0]
         r = fid_report(tensors, "fashion-mnist", "fashion", batch_size=500)
         rows.append({"file": str(path), **r})
         print(f"| {path.name} | {r['fid']:.1f} | {num(r.get('class_accuracy'))} | {num(r['within_class_spread'])} | "
               f"{r['num_samples']} |")
-        if path != a.teacher:
+        if teacher is not None and path != a.teacher:
             class_grid(as_x(tensors), as_x(teacher), 10, lambda x: x, a.out / f"{path.stem}-grid.png")
+    if a.real:
+        x, labels, _ = load_images("fashion-mnist", "train", 32, limit=a.real)
+        r = fid_report(sample_tensors(x, labels), "fashion-mnist", "fashion", batch_size=500)
+        rows.append({"file": f"fashion-mnist train[:{a.real}]", **r})
+        print(f"| training images, first {a.real} | {r['fid']:.1f} | {num(r.get('class_accuracy'))} | "
+              f"{num(r['within_class_spread'])} | {r['num_samples']} |")
     (a.out / "measured.json").write_text(json.dumps(rows, indent=2) + "\n")
 
 
