@@ -28,26 +28,31 @@ def main():
     ap.add_argument("--out", type=Path, default=Path("runs/measure-npz"))
     ap.add_argument("--real", type=int, default=0, help="also measure the first N training images (0: no)")
     a = ap.parse_args()
+    if a.real < 0 or not (a.teacher or a.files or a.real):
+        ap.error("give .npz files, --teacher, or --real N with N > 0")
     a.out.mkdir(parents=True, exist_ok=True)
     as_x = lambda t: t["image"][:100, :1].float() / 127.5 - 1   # noqa: E731
     num = lambda v: "-" if v is None else f"{v:.3f}"   # noqa: E731
     teacher = load_samples(a.teacher)[0] if a.teacher else None
     rows = []
-    print("| samples | FID | class accuracy | within-class spread | samples measured |\n|---|---|---|---|---|")
-    for path in [a.teacher, *a.files] if a.teacher else a.files:
-        tensors = teacher if path == a.teacher else load_samples(path)[0]
+
+    def measure(file: str, name: str, tensors: dict) -> None:   # a row printed, and kept for the json
         r = fid_report(tensors, "fashion-mnist", "fashion", batch_size=500)
-        rows.append({"file": str(path), **r})
-        print(f"| {path.name} | {r['fid']:.1f} | {num(r.get('class_accuracy'))} | {num(r['within_class_spread'])} | "
+        rows.append({"file": file, **r})
+        print(f"| {name} | {r['fid']:.1f} | {num(r.get('class_accuracy'))} | {num(r['within_class_spread'])} | "
               f"{r['num_samples']} |")
-        if teacher is not None and path != a.teacher:
+
+    print("| samples | FID | class accuracy | within-class spread | samples measured |\n|---|---|---|---|---|")
+    if teacher is not None:
+        measure(str(a.teacher), a.teacher.name, teacher)
+    for path in a.files:
+        tensors = load_samples(path)[0]
+        measure(str(path), path.name, tensors)
+        if teacher is not None:
             class_grid(as_x(tensors), as_x(teacher), 10, lambda x: x, a.out / f"{path.stem}-grid.png")
     if a.real:
         x, labels, _ = load_images("fashion-mnist", "train", 32, limit=a.real)
-        r = fid_report(sample_tensors(x, labels), "fashion-mnist", "fashion", batch_size=500)
-        rows.append({"file": f"fashion-mnist train[:{a.real}]", **r})
-        print(f"| training images, first {a.real} | {r['fid']:.1f} | {num(r.get('class_accuracy'))} | "
-              f"{num(r['within_class_spread'])} | {r['num_samples']} |")
+        measure(f"fashion-mnist train[:{a.real}]", f"training images, first {a.real}", sample_tensors(x, labels))
     (a.out / "measured.json").write_text(json.dumps(rows, indent=2) + "\n")
 
 
