@@ -20,7 +20,7 @@ $(FASHION):
 # The offline demo (issue 7): the shipped Fashion-MNIST teacher distilled for a few minutes,
 # then measured the benchmark's way: a table (teacher at 1, 4 and 50 steps, student at 1:
 # FID, class accuracy, images/s) and runs/demo/compare/grid.png. Rerunning resumes make-pairs
-# and distill; sample, fid and compare measure again.
+# and distill, and compare reads back the rows of an unchanged student; sample and fid measure again.
 # The sizes are variables so that tests/test_demo.py runs the same steps tiny.
 DMD ?= $(BIN)/dmd
 DEMO ?= runs/demo

@@ -312,7 +312,7 @@ def fid(samples: Optional[Path] = typer.Argument(None, help="samples file or fol
 
 
 @app.command()
-def compare(run: Path = typer.Argument(..., help="run or checkpoint folder"),
+def compare(runs: List[Path] = typer.Argument(..., help="run or checkpoint folders of one teacher"),
             out: Path = typer.Option(..., help="folder for the samples, compare.json and grid.png"),
             ref: str = typer.Option(..., help="FID reference, as for `dmd fid --ref`"),
             num: int = typer.Option(1000, help="samples per row (classes by global index)"),
@@ -320,9 +320,11 @@ def compare(run: Path = typer.Argument(..., help="run or checkpoint folder"),
             features: str = typer.Option("inception", help="'inception', 'fashion' or a TorchScript file"),
             mode: str = typer.Option("clean"), seed: int = typer.Option(0), batch_size: int = typer.Option(256),
             sampler: Optional[str] = typer.Option(None, help="teacher sampler (default: the teacher's own)")):
-    """The student against its teacher at several step counts: FID, KID, class accuracy,
+    """Students against their teacher at several step counts: FID, KID, class accuracy,
     within-class spread (0: the noise is ignored, mode collapse) and images per second on the
-    same noise and conditions, plus a teacher-over-student grid."""
+    same noise and conditions, plus a grid of each student over the teacher. Several runs of
+    one teacher share its rows. Rerunning resumes: rows whose settings and weights are
+    unchanged are read back from OUT, not sampled again."""
     from .compare import compare as run_compare, rows_for_table, speedup
 
     try:
@@ -330,18 +332,21 @@ def compare(run: Path = typer.Argument(..., help="run or checkpoint folder"),
     except ValueError:
         raise UserError(f"--teacher-steps must be comma-separated integers, got {teacher_steps!r}") from None
     with progress_bar() as bar:
-        rows = run_compare(run, out, num, steps, ref, features, mode, seed, batch_size, sampler, progress=bar)
-    table = Table(title=f"{run}: {rows[0]['num_samples']} samples a row, {rows[0]['features']} features, "
+        rows = run_compare(runs, out, num, steps, ref, features, mode, seed, batch_size, sampler, progress=bar)
+    table = Table(title=f"{rows[0]['num_samples']} samples a row, {rows[0]['features']} features, "
                         f"reference {rows[0]['reference']}")
     for column in ("sampler", "FID", "KID", "class accuracy", "spread", "images/s"):
         table.add_column(column, justify="left" if column == "sampler" else "right")
     for row in rows_for_table(rows):
         table.add_row(*row)
     Console().print(table)
+    if any(r["resumed"] for r in rows):
+        console.print(f"* read back from {out}, measured by an earlier call with the same settings and weights: "
+                      "its images/s come from that call")
     ratio = speedup(rows)
     if ratio is not None:
         console.print(f"student is {ratio:,.1f}x the teacher's images per second at {max(steps)} steps")
-    console.print(f"wrote {out / 'compare.json'} and {out / 'grid.png'} (teacher below student, same noise)")
+    console.print(f"wrote {out / 'compare.json'} and {out / 'grid.png'} (teacher below the students, same noise)")
 
 
 @app.command("fid-ref")

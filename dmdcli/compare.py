@@ -1,68 +1,125 @@
-"""`dmd compare`: a student against its teacher at several step counts, measured the same way
-(the same noise and conditions by global index, the same features and reference), as a
-table, a JSON report and a PNG grid of teacher over student for the same noise."""
+"""`dmd compare`: one or more students against their shared teacher at several step counts,
+measured the same way (the same noise and conditions by global index, the same features and
+reference), as a table, a JSON report and a PNG grid of the students over the teacher for the
+same noise. Each finished row is kept in its folder (row.json); a rerun reuses the rows whose
+settings, checkpoint weights included, are unchanged, so a long comparison resumes."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
 from .errors import UserError
 from .evaluate import load_samples
+from .io import write_json
+
+ROW_FILE = "row.json"
 
 
-def compare(run, out: Path, num: int, teacher_steps: list[int], ref: str, features: str = "inception",
+def compare(runs, out: Path, num: int, teacher_steps: list[int], ref: str, features: str = "inception",
             mode: str = "clean", seed: int = 0, batch_size: int = 256, sampler: str | None = None,
             progress=None) -> list[dict]:
-    """One row per sampler setting: the student first, then the teacher at each step count.
-    Each row: who, steps, images per second, FID (+ KID, class accuracy where available).
-    `progress` (a rich Progress) shows each row's sampling."""
-    from .fid import check_reference_features, fid_report
+    """One row per student, then one per teacher step count. Each row: who, steps, images per
+    second, FID (+ KID, class accuracy where available). `progress` (a rich Progress) shows
+    each row's sampling."""
+    from .fid import check_reference_features
     from .generate import make_samples
     from .plots import class_grid
     from .runs import load_student
 
-    if num <= 0 or not teacher_steps or min(teacher_steps) < 1:
+    runs = [runs] if isinstance(runs, (str, Path)) else list(runs)
+    if num <= 0 or not runs or not teacher_steps or min(teacher_steps) < 1:
         raise UserError(f"--num must be positive and --teacher-steps a list of step counts >= 1, got {num} "
                         f"and {teacher_steps}")
     check_reference_features(ref, features)
-    recipe, teacher, generator, step = load_student(run)
+    students = [(run, *load_student(run)) for run in runs]
+    _, recipe, teacher, _, _ = students[0]
+    for run, other, other_teacher, _, _ in students[1:]:
+        mine = (teacher.describe(), recipe.teacher.guidance)
+        if (other_teacher.describe(), other.teacher.guidance) != mine:
+            raise UserError(f"{run} distils another teacher or guidance than {runs[0]} "
+                            f"({other_teacher.describe()}, guidance {other.teacher.guidance} against {mine[0]}, "
+                            f"guidance {mine[1]}); compare runs of one teacher together")
     if len(teacher.sample_shape) != 3:
-        raise UserError(f"compare measures image students; {run}'s teacher ({teacher.name}) makes vectors: "
+        raise UserError(f"compare measures image students; {runs[0]}'s teacher ({teacher.name}) makes vectors: "
                         f"use `dmd sample` and `dmd fid --ref gmm`")
     sampler = sampler or teacher.default_sampler
     guidance = recipe.teacher.guidance
     out = Path(out)
-    rows, made = [], {}
-    settings = [("student", len(recipe.student.timesteps))] + [("teacher", k) for k in sorted(set(teacher_steps))]
-    for who, steps in settings:
-        folder = out / (who if who == "student" else f"teacher-{steps}")
-        if who == "student":
-            result = make_samples(folder, num, teacher, generator=generator, timesteps=recipe.student.timesteps,
-                                  teacher_steps=0, seed=seed, batch_size=batch_size,
-                                  student_source=f"student {run} step {step}", progress=progress)["student"]
-        else:
-            result = make_samples(folder, num, teacher, teacher_steps=steps, guidance=guidance, sampler=sampler,
-                                  seed=seed, batch_size=batch_size, progress=progress)["teacher"]
-        tensors, _ = load_samples(folder)
-        report = fid_report(tensors, ref, features, mode, batch_size=min(batch_size, 256), progress=progress)
-        made[(who, steps)] = result[0]
-        rows.append({"who": who, "steps": steps, "images_per_second": result[1], "fid": report["fid"],
-                     "kid": report.get("kid"), "class_accuracy": report.get("class_accuracy"),
-                     "within_class_spread": report["within_class_spread"],
-                     "num_samples": report["num_samples"], "reference": report["reference"],
-                     "features": report["features"], "sampler": None if who == "student" else sampler,
-                     "guidance": None if who == "student" else guidance})
-    best = max(k for w, k in made if w == "teacher")
-    class_grid(made[("student", settings[0][1])], made[("teacher", best)], teacher.num_classes,
-               teacher.to_images, out / "grid.png")
-    (out / "compare.json").write_text(json.dumps({"run": str(run), "checkpoint_step": step, "rows": rows},
-                                                 indent=2) + "\n")
+    names = _folder_names([run for run, *_ in students])
+    common = {"num": num, "seed": seed, "batch_size": batch_size, "ref": str(ref), "features": str(features),
+              "mode": mode}
+    rows, students_x, teacher_x = [], [], None
+    for name, (run, run_recipe, run_teacher, generator, step) in zip(names, students):
+        source = f"student {run} step {step}"
+        key = {**common, "who": "student", "source": source, "timesteps": list(run_recipe.student.timesteps),
+               "weights": _digest(generator)}
+        row, x = _row(out / name, key, progress, lambda folder: make_samples(
+            folder, num, run_teacher, generator=generator, timesteps=run_recipe.student.timesteps,
+            teacher_steps=0, seed=seed, batch_size=batch_size, student_source=source, progress=progress)["student"])
+        rows.append({"who": "student", "steps": len(run_recipe.student.timesteps), "run": str(run),
+                     "checkpoint_step": step, **row})
+        students_x.append(x)
+    for steps in sorted(set(teacher_steps)):
+        key = {**common, "who": "teacher", "steps": steps, "sampler": sampler, "guidance": guidance,
+               "teacher": teacher.describe()}
+        row, teacher_x = _row(out / f"teacher-{steps}", key, progress, lambda folder: make_samples(
+            folder, num, teacher, teacher_steps=steps, guidance=guidance, sampler=sampler, seed=seed,
+            batch_size=batch_size, progress=progress)["teacher"])
+        rows.append({"who": "teacher", "steps": steps, **row, "sampler": sampler, "guidance": guidance})
+    class_grid(students_x, teacher_x, teacher.num_classes, teacher.to_images, out / "grid.png")
+    write_json(out / "compare.json", {"runs": [str(r) for r in runs], "rows": rows})
     return rows
 
 
+def _row(folder: Path, key: dict, progress, sample) -> tuple[dict, "torch.Tensor"]:
+    """(row, samples) of one sampler setting: the kept row when its key matches and its
+    samples are there, else sampled (sample(folder) -> (x, rate, steps)) and measured afresh."""
+    from .fid import fid_report
+
+    try:
+        kept = json.loads((folder / ROW_FILE).read_text())
+        if kept.get("key") == json.loads(json.dumps(key)):
+            tensors, _ = load_samples(folder)
+            return {**kept["row"], "resumed": True}, tensors["x"]
+    except (OSError, ValueError, UserError):
+        pass
+    (folder / ROW_FILE).unlink(missing_ok=True)   # its samples are about to be replaced
+    x, rate, _ = sample(folder)
+    tensors, _ = load_samples(folder)
+    report = fid_report(tensors, key["ref"], key["features"], key["mode"], batch_size=min(key["batch_size"], 256),
+                        progress=progress)
+    row = {"images_per_second": rate, "fid": report["fid"], "kid": report.get("kid"),
+           "class_accuracy": report.get("class_accuracy"), "within_class_spread": report["within_class_spread"],
+           "num_samples": report["num_samples"], "reference": report["reference"], "features": report["features"],
+           "sampler": None, "guidance": None}
+    write_json(folder / ROW_FILE, {"key": key, "row": row})
+    return {**row, "resumed": False}, x
+
+
+def _folder_names(runs) -> list[str]:
+    """`student` for one run; `student-NAME` (the run's folder name, or its checkpoint's) for several."""
+    if len(runs) == 1:
+        return ["student"]
+    names = [f"student-{Path(r).resolve().name}" for r in runs]
+    return names if len(set(names)) == len(names) else [f"student-{i}-{Path(r).resolve().name}"
+                                                        for i, r in enumerate(runs)]
+
+
+def _digest(module) -> str:
+    """SHA-256 of a network's weights: a row measured on other weights is not reused."""
+    import torch
+
+    h = hashlib.sha256()
+    for name, tensor in module.state_dict().items():
+        h.update(name.encode())
+        h.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
 def speedup(rows: list[dict]) -> float | None:
-    """Student images per second over the teacher's at its most steps."""
+    """The first student's images per second over the teacher's at its most steps."""
     student = next((r for r in rows if r["who"] == "student"), None)
     teachers = [r for r in rows if r["who"] == "teacher"]
     if student is None or not teachers:
@@ -74,7 +131,11 @@ def rows_for_table(rows: list[dict]) -> list[list[str]]:
     def num(v, fmt):
         return "-" if v is None else format(v, fmt)
 
-    return [[f"{r['who']} ({r['steps']} step{'s' if r['steps'] > 1 else ''}"
-             + (f", {r['sampler']}, guidance {r['guidance']}" if r["who"] == "teacher" else "") + ")",
-             num(r["fid"], ".3f"), num(r["kid"], ".5f"), num(r["class_accuracy"], ".3f"),
-             num(r.get("within_class_spread"), ".3f"), num(r["images_per_second"], ",.1f")] for r in rows]
+    def who(r):
+        if r["who"] == "teacher":
+            return f"teacher ({r['steps']} step{'s' if r['steps'] > 1 else ''}, {r['sampler']}, guidance {r['guidance']})"
+        return f"student {Path(r['run']).name} ({r['steps']} step{'s' if r['steps'] > 1 else ''})"
+
+    return [[who(r) + (" *" if r.get("resumed") else ""), num(r["fid"], ".3f"), num(r["kid"], ".5f"),
+             num(r["class_accuracy"], ".3f"), num(r.get("within_class_spread"), ".3f"),
+             num(r["images_per_second"], ",.1f")] for r in rows]

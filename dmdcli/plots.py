@@ -49,11 +49,13 @@ def image_grid(images: torch.Tensor, path: Path, nrow: int = 8) -> None:
         image.save(tmp, format="PNG")
 
 
-def class_grid(student: torch.Tensor, teacher: torch.Tensor | None, num_classes: int | None, to_images,
-               path: Path) -> None:
+def class_grid(student: torch.Tensor | list[torch.Tensor], teacher: torch.Tensor | None, num_classes: int | None,
+               to_images, path: Path) -> None:
     """Up to 100 samples, one column per class (conditions go by global index, i % classes),
-    with the teacher's block for the same noise below the student's; PNG."""
-    nrow = min(num_classes or 8, len(student))
-    n = max(nrow, min(len(student), 100) // nrow * nrow)
-    blocks = [to_images(student[:n])] + ([to_images(teacher[:n])] if teacher is not None else [])
+    with the teacher's block for the same noise below the student's (or below each student's
+    block in turn, given a list of students); PNG."""
+    students = list(student) if isinstance(student, (list, tuple)) else [student]
+    nrow = min(num_classes or 8, min(len(s) for s in students))
+    n = max(nrow, min(len(students[0]), 100) // nrow * nrow)
+    blocks = [to_images(s[:n]) for s in students] + ([to_images(teacher[:n])] if teacher is not None else [])
     image_grid(torch.cat(blocks), path, nrow=nrow)

@@ -30,6 +30,60 @@ def test_compare_measures_student_and_teacher_rows_alike(tmp_path):
     assert "x the teacher's images per second at 2 steps" in result.stderr
 
 
+def test_compare_shares_the_teachers_rows_between_runs_and_resumes_unchanged_rows(tmp_path):
+    """Two runs of one teacher in one call: a row each, then the teacher's rows once. A rerun
+    reads back every row whose settings and weights are unchanged; a run retrained to the same
+    step under the same path is sampled again; a run of another guidance is refused."""
+    import shutil
+
+    teacher = save_tiny_unet2d(tmp_path / "teacher")
+    recipe = unet2d_recipe(tmp_path / "r.toml", teacher, tmp_path / "a", steps=2)
+    for name, seed in [("a", 0), ("b", 1)]:
+        made = run_dmd("distill", recipe, "--set", f"run.out={tmp_path / name}", "--set", f"run.seed={seed}")
+        assert made.returncode == 0, made.stderr
+    ref = tmp_path / "ref"
+    assert run_dmd("sample", "--teacher", "unet2d", "--set", f"teacher.unet2d.model={teacher}", "--num", 10,
+                   "--teacher-steps", 2, "--guidance", 2, "--out", ref).returncode == 0
+    cmp = tmp_path / "cmp"
+    args = ("--out", cmp, "--ref", ref / "samples.safetensors", "--num", 10, "--teacher-steps", 2,
+            "--features", "fashion", "--batch-size", 5)
+
+    def rows():
+        result = run_dmd("compare", tmp_path / "a", tmp_path / "b", *args)
+        assert result.returncode == 0, result.stderr
+        report = json.loads((cmp / "compare.json").read_text())
+        return result, {(r["who"], r.get("run", "").split("/")[-1]): r for r in report["rows"]}
+
+    first, rows1 = rows()
+    assert list(rows1) == [("student", "a"), ("student", "b"), ("teacher", "")]
+    assert not any(r["resumed"] for r in rows1.values())
+    assert rows1[("student", "a")]["fid"] != rows1[("student", "b")]["fid"]   # two seeds: two students
+    assert abs(rows1[("teacher", "")]["fid"]) < 1e-3
+    assert sorted(p.name for p in cmp.iterdir()) == ["compare.json", "grid.png", "student-a", "student-b",
+                                                      "teacher-2"]
+    assert "read back" not in first.stderr and "student a (1" in first.stdout
+    teacher_file = cmp / "teacher-2" / "samples.safetensors"
+    stamp = teacher_file.stat().st_mtime_ns
+    again, rows2 = rows()
+    assert all(r["resumed"] for r in rows2.values()) and teacher_file.stat().st_mtime_ns == stamp
+    assert [{**r, "resumed": False} for r in rows2.values()] == list(rows1.values())
+    assert f"read back from {cmp}" in again.stderr
+    # b retrained from scratch to the same step under the same path, on another seed: not reused.
+    shutil.rmtree(tmp_path / "b")
+    assert run_dmd("distill", recipe, "--set", f"run.out={tmp_path / 'b'}", "--set", "run.seed=2").returncode == 0
+    _, rows3 = rows()
+    assert [r["resumed"] for r in rows3.values()] == [True, False, True]
+    assert rows3[("student", "b")]["fid"] != rows1[("student", "b")]["fid"]
+    # A run of another guidance is refused before anything is written.
+    shutil.copytree(tmp_path / "b", tmp_path / "c")
+    saved = tmp_path / "c" / "recipe.toml"
+    saved.write_text(saved.read_text().replace("guidance = 2.0", "guidance = 1.5"))
+    bad = run_dmd("compare", tmp_path / "a", tmp_path / "c", *args[:1], tmp_path / "cmp-c", *args[2:])
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr, bad.stderr
+    assert f"{tmp_path / 'c'} distils another teacher or guidance than {tmp_path / 'a'}" in bad.stderr
+    assert "compare runs of one teacher together" in bad.stderr and not (tmp_path / "cmp-c").exists()
+
+
 def test_compare_refuses_vector_students_before_writing(tmp_path, tiny_recipe):
     from dmdcli.cli import main
 

@@ -29,7 +29,7 @@ def test_demo_steps_make_the_table_and_grid(tmp_path):
     assert rows == [("student", 1), ("teacher", 1), ("teacher", 4), ("teacher", 50)]
     assert all(r["num_samples"] == 8 and r["class_accuracy"] is not None and r["fid"] > 0 for r in report["rows"])
     assert all(r["reference"].endswith("fashion-mnist-test-stats.npz") for r in report["rows"])
-    assert report["checkpoint_step"] == 3
+    assert report["rows"][0]["checkpoint_step"] == 3
     for png in [demo / "compare" / "grid.png", demo / "samples" / "samples.png",
                 demo / "student" / "previews" / "step-00000003.png"]:
         assert png.read_bytes()[:4] == b"\x89PNG", png
