@@ -7,19 +7,19 @@
 # (fashion-long, fashion-dmd-long), and with VARIANTS="NAME:KEY=VALUE;KEY=VALUE NAME2:..." one
 # DMD2 run per variant, the recipe with those --set overrides (runs/NAME), e.g.
 #   VARIANTS="fashion-dm980:train.dm_timesteps=[20,980] fashion-gan1e-2:gan.generator_weight=1e-2"
+# (a variant keeps the teacher and its guidance: compare measures the runs of one teacher)
 # Each distillation gets CAP seconds; then it is stopped
 # cleanly (SIGTERM: it finishes its step and writes a checkpoint) and measured where it got to
-# (compare.json names the step). `fashion` is then compared alone, so its images/s are its
-# own; the others side by side.
+# (compare.json names each run's step). All runs are then measured in one `dmd compare` call
+# (runs/fashion-compare), one after another, so each row's images/s are its own.
 # Usage: bash bench/fashion_gpu.sh [NUM]
 #   env: DMD (the dmd command), PY (its python), BATCH (500), CAP (300 s), LONG (0: off),
-#        LONG_BATCH (128), VARIANTS (none), PAIRS (4000), LOGS (runs/gpu-logs)
+#        LONG_BATCH (128), VARIANTS (none), PAIRS (4096), LOGS (runs/gpu-logs)
 # On a lent machine with no network (BENCHMARKS.md, issue 7): carry diffusers, clean-fid,
 # tomli-w and scipy<1.18 as wheels, and put Fashion-MNIST's four Debian files in
 # /usr/share/datasets/fashion-mnist. Wheels and data together exceed one call's 64 MiB, so
 # bring the data in a first call and the wheels in the next, while the machine is warm.
-# Four runs side by side on an H200 made about 6 to 11 iterations/s each. The side-by-side
-# compares share the GPU, so only `fashion`'s images/s are its own. Exits 1 if a step failed.
+# Four runs side by side on an H200 made about 6 to 11 iterations/s each. Exits 1 if a step failed.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 DMD="${DMD:-.venv/bin/dmd}"
@@ -30,7 +30,7 @@ CAP="${CAP:-300}"
 LONG="${LONG:-0}"
 LONG_BATCH="${LONG_BATCH:-128}"
 VARIANTS="${VARIANTS:-}"
-PAIRS="${PAIRS:-4000}"
+PAIRS="${PAIRS:-4096}"
 LOGS="${LOGS:-runs/gpu-logs}"
 [[ "$LONG" =~ ^[0-9]+$ ]] || { echo "LONG must be a whole number of steps (0: off), got $LONG"; exit 2; }
 export HF_HUB_OFFLINE=1 OMP_NUM_THREADS="${OMP_NUM_THREADS:-3}"
@@ -76,19 +76,9 @@ for variant in $VARIANTS; do
     run "$name" capped $DMD distill recipes/fashion.toml --set run.out="runs/$name" "${sets[@]}" & pids+=($!)
 done
 wait_all "${pids[@]}"
-COMPARE=(--ref fashion-mnist --features fashion --num "$NUM" --batch-size "$BATCH")
-stamp "compare fashion alone (teacher at 1, 4 and 50 steps)"
-run compare-fashion $DMD compare runs/fashion --out runs/fashion/compare --teacher-steps 1,4,50 "${COMPARE[@]}" \
-    || fail=1
-stamp "compare the others side by side (teacher at 50 steps)"
-pids=()
-for name in "${RUNS[@]:1}"; do
-    run "compare-$name" $DMD compare "runs/$name" --out "runs/$name/compare" --teacher-steps 50 "${COMPARE[@]}" &
-    pids+=($!)
-done
-wait_all "${pids[@]}"
+stamp "compare: ${RUNS[*]}, the teacher at 1, 4 and 50 steps, in one call"
+run compare $DMD compare "${RUNS[@]/#/runs/}" --out runs/fashion-compare --teacher-steps 1,4,50 \
+    --ref fashion-mnist --features fashion --num "$NUM" --batch-size "$BATCH" || fail=1
 stamp done
-for name in "${RUNS[@]}"; do
-    echo "== $name"; tail -n 12 "$LOGS/compare-$name.log"
-done
+tail -n 30 "$LOGS/compare.log"
 exit $fail
