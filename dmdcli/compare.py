@@ -6,7 +6,6 @@ settings, checkpoint weights included, are unchanged, so a long comparison resum
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 
@@ -24,7 +23,7 @@ def compare(runs, out: Path, num: int, teacher_steps: list[int], ref: str, featu
     second, FID (+ KID, class accuracy where available). `progress` (a rich Progress) shows
     each row's sampling."""
     from .fid import check_reference_features
-    from .generate import make_samples
+    from .generate import make_samples, weights_digest
     from .plots import class_grid
     from .runs import load_student
 
@@ -54,7 +53,7 @@ def compare(runs, out: Path, num: int, teacher_steps: list[int], ref: str, featu
     for name, (run, run_recipe, run_teacher, generator, step) in zip(names, students):
         source = f"student {run} step {step}"
         key = {**common, "who": "student", "source": source, "timesteps": list(run_recipe.student.timesteps),
-               "weights": _digest(generator)}
+               "weights": weights_digest(generator)}
         row, x = _row(out / name, key, progress, lambda folder: make_samples(
             folder, num, run_teacher, generator=generator, timesteps=run_recipe.student.timesteps,
             teacher_steps=0, seed=seed, batch_size=batch_size, student_source=source, progress=progress)["student"])
@@ -105,17 +104,6 @@ def _folder_names(runs) -> list[str]:
     names = [f"student-{Path(r).resolve().name}" for r in runs]
     return names if len(set(names)) == len(names) else [f"student-{i}-{Path(r).resolve().name}"
                                                         for i, r in enumerate(runs)]
-
-
-def _digest(module) -> str:
-    """SHA-256 of a network's weights: a row measured on other weights is not reused."""
-    import torch
-
-    h = hashlib.sha256()
-    for name, tensor in module.state_dict().items():
-        h.update(name.encode())
-        h.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
 
 
 def speedup(rows: list[dict]) -> float | None:

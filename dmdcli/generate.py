@@ -6,10 +6,18 @@ prompt i % prompts), so any subset can be regenerated and several ranks never re
 order. Under `accelerate launch` each process makes a contiguous share of the indices and
 writes it to its own part file; the main process joins the parts in index order, so the
 files are the same for any number of processes.
+
+A rerun of a stopped call resumes: every finished batch is kept under OUT/.partial/ (a folder
+per sampler setting, named by a hash of it: teacher, seed, steps, guidance, sampler, or the
+student's timesteps and weights) and read back instead of made again; the folder is removed
+once the sample files are written.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import shutil
 import time
 from pathlib import Path
 
@@ -28,34 +36,78 @@ def sample_noise(seed: int, indices, shape, renoise: int = 0) -> torch.Tensor:
     return index_noise(seed, indices, shape, stream=(1, renoise))
 
 
-def _batched(fn, indices: range, batch_size: int, teacher, seed: int, progress=None, label: str = "samples"):
+def _batched(fn, indices: range, batch_size: int, teacher, seed: int, progress=None, label: str = "samples",
+             cache: Path | None = None):
     """fn(noise, cond, idx) over batches; noise and conditions are functions of the index.
-    With a rich `progress`, a task `label` advances by each batch.
+    With a rich `progress`, a task `label` advances by each batch. With a `cache` folder each
+    batch made is saved there, and a batch already there is read back instead of made.
     The rate (samples per second) times the fn calls: not the per-index starting noise made
     on the CPU, nor the conditions (a text encoder's prompts), nor an untimed one-sample call
-    first that pays CUDA's lazy start-up. Few-step students make their re-noise inside fn."""
+    first that pays CUDA's lazy start-up. Few-step students make their re-noise inside fn.
+    It is NaN when every batch was read back."""
     def inputs(idx):
         labels = teacher.condition_ids(idx)
         z = sample_noise(seed, idx, teacher.sample_shape).to(getattr(teacher, "device", "cpu"))
         return z, teacher.encode_condition(labels.to(z.device) if labels is not None else None)
 
-    if len(indices):
-        first = range(indices.start, indices.start + 1)
-        fn(*inputs(first), first).cpu()   # warm-up, untimed
-    parts, seconds = [], 0.0
+    parts, seconds, made = [], 0.0, 0
     task = progress.add_task(label, total=len(indices)) if progress is not None else None
     for start in range(indices.start, indices.stop, batch_size):
         idx = range(start, min(start + batch_size, indices.stop))
-        z, cond = inputs(idx)
-        if z.is_cuda:
-            torch.cuda.synchronize(z.device)   # nothing queued before this batch is timed with it
-        t0 = time.perf_counter()
-        parts.append(fn(z, cond, idx).cpu())   # .cpu() waits for the device
-        seconds += time.perf_counter() - t0
+        path = cache / f"{idx.start:09d}-{idx.stop:09d}.safetensors" if cache is not None else None
+        x = _read_batch(path, (len(idx), *teacher.sample_shape)) if path is not None else None
+        if x is None:
+            if not made:
+                first = range(idx.start, idx.start + 1)
+                fn(*inputs(first), first).cpu()   # warm-up, untimed
+            z, cond = inputs(idx)
+            if z.is_cuda:
+                torch.cuda.synchronize(z.device)   # nothing queued before this batch is timed with it
+            t0 = time.perf_counter()
+            x = fn(z, cond, idx).cpu()   # .cpu() waits for the device
+            seconds += time.perf_counter() - t0
+            made += len(idx)
+            if path is not None:
+                _write_batch(path, x)
+        parts.append(x)
         if task is not None:
             progress.advance(task, len(idx))
     empty = torch.empty(0, *teacher.sample_shape)
-    return (torch.cat(parts) if parts else empty), len(indices) / max(seconds, 1e-9)
+    return (torch.cat(parts) if parts else empty), (made / max(seconds, 1e-9) if made else float("nan"))
+
+
+def _read_batch(path: Path, shape: tuple) -> torch.Tensor | None:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        x = load_file(str(path))["x"] if path.is_file() else None
+    except (SafetensorError, OSError, KeyError):
+        return None
+    return x if x is not None and tuple(x.shape) == tuple(shape) else None
+
+
+def _write_batch(path: Path, x: torch.Tensor) -> None:
+    from safetensors.torch import save_file
+
+    from .io import atomic_path
+
+    with atomic_path(path) as tmp:
+        save_file({"x": x.contiguous()}, str(tmp))
+
+
+def weights_digest(module) -> str:
+    """SHA-256 of a network's weights: samples or rows made with other weights are not reused."""
+    h = hashlib.sha256()
+    for name, tensor in module.state_dict().items():
+        h.update(name.encode())
+        h.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def _cache_folder(out: Path, setting: dict) -> Path:
+    digest = hashlib.sha256(json.dumps(setting, sort_keys=True).encode()).hexdigest()[:16]
+    return out / ".partial" / f"{setting['who']}-{digest}"
 
 
 def _share(num: int, rank: int, world: int) -> range:
@@ -94,14 +146,26 @@ def make_samples(out: Path, num: int, teacher, *, generator=None, timesteps=(999
     state = PartialState()
     progress = progress if state.is_main_process else None
     mine = _share(num, state.process_index, state.num_processes)
+    common = {"teacher": teacher.describe(), "seed": seed}
+    caches = {}
+    if generator is not None:
+        caches["student"] = _cache_folder(out, {**common, "who": "student", "timesteps": list(timesteps),
+                                                "weights": weights_digest(generator)})
+    if teacher_steps:
+        caches["teacher"] = _cache_folder(out, {**common, "who": "teacher", "steps": teacher_steps,
+                                                "guidance": guidance, "sampler": sampler})
+    if state.is_main_process and (out / ".partial").is_dir():   # a stopped call's batches of other settings
+        for stale in set((out / ".partial").iterdir()) - set(caches.values()):
+            shutil.rmtree(stale, ignore_errors=True)
     results = {}   # each process decodes its own share
     if generator is not None:
         x, rate = _batched(_student(generator, teacher, timesteps, seed), mine, batch_size, teacher, seed,
-                           progress, f"student, {len(timesteps)} step(s)")
+                           progress, f"student, {len(timesteps)} step(s)", cache=caches["student"])
         results["student"] = (x, rate, len(timesteps), _decoded(teacher, x))
     if teacher_steps:
         x, rate = _batched(lambda z, c, idx: teacher_ode(teacher, z, c, teacher_steps, guidance, sampler),
-                           mine, batch_size, teacher, seed, progress, f"teacher, {teacher_steps} step(s)")
+                           mine, batch_size, teacher, seed, progress, f"teacher, {teacher_steps} step(s)",
+                           cache=caches["teacher"])
         results["teacher"] = (x, rate, teacher_steps, _decoded(teacher, x))
     out.mkdir(parents=True, exist_ok=True)
     names = {who: ("samples" if who == "student" or "student" not in results else "teacher") for who in results}
@@ -122,6 +186,7 @@ def make_samples(out: Path, num: int, teacher, *, generator=None, timesteps=(999
     main = results.get("student", results.get("teacher"))[0]
     other = results["teacher"][0] if "student" in results and "teacher" in results else None
     teacher.save_preview(main, other, labels, out / "samples.png", title=student_source or teacher_source)
+    shutil.rmtree(out / ".partial", ignore_errors=True)   # written in full: the kept batches are done with
     return {who: r[:3] for who, r in results.items()}
 
 
