@@ -232,7 +232,7 @@ def sample(run: Optional[Path] = typer.Argument(None, help="run or checkpoint fo
     if not results:   # not the main process under accelerate launch
         return
     for who, (_, rate, steps) in results.items():
-        speed = f"{rate:,.1f} samples/s" if rate == rate else "all read back from a stopped call's batches"
+        speed = f"{rate:,.1f} samples/s" if rate is not None else "all read back from a stopped call's batches"
         console.print(f"{who}: {num} samples, {steps} step(s), {speed}")
     console.print(f"wrote {out / SAMPLES_FILE} and {out / 'samples.png'}")
 

@@ -21,49 +21,54 @@ def compare(runs, out: Path, num: int, teacher_steps: list[int], ref: str, featu
             progress=None) -> list[dict]:
     """One row per student, then one per teacher step count. Each row: who, steps, images per
     second, FID (+ KID, class accuracy where available). `progress` (a rich Progress) shows
-    each row's sampling."""
+    each row's sampling. The teacher is built once; each student is loaded for its row."""
+    from accelerate import PartialState
+
     from .fid import check_reference_features
-    from .generate import make_samples, weights_digest
+    from .generate import make_samples, teacher_identity, weights_digest
     from .plots import class_grid
-    from .runs import load_student
+    from .recipe import to_dict
+    from .runs import load_recipe_of, load_student
+    from .teacher import build_teacher
 
     runs = [runs] if isinstance(runs, (str, Path)) else list(runs)
-    if num <= 0 or not runs or not teacher_steps or min(teacher_steps) < 1:
-        raise UserError(f"--num must be positive and --teacher-steps a list of step counts >= 1, got {num} "
-                        f"and {teacher_steps}")
+    if num <= 0 or batch_size <= 0 or not runs or not teacher_steps or min(teacher_steps) < 1:
+        raise UserError(f"--num and --batch-size must be positive and --teacher-steps a list of step counts "
+                        f">= 1, got {num}, {batch_size} and {teacher_steps}")
     check_reference_features(ref, features)
-    students = [(run, *load_student(run)) for run in runs]
-    _, recipe, teacher, _, _ = students[0]
-    for run, other, other_teacher, _, _ in students[1:]:
-        mine = (teacher.describe(), recipe.teacher.guidance)
-        if (other_teacher.describe(), other.teacher.guidance) != mine:
-            raise UserError(f"{run} distils another teacher or guidance than {runs[0]} "
-                            f"({other_teacher.describe()}, guidance {other.teacher.guidance} against {mine[0]}, "
-                            f"guidance {mine[1]}); compare runs of one teacher together")
+    recipes = [load_recipe_of(run) for run in runs]
+    recipe = recipes[0]
+    for run, other in zip(runs[1:], recipes[1:]):
+        mine, theirs = to_dict(recipe)["teacher"], to_dict(other)["teacher"]
+        if theirs != mine:
+            key = next(k for k in mine if mine[k] != theirs[k])
+            raise UserError(f"{run} distils another teacher or guidance than {runs[0]} (teacher.{key}: "
+                            f"{theirs[key]!r} against {mine[key]!r}); compare runs of one teacher together")
+    teacher = build_teacher(recipe.teacher).to(PartialState().device)
     if len(teacher.sample_shape) != 3:
         raise UserError(f"compare measures image students; {runs[0]}'s teacher ({teacher.name}) makes vectors: "
                         f"use `dmd sample` and `dmd fid --ref gmm`")
     sampler = sampler or teacher.default_sampler
     guidance = recipe.teacher.guidance
     out = Path(out)
-    names = _folder_names([run for run, *_ in students])
-    common = {"num": num, "seed": seed, "batch_size": batch_size, "ref": str(ref), "features": str(features),
-              "mode": mode}
+    common = {"num": num, "seed": seed, "batch_size": batch_size, "mode": mode, "teacher": teacher_identity(teacher),
+              "ref": _identity(ref), "features": _identity(features)}
     rows, students_x, teacher_x = [], [], None
-    for name, (run, run_recipe, run_teacher, generator, step) in zip(names, students):
+    for name, run, run_recipe in zip(_folder_names(runs), runs, recipes):
+        _, _, generator, step = load_student(run, teacher=teacher)
         source = f"student {run} step {step}"
         key = {**common, "who": "student", "source": source, "timesteps": list(run_recipe.student.timesteps),
                "weights": weights_digest(generator)}
-        row, x = _row(out / name, key, progress, lambda folder: make_samples(
-            folder, num, run_teacher, generator=generator, timesteps=run_recipe.student.timesteps,
+        row, x = _row(out / name, key, ref, features, progress, lambda folder: make_samples(
+            folder, num, teacher, generator=generator, timesteps=run_recipe.student.timesteps,
             teacher_steps=0, seed=seed, batch_size=batch_size, student_source=source, progress=progress)["student"])
         rows.append({"who": "student", "steps": len(run_recipe.student.timesteps), "run": str(run),
                      "checkpoint_step": step, **row})
         students_x.append(x)
+        del generator
     for steps in sorted(set(teacher_steps)):
-        key = {**common, "who": "teacher", "steps": steps, "sampler": sampler, "guidance": guidance,
-               "teacher": teacher.describe()}
-        row, teacher_x = _row(out / f"teacher-{steps}", key, progress, lambda folder: make_samples(
+        key = {**common, "who": "teacher", "steps": steps, "sampler": sampler, "guidance": guidance}
+        row, teacher_x = _row(out / f"teacher-{steps}", key, ref, features, progress, lambda folder: make_samples(
             folder, num, teacher, teacher_steps=steps, guidance=guidance, sampler=sampler, seed=seed,
             batch_size=batch_size, progress=progress)["teacher"])
         rows.append({"who": "teacher", "steps": steps, **row, "sampler": sampler, "guidance": guidance})
@@ -72,7 +77,14 @@ def compare(runs, out: Path, num: int, teacher_steps: list[int], ref: str, featu
     return rows
 
 
-def _row(folder: Path, key: dict, progress, sample) -> tuple[dict, "torch.Tensor"]:
+def _identity(name: str) -> str:
+    """A reference or feature network by name, or by its file's SHA-256 when it is a file."""
+    from .io import sha256
+
+    return f"{name} sha256:{sha256(Path(name))}" if Path(name).is_file() else name
+
+
+def _row(folder: Path, key: dict, ref: str, features: str, progress, sample) -> tuple[dict, "torch.Tensor"]:
     """(row, samples) of one sampler setting: the kept row when its key matches and its
     samples are there, else sampled (sample(folder) -> (x, rate, steps)) and measured afresh."""
     from .fid import fid_report
@@ -82,12 +94,12 @@ def _row(folder: Path, key: dict, progress, sample) -> tuple[dict, "torch.Tensor
         if kept.get("key") == json.loads(json.dumps(key)):
             tensors, _ = load_samples(folder)
             return {**kept["row"], "resumed": True}, tensors["x"]
-    except (OSError, ValueError, UserError):
+    except (OSError, ValueError, UserError, AttributeError, KeyError, TypeError):   # none, or unreadable: make it
         pass
     (folder / ROW_FILE).unlink(missing_ok=True)   # its samples are about to be replaced
     x, rate, _ = sample(folder)
     tensors, _ = load_samples(folder)
-    report = fid_report(tensors, key["ref"], key["features"], key["mode"], batch_size=min(key["batch_size"], 256),
+    report = fid_report(tensors, ref, features, key["mode"], batch_size=min(key["batch_size"], 256),
                         progress=progress)
     row = {"images_per_second": rate, "fid": report["fid"], "kid": report.get("kid"),
            "class_accuracy": report.get("class_accuracy"), "within_class_spread": report["within_class_spread"],
@@ -112,7 +124,8 @@ def speedup(rows: list[dict]) -> float | None:
     teachers = [r for r in rows if r["who"] == "teacher"]
     if student is None or not teachers:
         return None
-    return student["images_per_second"] / max(teachers, key=lambda r: r["steps"])["images_per_second"]
+    slowest = max(teachers, key=lambda r: r["steps"])["images_per_second"]
+    return None if student["images_per_second"] is None or not slowest else student["images_per_second"] / slowest
 
 
 def rows_for_table(rows: list[dict]) -> list[list[str]]:

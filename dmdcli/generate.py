@@ -44,7 +44,7 @@ def _batched(fn, indices: range, batch_size: int, teacher, seed: int, progress=N
     The rate (samples per second) times the fn calls: not the per-index starting noise made
     on the CPU, nor the conditions (a text encoder's prompts), nor an untimed one-sample call
     first that pays CUDA's lazy start-up. Few-step students make their re-noise inside fn.
-    It is NaN when every batch was read back."""
+    It is None when no batch was made (all read back, or an empty share)."""
     def inputs(idx):
         labels = teacher.condition_ids(idx)
         z = sample_noise(seed, idx, teacher.sample_shape).to(getattr(teacher, "device", "cpu"))
@@ -73,7 +73,7 @@ def _batched(fn, indices: range, batch_size: int, teacher, seed: int, progress=N
         if task is not None:
             progress.advance(task, len(idx))
     empty = torch.empty(0, *teacher.sample_shape)
-    return (torch.cat(parts) if parts else empty), (made / max(seconds, 1e-9) if made else float("nan"))
+    return (torch.cat(parts) if parts else empty), (made / max(seconds, 1e-9) if made else None)
 
 
 def _read_batch(path: Path, shape: tuple) -> torch.Tensor | None:
@@ -96,13 +96,23 @@ def _write_batch(path: Path, x: torch.Tensor) -> None:
         save_file({"x": x.contiguous()}, str(tmp))
 
 
-def weights_digest(module) -> str:
-    """SHA-256 of a network's weights: samples or rows made with other weights are not reused."""
+def weights_digest(*modules) -> str:
+    """SHA-256 of networks' weights (and their dtypes): samples or rows made with other weights
+    are not reused."""
     h = hashlib.sha256()
-    for name, tensor in module.state_dict().items():
-        h.update(name.encode())
-        h.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    for module in modules:
+        for name, tensor in module.state_dict().items():
+            h.update(f"{name} {tensor.dtype} {tuple(tensor.shape)}".encode())
+            h.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
+
+
+def teacher_identity(teacher) -> dict:
+    """What fixes a teacher's samples: its description, and the weights of every network it
+    samples with (denoiser, VAE, text encoder; with their dtypes; not the private trainable
+    copy that generators and critics start from)."""
+    nets = [v for k, v in sorted(vars(teacher).items()) if isinstance(v, torch.nn.Module) and not k.startswith("_")]
+    return {**teacher.describe(), "weights": weights_digest(*nets)}
 
 
 def _cache_folder(out: Path, setting: dict) -> Path:
@@ -146,7 +156,7 @@ def make_samples(out: Path, num: int, teacher, *, generator=None, timesteps=(999
     state = PartialState()
     progress = progress if state.is_main_process else None
     mine = _share(num, state.process_index, state.num_processes)
-    common = {"teacher": teacher.describe(), "seed": seed}
+    common = {"teacher": teacher_identity(teacher), "seed": seed}
     caches = {}
     if generator is not None:
         caches["student"] = _cache_folder(out, {**common, "who": "student", "timesteps": list(timesteps),
@@ -245,8 +255,9 @@ def _join_ranks(out: Path, results: dict, state) -> dict:
 
     from .io import atomic_path
 
-    for who, (x, rate, steps, images) in results.items():
-        part = {"x": x.contiguous(), "rate": torch.tensor([rate], dtype=torch.float64)}
+    for who, (x, rate, steps, images) in results.items():   # NaN: this rank made nothing
+        part = {"x": x.contiguous(), "rate": torch.tensor([float("nan") if rate is None else rate],
+                                                          dtype=torch.float64)}
         if images is not None:
             part["image"] = images.contiguous()
         with atomic_path(out / f".{who}.part-{state.process_index}.safetensors") as tmp:
@@ -257,7 +268,8 @@ def _join_ranks(out: Path, results: dict, state) -> dict:
         for who, (_, _, steps, images) in results.items():
             files = [out / f".{who}.part-{r}.safetensors" for r in range(state.num_processes)]
             parts = [load_file(str(f)) for f in files]
-            joined[who] = (torch.cat([p["x"] for p in parts]), float(sum(p["rate"].item() for p in parts)), steps,
+            rates = [p["rate"].item() for p in parts if not p["rate"].isnan().any()]
+            joined[who] = (torch.cat([p["x"] for p in parts]), float(sum(rates)) if rates else None, steps,
                            torch.cat([p["image"] for p in parts]) if images is not None else None)
             for f in files:
                 f.unlink()

@@ -31,16 +31,23 @@ def resolve(path: str | Path) -> tuple[Path, Path]:
     return path, ckpt
 
 
-def load_student(path: str | Path, device=None, ema: bool = True):
+def load_recipe_of(path: str | Path):
+    """The resolved recipe saved beside a run (or a checkpoint's run)."""
+    run_dir, _ = resolve(path)
+    return from_dict(tomllib.loads((run_dir / "recipe.toml").read_text()))
+
+
+def load_student(path: str | Path, device=None, ema: bool = True, teacher=None):
     """(recipe, teacher, generator in eval mode, step) of a run or checkpoint; the generator's
-    EMA weights when the run kept them (train.ema_decay > 0) unless ema is False."""
+    EMA weights when the run kept them (train.ema_decay > 0) unless ema is False. `teacher`:
+    one already built from the same teacher settings, to share between runs."""
     if device is None:   # this process's device (one GPU per process under accelerate launch)
         from accelerate import PartialState
 
         device = PartialState().device
     run_dir, ckpt = resolve(path)
     recipe = from_dict(tomllib.loads((run_dir / "recipe.toml").read_text()))
-    teacher = build_teacher(recipe.teacher).to(device)
+    teacher = teacher or build_teacher(recipe.teacher).to(device)
     generator = make_student(teacher, recipe)
     weights = ckpt / "generator_ema.safetensors"
     if not (ema and weights.is_file()):

@@ -33,7 +33,8 @@ def test_compare_measures_student_and_teacher_rows_alike(tmp_path):
 def test_compare_shares_the_teachers_rows_between_runs_and_resumes_unchanged_rows(tmp_path):
     """Two runs of one teacher in one call: a row each, then the teacher's rows once. A rerun
     reads back every row whose settings and weights are unchanged; a run retrained to the same
-    step under the same path is sampled again; a run of another guidance is refused."""
+    step under the same path is sampled again, and so is a teacher retrained in place; a run of
+    another guidance is refused."""
     import shutil
 
     teacher = save_tiny_unet2d(tmp_path / "teacher")
@@ -74,6 +75,11 @@ def test_compare_shares_the_teachers_rows_between_runs_and_resumes_unchanged_row
     _, rows3 = rows()
     assert [r["resumed"] for r in rows3.values()] == [True, False, True]
     assert rows3[("student", "b")]["fid"] != rows1[("student", "b")]["fid"]
+    # The teacher retrained in place (other weights, same folder): its row is made again.
+    shutil.rmtree(teacher)
+    save_tiny_unet2d(teacher, seed=5)
+    _, rows4 = rows()
+    assert rows4[("teacher", "")]["resumed"] is False and rows4[("teacher", "")]["fid"] > 1e-2
     # A run of another guidance is refused before anything is written.
     shutil.copytree(tmp_path / "b", tmp_path / "c")
     saved = tmp_path / "c" / "recipe.toml"

@@ -105,12 +105,15 @@ def test_make_pairs_survives_random_kills(tmp_path):
 
 def test_sample_survives_random_kills_and_resumes_from_its_batches(tmp_path):
     """`dmd sample` SIGKILLed at seeded random moments, then rerun: the kept batches are read
-    back, not made again, and the files equal an uninterrupted call's bitwise."""
+    back, not made again, and the files equal an uninterrupted call's bitwise. Rerun with
+    another seed instead, none of them is used."""
+    import shutil
+
     from tiny_models import save_tiny_unet2d
 
     teacher = save_tiny_unet2d(tmp_path / "teacher")
-    args = ["sample", "--teacher", "unet2d", "--set", f"teacher.unet2d.model={teacher}", "--num", 32,
-            "--teacher-steps", 10, "--batch-size", 2, "--guidance", 2]
+    args = ["sample", "--teacher", "unet2d", "--set", f"teacher.unet2d.model={teacher}", "--num", 48,
+            "--teacher-steps", 15, "--batch-size", 2, "--guidance", 2]
     reference, victim = tmp_path / "reference", tmp_path / "victim"
     assert run_dmd(*args, "--out", reference).returncode == 0
     seen = {"n": 0}
@@ -125,10 +128,14 @@ def test_sample_survives_random_kills_and_resumes_from_its_batches(tmp_path):
     landed = kill_at_random_moments([*args, "--out", victim], progressed, seed=11)
     assert landed >= 2
     kept = sorted(victim.glob(".partial/*/*.safetensors"))
-    assert 0 < len(kept) < 16
+    assert 0 < len(kept) < 24
     # Mark one kept batch: if it is read back, not made again, the marks reach the samples file.
     start, stop = map(int, kept[0].stem.split("-"))
     save_file({"x": torch.full_like(load_file(str(kept[0]))["x"], 7.0)}, str(kept[0]))
+    other = tmp_path / "other-seed"
+    shutil.copytree(victim, other)
+    assert run_dmd(*args, "--seed", 1, "--out", other).returncode == 0
+    assert not (load_file(str(other / "samples.safetensors"))["x"] == 7).any() and no_temporaries(other) == []
     final = run_dmd(*args, "--out", victim)
     assert final.returncode == 0, final.stderr
     a, b = load_file(str(reference / "samples.safetensors")), load_file(str(victim / "samples.safetensors"))
