@@ -30,11 +30,11 @@ console = Console(stderr=True, soft_wrap=True)  # long paths stay on one line
 def progress_bar(extra: str = ""):
     """The shared rich bar on this module's console (dmdcli.progress); quiet on the processes
     other than the main one under accelerate launch, which share its terminal."""
-    from accelerate import PartialState
+    from .processes import process_state
 
     from .progress import progress_bar as bar
 
-    return bar(console, extra, quiet=not PartialState().is_main_process)
+    return bar(console, extra, quiet=not process_state().is_main_process)
 
 
 @app.command()
@@ -221,10 +221,10 @@ def sample(run: Optional[Path] = typer.Argument(None, help="run or checkpoint fo
     else:
         if teacher_steps < 1:
             raise UserError("--teacher-steps must be at least 1 when sampling a teacher alone")
-        from accelerate import PartialState
+        from .processes import process_state
 
         t, guidance = _teacher_from(teacher, None, set_, guidance, {})
-        t.to(PartialState().device)
+        t.to(process_state().device)
         sampler = sampler or t.default_sampler
         with progress_bar() as bar:
             results = make_samples(out, num, t, teacher_steps=teacher_steps, guidance=guidance, sampler=sampler,
@@ -268,9 +268,9 @@ def fid(samples: Optional[Path] = typer.Argument(None, help="samples file or fol
 
         if num <= 0:
             raise UserError(f"--num must be positive, got {num}")
-        from accelerate import PartialState
+        from .processes import process_state
 
-        if PartialState().num_processes > 1:
+        if process_state().num_processes > 1:
             raise UserError("fid --from runs in one process; under accelerate launch, run `dmd sample` and "
                             "then `dmd fid` on its folder")
         with progress_bar() as bar:

@@ -22,7 +22,7 @@ def compare(runs, out: Path, num: int, teacher_steps: list[int], ref: str, featu
     """One row per student, then one per teacher step count. Each row: who, steps, images per
     second, FID (+ KID, class accuracy where available). `progress` (a rich Progress) shows
     each row's sampling. The teacher is built once; each student is loaded for its row."""
-    from accelerate import PartialState
+    from .processes import process_state
 
     from .fid import check_reference_features
     from .generate import make_samples, teacher_identity, weights_digest
@@ -31,6 +31,9 @@ def compare(runs, out: Path, num: int, teacher_steps: list[int], ref: str, featu
     from .runs import load_recipe_of, load_student
     from .teacher import build_teacher
 
+    if process_state().num_processes > 1:
+        raise UserError("compare runs in one process; under accelerate launch, run `dmd sample` for each "
+                        "student and the teacher, then `dmd fid` on each folder")
     runs = [runs] if isinstance(runs, (str, Path)) else list(runs)
     if num <= 0 or batch_size <= 0 or not runs or not teacher_steps or min(teacher_steps) < 1:
         raise UserError(f"--num and --batch-size must be positive and --teacher-steps a list of step counts "
@@ -44,7 +47,7 @@ def compare(runs, out: Path, num: int, teacher_steps: list[int], ref: str, featu
             key = next(k for k in mine if mine[k] != theirs[k])
             raise UserError(f"{run} distils another teacher or guidance than {runs[0]} (teacher.{key}: "
                             f"{theirs[key]!r} against {mine[key]!r}); compare runs of one teacher together")
-    teacher = build_teacher(recipe.teacher).to(PartialState().device)
+    teacher = build_teacher(recipe.teacher).to(process_state().device)
     if len(teacher.sample_shape) != 3:
         raise UserError(f"compare measures image students; {runs[0]}'s teacher ({teacher.name}) makes vectors: "
                         f"use `dmd sample` and `dmd fid --ref gmm`")

@@ -151,9 +151,9 @@ def make_samples(out: Path, num: int, teacher, *, generator=None, timesteps=(999
     images as samples.npz / teacher.npz (arr_0: N x H x W x C, as ADM's and EDM's FID tools read).
     Returns {who: (samples, samples per second of all processes, steps)} on the main process.
     `progress` (a rich Progress) shows the main process's share, one task per sampler."""
-    from accelerate import PartialState
+    from .processes import process_state
 
-    state = PartialState()
+    state = process_state()
     progress = progress if state.is_main_process else None
     mine = _share(num, state.process_index, state.num_processes)
     common = {"teacher": teacher_identity(teacher), "seed": seed}

@@ -281,9 +281,9 @@ class PairSet(torch.utils.data.Dataset):
 def make_pairs_on_all_ranks(teacher, out: Path, num: int, settings: PairSettings, batch_size: int = 256,
                             progress_factory=None) -> dict:
     """make_pairs under `accelerate launch` (or alone): each process its own shards."""
-    from accelerate import PartialState
+    from .processes import process_state
 
-    state = PartialState(cpu=not torch.cuda.is_available())
+    state = process_state()
     teacher.to(state.device)
     return make_pairs(teacher, out, num, settings, batch_size, state.process_index, state.num_processes,
                       state.wait_for_everyone, progress_factory if state.is_main_process else None)

@@ -42,9 +42,9 @@ def load_student(path: str | Path, device=None, ema: bool = True, teacher=None):
     EMA weights when the run kept them (train.ema_decay > 0) unless ema is False. `teacher`:
     one already built from the same teacher settings, to share between runs."""
     if device is None:   # this process's device (one GPU per process under accelerate launch)
-        from accelerate import PartialState
+        from .processes import process_state
 
-        device = PartialState().device
+        device = process_state().device
     run_dir, ckpt = resolve(path)
     recipe = from_dict(tomllib.loads((run_dir / "recipe.toml").read_text()))
     teacher = teacher or build_teacher(recipe.teacher).to(device)

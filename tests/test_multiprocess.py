@@ -99,3 +99,15 @@ def test_two_processes_train_like_one_with_twice_the_batch(tmp_path, tiny_recipe
     assert moved > 1e-3 and differ < 1e-3 * moved, (moved, differ)
     c, d = weights("one", "critic"), weights("two", "critic")
     assert max((c[k] - d[k]).abs().max().item() for k in c) < 1e-3 * moved
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="gloo DDP on Linux")
+def test_compare_under_two_processes_says_to_sample_instead(tmp_path):
+    """compare measures on the main process only: launched on two, it says what to run instead
+    (it used to fail with a KeyError on the second rank)."""
+    done = launch(None, tmp_path / "run", "--out", tmp_path / "c", "--ref", "gmm", command="compare")
+    # Each rank exits 2 with one line; the traceback there is torch's launcher reporting that.
+    assert done.returncode != 0 and done.stderr.count("exitcode  : 2") == 2, done.stderr[-3000:]
+    assert f'File "{ROOT / "dmdcli"}' not in done.stderr
+    assert "compare runs in one process; under accelerate launch, run `dmd sample` for each student" in done.stderr
+    assert not (tmp_path / "c").exists()
