@@ -8,9 +8,9 @@ writes it to its own part file; the main process joins the parts in index order,
 files are the same for any number of processes.
 
 A rerun of a stopped call resumes: every finished batch is kept under OUT/.partial/ (a folder
-per sampler setting, named by a hash of it: teacher, seed, steps, guidance, sampler, or the
-student's timesteps and weights) and read back instead of made again; the folder is removed
-once the sample files are written.
+per sampler setting, named by a hash of it: the teacher and its weights, seed, steps,
+guidance, sampler, or the student's timesteps and weights) and read back instead of made
+again; the folder is removed once the sample files are written.
 """
 
 from __future__ import annotations
