@@ -106,8 +106,9 @@ def test_compare_under_two_processes_says_to_sample_instead(tmp_path):
     """compare measures on the main process only: launched on two, it says what to run instead
     (it used to fail with a KeyError on the second rank)."""
     done = launch(None, tmp_path / "run", "--out", tmp_path / "c", "--ref", "gmm", command="compare")
-    # Each rank exits 2 with one line; the traceback there is torch's launcher reporting that.
-    assert done.returncode != 0 and done.stderr.count("exitcode  : 2") == 2, done.stderr[-3000:]
+    # A rank exits 2 with one line (the launcher may stop the other first); the traceback there
+    # is torch's launcher reporting that.
+    assert done.returncode != 0 and "exitcode  : 2" in done.stderr, done.stderr[-3000:]
     assert f'File "{ROOT / "dmdcli"}' not in done.stderr
     assert "compare runs in one process; under accelerate launch, run `dmd sample` for each student" in done.stderr
     assert not (tmp_path / "c").exists()
