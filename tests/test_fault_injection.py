@@ -43,6 +43,19 @@ def kill_at_random_moments(args, progressed, seed):
     return landed
 
 
+def new_files(folder, pattern):
+    """progressed() for kill_at_random_moments: true once more files match than at its last call."""
+    seen = {"n": 0}
+
+    def progressed():
+        n = len(list(folder.glob(pattern)))
+        if n > seen["n"]:
+            seen["n"] = n
+            return True
+        return False
+    return progressed
+
+
 def no_temporaries(folder):
     # .lock is the run's lock file: it stays (the lock is the flock on it, which dies with its process).
     return [p for p in folder.rglob("*") if (p.name.startswith(".") and p.name != ".lock") or ".tmp" in p.name]
@@ -83,16 +96,8 @@ def test_make_pairs_survives_random_kills(tmp_path):
             "--steps", "40"]
     reference, victim = tmp_path / "reference", tmp_path / "victim"
     assert run_dmd(*args, "--out", reference).returncode == 0
-    seen = {"n": 0}
-
-    def progressed():   # one more finished shard since the last start
-        n = len(list(victim.glob("shard-*.json")))
-        if n > seen["n"]:
-            seen["n"] = n
-            return True
-        return False
-
-    landed = kill_at_random_moments([*args, "--out", victim], progressed, seed=7)
+    # Each kill waits for one more finished shard since the last start.
+    landed = kill_at_random_moments([*args, "--out", victim], new_files(victim, "shard-*.json"), seed=7)
     assert landed >= 2
     final = run_dmd(*args, "--out", victim)
     assert final.returncode == 0, final.stderr
@@ -116,16 +121,8 @@ def test_sample_survives_random_kills_and_resumes_from_its_batches(tmp_path):
             "--teacher-steps", 15, "--batch-size", 2, "--guidance", 2]
     reference, victim = tmp_path / "reference", tmp_path / "victim"
     assert run_dmd(*args, "--out", reference).returncode == 0
-    seen = {"n": 0}
-
-    def progressed():   # one more kept batch since the last start
-        n = len(list(victim.glob(".partial/*/*.safetensors")))
-        if n > seen["n"]:
-            seen["n"] = n
-            return True
-        return False
-
-    landed = kill_at_random_moments([*args, "--out", victim], progressed, seed=11)
+    # Each kill waits for one more kept batch since the last start.
+    landed = kill_at_random_moments([*args, "--out", victim], new_files(victim, ".partial/*/*.safetensors"), seed=11)
     assert landed >= 2
     kept = sorted(victim.glob(".partial/*/*.safetensors"))
     assert 0 < len(kept) < 24
