@@ -89,27 +89,34 @@ def _identity(name: str) -> str:
 
 def _row(folder: Path, key: dict, ref: str, features: str, progress, sample) -> tuple[dict, "torch.Tensor"]:
     """(row, samples) of one sampler setting: the kept row when its key matches and its
-    samples are there, else sampled (sample(folder) -> (x, rate, steps)) and measured afresh."""
+    samples are there, else sampled (sample(folder) -> (x, rate, steps)) and measured afresh.
+    row.json is written twice: with the key and rate once the samples are written, with the
+    row once they are measured, so a call stopped during FID measures the kept samples."""
     from .fid import fid_report
 
+    x, earlier = None, False
     try:
         kept = json.loads((folder / ROW_FILE).read_text())
         if kept.get("key") == json.loads(json.dumps(key)):
             tensors, _ = load_samples(folder)
-            return {**kept["row"], "resumed": True}, tensors["x"]
+            if "row" in kept:
+                return {**kept["row"], "resumed": True}, tensors["x"]
+            x, rate, earlier = tensors["x"], kept["images_per_second"], True   # sampled, not yet measured
     except (OSError, ValueError, UserError, AttributeError, KeyError, TypeError):   # none, or unreadable: make it
         pass
-    (folder / ROW_FILE).unlink(missing_ok=True)   # its samples are about to be replaced
-    x, rate, _ = sample(folder)
-    tensors, _ = load_samples(folder)
+    if not earlier:
+        (folder / ROW_FILE).unlink(missing_ok=True)   # its samples are about to be replaced
+        x, rate, _ = sample(folder)
+        write_json(folder / ROW_FILE, {"key": key, "images_per_second": rate})
+        tensors, _ = load_samples(folder)
     report = fid_report(tensors, ref, features, key["mode"], batch_size=min(key["batch_size"], 256),
                         progress=progress)
     row = {"images_per_second": rate, "fid": report["fid"], "kid": report.get("kid"),
            "class_accuracy": report.get("class_accuracy"), "within_class_spread": report["within_class_spread"],
            "num_samples": report["num_samples"], "reference": report["reference"], "features": report["features"],
            "sampler": None, "guidance": None}
-    write_json(folder / ROW_FILE, {"key": key, "row": row})
-    return {**row, "resumed": False}, x
+    write_json(folder / ROW_FILE, {"key": key, "images_per_second": rate, "row": row})
+    return {**row, "resumed": earlier}, x   # resumed: its samples and images/s come from an earlier call
 
 
 def _folder_names(runs) -> list[str]:

@@ -175,3 +175,48 @@ def test_fid_reads_the_npz_that_sample_writes(tmp_path):
                           ("cut.npz", "is not a readable .npz")]:
         bad = run_dmd("fid", tmp_path / name, "--ref", ref, "--features", "fashion")
         assert bad.returncode == 2 and message in bad.stderr and "Traceback" not in bad.stderr, bad.stderr
+
+
+def test_compare_stopped_while_measuring_measures_the_kept_samples_on_rerun(tmp_path, monkeypatch):
+    """A call stopped after a row's samples are written, during its FID, leaves row.json with
+    the key and rate only; the rerun measures those samples instead of sampling again, and
+    gets the figures an uninterrupted call gets."""
+    import pytest
+
+    import dmdcli.fid
+    import dmdcli.generate
+    from dmdcli.compare import compare
+
+    teacher = save_tiny_unet2d(tmp_path / "teacher")
+    recipe = unet2d_recipe(tmp_path / "r.toml", teacher, tmp_path / "run", steps=2)
+    assert run_dmd("distill", recipe).returncode == 0
+    ref = tmp_path / "ref"
+    assert run_dmd("sample", "--teacher", "unet2d", "--set", f"teacher.unet2d.model={teacher}", "--num", 10,
+                   "--teacher-steps", 2, "--guidance", 2, "--out", ref).returncode == 0
+    args = (10, [2], str(ref / "samples.safetensors"), "fashion")
+    whole = compare(tmp_path / "run", tmp_path / "whole", *args, batch_size=5)
+
+    measure = dmdcli.fid.fid_report
+
+    def stopped(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(dmdcli.fid, "fid_report", stopped)
+    with pytest.raises(KeyboardInterrupt):
+        compare(tmp_path / "run", tmp_path / "cmp", *args, batch_size=5)
+    kept = json.loads((tmp_path / "cmp" / "student" / "row.json").read_text())
+    assert "row" not in kept and kept["images_per_second"] > 0
+    stamp = (tmp_path / "cmp" / "student" / "samples.safetensors").stat().st_mtime_ns
+    monkeypatch.setattr(dmdcli.fid, "fid_report", measure)
+    make = dmdcli.generate.make_samples
+    sampled = []
+    monkeypatch.setattr(dmdcli.generate, "make_samples", lambda *a, **k: sampled.append(k["teacher_steps"]) or make(*a, **k))
+    again = compare(tmp_path / "run", tmp_path / "cmp", *args, batch_size=5)
+    assert sampled == [2]   # the teacher's row only: the student's kept samples were measured, not remade
+    assert (tmp_path / "cmp" / "student" / "samples.safetensors").stat().st_mtime_ns == stamp
+    assert [r["resumed"] for r in again] == [True, False]
+    assert again[0]["images_per_second"] == kept["images_per_second"]
+    drop = ("resumed", "images_per_second")
+    assert [{k: v for k, v in r.items() if k not in drop} for r in again] == \
+        [{k: v for k, v in r.items() if k not in drop} for r in whole]
+    assert "row" in json.loads((tmp_path / "cmp" / "student" / "row.json").read_text())
