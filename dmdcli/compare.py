@@ -22,13 +22,10 @@ def compare(runs, out: Path, num: int, teacher_steps: list[int], ref: str, featu
     """One row per student, then one per teacher step count. Each row: who, steps, images per
     second, FID (+ KID, class accuracy where available). `progress` (a rich Progress) shows
     each row's sampling. The teacher is built once; each student is loaded for its row."""
-    from .processes import process_state
-
     from .fid import check_reference_features
-    from .generate import make_samples, teacher_identity, weights_digest
-    from .plots import class_grid
+    from .processes import folder_in_use, process_state
     from .recipe import to_dict
-    from .runs import load_recipe_of, load_student
+    from .runs import load_recipe_of
     from .teacher import build_teacher
 
     if process_state().num_processes > 1:
@@ -52,8 +49,19 @@ def compare(runs, out: Path, num: int, teacher_steps: list[int], ref: str, featu
         raise UserError(f"compare measures image students; {runs[0]}'s teacher ({teacher.name}) makes vectors: "
                         f"use `dmd sample` and `dmd fid --ref gmm`")
     sampler = sampler or teacher.default_sampler
-    guidance = recipe.teacher.guidance
     out = Path(out)
+    with folder_in_use(out, "`dmd compare`", "let it finish, or choose another --out"):
+        return _compare(runs, recipes, teacher, out, num, teacher_steps, ref, features, mode, seed, batch_size,
+                        sampler, progress)
+
+
+def _compare(runs, recipes, teacher, out, num, teacher_steps, ref, features, mode, seed, batch_size, sampler,
+             progress) -> list[dict]:
+    from .generate import make_samples, teacher_identity, weights_digest
+    from .plots import class_grid
+    from .runs import load_student
+
+    guidance = recipes[0].teacher.guidance
     common = {"num": num, "seed": seed, "batch_size": batch_size, "mode": mode, "teacher": teacher_identity(teacher),
               "ref": _identity(ref), "features": _identity(features)}
     rows, students_x, teacher_x = [], [], None

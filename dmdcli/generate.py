@@ -142,15 +142,23 @@ def _decoded(teacher, x):
     return uint8_images(teacher.to_images(x))
 
 
-def make_samples(out: Path, num: int, teacher, *, generator=None, timesteps=(999,), student_source: str = "",
-                 teacher_steps: int = 50, guidance: float = 1.0, sampler: str = "ddim", seed: int = 0,
-                 batch_size: int = 256, images: str = "none", progress=None) -> dict:
-    """Write samples.safetensors (the student's, or the teacher's when there is no student),
+def make_samples(out: Path, num: int, teacher, **settings) -> dict:
+    """(settings: _make_samples's keywords.) Write samples.safetensors (the student's, or the teacher's when there is no student),
     teacher.safetensors beside a student's when teacher_steps > 0, and samples.png; with
     images="png" also one PNG per sample (images/, teacher-images/), with "npz" the uint8
     images as samples.npz / teacher.npz (arr_0: N x H x W x C, as ADM's and EDM's FID tools read).
     Returns {who: (samples, samples per second of all processes, steps)} on the main process.
-    `progress` (a rich Progress) shows the main process's share, one task per sampler."""
+    `progress` (a rich Progress) shows the main process's share, one task per sampler.
+    One call at a time per folder: a second is refused (it would delete the first's kept batches)."""
+    from .processes import folder_in_use
+
+    with folder_in_use(out, "`dmd sample` or `dmd compare`", "let it finish, or choose another --out"):
+        return _make_samples(out, num, teacher, **settings)
+
+
+def _make_samples(out: Path, num: int, teacher, *, generator=None, timesteps=(999,), student_source: str = "",
+                  teacher_steps: int = 50, guidance: float = 1.0, sampler: str = "ddim", seed: int = 0,
+                  batch_size: int = 256, images: str = "none", progress=None) -> dict:
     from .processes import process_state
 
     state = process_state()

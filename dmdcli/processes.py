@@ -1,6 +1,10 @@
-"""This process's place under `accelerate launch` (or alone), asked the same way everywhere."""
+"""This process's place under `accelerate launch` (or alone), asked the same way everywhere,
+and what all the processes of one command agree on."""
 
 from __future__ import annotations
+
+import contextlib
+from pathlib import Path
 
 import torch
 
@@ -12,3 +16,37 @@ def process_state():
     from accelerate import PartialState
 
     return PartialState(cpu=not torch.cuda.is_available())
+
+
+def any_process(flag: bool) -> bool:
+    """True on every process if it is true on any (so that all of them stop, or refuse, together)."""
+    from accelerate.utils import reduce
+
+    state = process_state()
+    if state.num_processes == 1:
+        return flag
+    return bool(reduce(torch.tensor([float(flag)], device=state.device), reduction="sum").item())
+
+
+@contextlib.contextmanager
+def folder_in_use(folder: Path, command: str, fix: str):
+    """Hold folder/.lock for the block (the main process takes it; all refuse together): a
+    second command writing the same folder would interleave, or delete, the first's files.
+    Refused: "FOLDER is in use by another COMMAND (process PID); FIX"."""
+    from .errors import UserError
+    from .io import try_lock
+
+    folder = Path(folder)
+    main = process_state().is_main_process
+    lock = try_lock(folder) if main else None
+    if any_process(main and lock is None):
+        try:
+            holder = (folder / ".lock").read_text().strip() or "?"
+        except OSError:
+            holder = "?"
+        raise UserError(f"{folder} is in use by another {command} (process {holder}); {fix}")
+    try:
+        yield
+    finally:
+        if lock is not None:
+            lock.close()

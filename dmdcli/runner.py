@@ -12,12 +12,12 @@ import json
 import time
 from pathlib import Path
 
-import torch
 from accelerate import Accelerator
 
 from . import checkpoint
 from .errors import UserError
-from .io import try_lock, write_text
+from .io import write_text
+from .processes import any_process, folder_in_use
 from .recipe import Recipe, dotted, from_dict, to_dict, to_toml
 from .stopping import StopRequest, Stopped
 from .trainer import DMDTrainer, make_accelerator
@@ -50,15 +50,8 @@ def distill(recipe: Recipe, progress_factory=None, console=None) -> Path:
     acc = make_accelerator(recipe)
     # One command per run folder: a second one (another terminal, a resubmitted job) would
     # interleave checkpoints and metrics with the first. Taken before any model is loaded.
-    lock = try_lock(run_dir) if acc.is_main_process else None
-    if _any_rank(acc, acc.is_main_process and lock is None):
-        raise UserError(f"{run_dir} is in use by another `dmd distill` (process "
-                        f"{_lock_holder(run_dir)}); let it finish or stop it, then run the same command again")
-    try:
+    with folder_in_use(run_dir, "`dmd distill`", "let it finish or stop it, then run the same command again"):
         return _distill(recipe, acc, run_dir, progress_factory, console)
-    finally:
-        if lock is not None:
-            lock.close()
 
 
 def _distill(recipe: Recipe, acc: Accelerator, run_dir: Path, progress_factory, console) -> Path:
@@ -112,7 +105,7 @@ def _distill(recipe: Recipe, acc: Accelerator, run_dir: Path, progress_factory, 
                     sums, counts = {}, {}
                 if progress:
                     progress.update(task, completed=step)
-                stopping = _any_rank(acc, stop.requested)
+                stopping = any_process(stop.requested)
                 if at_checkpoint or stopping:
                     trainer.save()
                     trainer.preview(f"step-{step:08d}")
@@ -122,20 +115,6 @@ def _distill(recipe: Recipe, acc: Accelerator, run_dir: Path, progress_factory, 
     finally:   # flush the trackers however the run ends
         acc.end_training()
     return run_dir
-
-
-def _lock_holder(run_dir: Path) -> str:
-    try:
-        return (run_dir / ".lock").read_text().strip() or "?"
-    except OSError:
-        return "?"
-
-
-def _any_rank(acc: Accelerator, flag: bool) -> bool:
-    """True on every rank if it is true on any (so all ranks stop at the same step)."""
-    if acc.num_processes == 1:
-        return flag
-    return bool(acc.reduce(torch.tensor([float(flag)], device=acc.device), reduction="sum").item())
 
 
 def _flat(recipe: Recipe) -> dict:

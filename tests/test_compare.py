@@ -60,7 +60,7 @@ def test_compare_shares_the_teachers_rows_between_runs_and_resumes_unchanged_row
     assert not any(r["resumed"] for r in rows1.values())
     assert rows1[("student", "a")]["fid"] != rows1[("student", "b")]["fid"]   # two seeds: two students
     assert abs(rows1[("teacher", "")]["fid"]) < 1e-3
-    assert sorted(p.name for p in cmp.iterdir()) == ["compare.json", "grid.png", "student-a", "student-b",
+    assert sorted(p.name for p in cmp.iterdir()) == [".lock", "compare.json", "grid.png", "student-a", "student-b",
                                                       "teacher-2"]
     assert "read back" not in first.stderr and "student a (1" in first.stdout
     teacher_file = cmp / "teacher-2" / "samples.safetensors"
@@ -69,6 +69,18 @@ def test_compare_shares_the_teachers_rows_between_runs_and_resumes_unchanged_row
     assert all(r["resumed"] for r in rows2.values()) and teacher_file.stat().st_mtime_ns == stamp
     assert [{**r, "resumed": False} for r in rows2.values()] == list(rows1.values())
     assert f"read back from {cmp}" in again.stderr
+    # A second compare into the folder while one runs is refused, and leaves it as it was.
+    import os
+
+    from dmdcli.io import try_lock
+
+    held = try_lock(cmp)
+    busy = run_dmd("compare", tmp_path / "a", tmp_path / "b", *args)
+    held.close()
+    assert busy.returncode == 2 and "Traceback" not in busy.stderr
+    assert f"{cmp} is in use by another `dmd compare` (process {os.getpid()}); let it finish, or choose another " \
+           "--out" in busy.stderr.replace("\n", "")
+    assert teacher_file.stat().st_mtime_ns == stamp
     # b retrained from scratch to the same step under the same path, on another seed: not reused.
     shutil.rmtree(tmp_path / "b")
     assert run_dmd("distill", recipe, "--set", f"run.out={tmp_path / 'b'}", "--set", "run.seed=2").returncode == 0

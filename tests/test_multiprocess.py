@@ -63,7 +63,7 @@ def test_two_ranks_sample_the_same_set_as_one(tmp_path, tiny_recipe):
         assert a.keys() == b.keys() and "label" in a
         assert a["label"].tolist() == b["label"].tolist() == [i % 8 for i in range(11)]
         torch.testing.assert_close(a["x"], b["x"], rtol=1e-5, atol=1e-6)
-    assert sorted(p.name for p in (tmp_path / "two").iterdir()) == ["samples.png", "samples.safetensors",
+    assert sorted(p.name for p in (tmp_path / "two").iterdir()) == [".lock", "samples.png", "samples.safetensors",
                                                                      "teacher.safetensors"]
 
 

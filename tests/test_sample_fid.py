@@ -52,6 +52,33 @@ def test_sample_then_fid(tmp_path, tiny_recipe, capsys):
     assert json.loads((tmp_path / "fly.json").read_text()) == json.loads((tmp_path / "file.json").read_text())
 
 
+def test_a_second_sample_or_compare_into_a_busy_folder_is_refused_and_deletes_nothing(tmp_path, tiny_recipe,
+                                                                                        capsys):
+    """One call per output folder: a second one (another terminal) would delete the first's
+    kept batches under .partial/ as stale, and the two would overwrite each other's files."""
+    import os
+
+    from dmdcli.io import try_lock
+
+    assert main(["distill", str(tiny_recipe(steps=2))]) == 0
+    run_dir = tmp_path / "runs" / "tiny"
+    out = tmp_path / "samples"
+    kept = out / ".partial" / "teacher-0123456789abcdef" / "batch.safetensors"   # the first call's batch
+    kept.parent.mkdir(parents=True)
+    kept.write_bytes(b"kept")
+    held = try_lock(out)   # as a running `dmd sample` into this folder holds it
+    capsys.readouterr()
+    assert main(["sample", str(run_dir), "--num", "10", "--out", str(out)]) == 2
+    err = capsys.readouterr().err.replace("\n", "")
+    assert f"{out} is in use by another `dmd sample` or `dmd compare` (process {os.getpid()}); let it finish, " \
+           "or choose another --out" in err and "Traceback" not in err
+    assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*")) == \
+        [".lock", ".partial", ".partial/teacher-0123456789abcdef", ".partial/teacher-0123456789abcdef/batch.safetensors"]
+    held.close()   # the first call ends: the same command now runs, and its own settings replace the stale batch
+    assert main(["sample", str(run_dir), "--num", "10", "--out", str(out)]) == 0
+    assert (out / "samples.safetensors").is_file() and not (out / ".partial").exists()
+
+
 def test_python_dash_m_and_console_script_agree():
     result = run_dmd("--help")
     assert result.returncode == 0
