@@ -268,11 +268,9 @@ def fid(samples: Optional[Path] = typer.Argument(None, help="samples file or fol
 
         if num <= 0:
             raise UserError(f"--num must be positive, got {num}")
-        from .processes import process_state
+        from .processes import one_process_only
 
-        if process_state().num_processes > 1:
-            raise UserError("fid --from runs in one process; under accelerate launch, run `dmd sample` and "
-                            "then `dmd fid` on its folder")
+        one_process_only("fid --from", "run `dmd sample` and then `dmd fid` on its folder")
         with progress_bar() as bar:
             tensors, desc = student_tensors(from_, num, seed=seed, batch_size=max(batch_size, 1), progress=bar)
     else:

@@ -23,14 +23,12 @@ def compare(runs, out: Path, num: int, teacher_steps: list[int], ref: str, featu
     second, FID (+ KID, class accuracy where available). `progress` (a rich Progress) shows
     each row's sampling. The teacher is built once; each student is loaded for its row."""
     from .fid import check_reference_features
-    from .processes import folder_in_use, process_state
+    from .processes import folder_in_use, one_process_only, process_state
     from .recipe import to_dict
     from .runs import load_recipe_of
     from .teacher import build_teacher
 
-    if process_state().num_processes > 1:
-        raise UserError("compare runs in one process; under accelerate launch, run `dmd sample` for each "
-                        "student and the teacher, then `dmd fid` on each folder")
+    one_process_only("compare", "run `dmd sample` for each student and the teacher, then `dmd fid` on each folder")
     runs = [runs] if isinstance(runs, (str, Path)) else list(runs)
     if num <= 0 or batch_size <= 0 or not runs or not teacher_steps or min(teacher_steps) < 1:
         raise UserError(f"--num and --batch-size must be positive and --teacher-steps a list of step counts "

@@ -18,6 +18,15 @@ def process_state():
     return PartialState(cpu=not torch.cuda.is_available())
 
 
+def one_process_only(command: str, instead: str) -> None:
+    """Refuse a command that measures on one process when launched on several (the others
+    would do the whole work again, or wait on the first forever)."""
+    from .errors import UserError
+
+    if process_state().num_processes > 1:
+        raise UserError(f"{command} runs in one process; under accelerate launch, {instead}")
+
+
 def any_process(flag: bool) -> bool:
     """True on every process if it is true on any (so that all of them stop, or refuse, together)."""
     from accelerate.utils import reduce

@@ -102,13 +102,20 @@ def test_two_processes_train_like_one_with_twice_the_batch(tmp_path, tiny_recipe
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="gloo DDP on Linux")
-def test_compare_under_two_processes_says_to_sample_instead(tmp_path):
-    """compare measures on the main process only: launched on two, it says what to run instead
-    (it used to fail with a KeyError on the second rank)."""
-    done = launch(None, tmp_path / "run", "--out", tmp_path / "c", "--ref", "gmm", command="compare")
+@pytest.mark.parametrize("command, args, says", [
+    ("compare", ["--out", "{tmp}/c", "--ref", "gmm"],
+     "compare runs in one process; under accelerate launch, run `dmd sample` for each student"),
+    ("fid", ["--from", "{tmp}/run", "--ref", "gmm"],
+     "fid --from runs in one process; under accelerate launch, run `dmd sample` and then `dmd fid` on its folder"),
+])
+def test_commands_that_measure_on_one_process_refuse_a_launch_of_two(tmp_path, command, args, says):
+    """compare and fid --from measure on the main process only: launched on two, they say what
+    to run instead (compare used to fail with a KeyError on the second rank)."""
+    extra = [tmp_path / "run"] if command == "compare" else []
+    done = launch(None, *extra, *[a.format(tmp=tmp_path) for a in args], command=command)
     # A rank exits 2 with one line (the launcher may stop the other first); the traceback there
     # is torch's launcher reporting that.
     assert done.returncode != 0 and "exitcode  : 2" in done.stderr, done.stderr[-3000:]
     assert f'File "{ROOT / "dmdcli"}' not in done.stderr
-    assert "compare runs in one process; under accelerate launch, run `dmd sample` for each student" in done.stderr
+    assert says in done.stderr.replace("\n", "")
     assert not (tmp_path / "c").exists()
