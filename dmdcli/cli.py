@@ -340,7 +340,7 @@ def compare(runs: List[Path] = typer.Argument(..., help="run or checkpoint folde
         table.add_row(*row)
     Console().print(table)
     if any(r["resumed"] for r in rows):
-        console.print(f"* read back from {out}, measured by an earlier call with the same settings and weights: "
+        console.print(f"* sampled by an earlier call with the same settings and weights (read back from {out}): "
                       "its images/s come from that call")
     ratio = speedup(rows)
     if ratio is not None:

@@ -105,6 +105,8 @@ def _row(folder: Path, key: dict, ref: str, features: str, progress, sample) -> 
         kept = json.loads((folder / ROW_FILE).read_text())
         if kept.get("key") == json.loads(json.dumps(key)):
             tensors, _ = load_samples(folder)
+            if len(tensors["x"]) != key["num"]:
+                raise ValueError("another sample set is there")
             if "row" in kept:
                 return {**kept["row"], "resumed": True}, tensors["x"]
             x, rate, earlier = tensors["x"], kept["images_per_second"], True   # sampled, not yet measured

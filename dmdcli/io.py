@@ -43,10 +43,11 @@ def sha256(path: Path, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
-def try_lock(folder: Path):
+def try_lock(folder: Path, command: str = ""):
     """An advisory lock on folder/.lock, held while the returned file stays open, or None
-    when another process holds it. The kernel drops it when its process ends, even by
-    SIGKILL, so a killed run never leaves a stale lock behind."""
+    when another process holds it; the file names this process and its command. The kernel
+    drops the lock when its process ends, even by SIGKILL, so a killed run never leaves a
+    stale lock behind. OSError where the folder cannot be made or locked."""
     import fcntl
 
     folder.mkdir(parents=True, exist_ok=True)
@@ -56,6 +57,9 @@ def try_lock(folder: Path):
     except BlockingIOError:
         os.close(fd)
         return None
+    except OSError:
+        os.close(fd)
+        raise
     os.ftruncate(fd, 0)
-    os.write(fd, f"{os.getpid()}\n".encode())
+    os.write(fd, f"{os.getpid()} {command}".strip().encode() + b"\n")
     return os.fdopen(fd, "w")

@@ -41,21 +41,48 @@ def any_process(flag: bool) -> bool:
 def folder_in_use(folder: Path, command: str, fix: str):
     """Hold folder/.lock for the block (the main process takes it; all refuse together): a
     second command writing the same folder would interleave, or delete, the first's files.
-    Refused: "FOLDER is in use by another COMMAND (process PID); FIX"."""
+    Refused: "FOLDER is in use by another COMMAND (process PID); FIX", COMMAND being the
+    holder's. Where the filesystem has no locks (flock unsupported, no fcntl), it warns and
+    goes on unlocked; where the folder cannot be made (a file there), it refuses."""
+    import errno
+    import warnings
+
     from .errors import UserError
     from .io import try_lock
 
     folder = Path(folder)
     main = process_state().is_main_process
-    lock = try_lock(folder) if main else None
-    if any_process(main and lock is None):
+    lock, problem = None, None
+    if main:
         try:
-            holder = (folder / ".lock").read_text().strip() or "?"
-        except OSError:
-            holder = "?"
-        raise UserError(f"{folder} is in use by another {command} (process {holder}); {fix}")
+            lock = try_lock(folder, command)
+            problem = None if lock else "busy"
+        except ImportError:
+            warnings.warn(f"no file locks on this platform: nothing stops a second command writing {folder}")
+        except OSError as e:
+            if e.errno in (errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP):
+                warnings.warn(f"{folder}'s filesystem has no file locks ({e.strerror}): nothing stops a second "
+                              f"command writing it")
+            elif e.errno in (errno.EEXIST, errno.ENOTDIR):
+                problem = f"{folder} is a file or under one, not a folder; choose another --out"
+            else:
+                raise
+    if any_process(problem is not None):
+        if problem == "busy":
+            pid, holder = _holder(folder)
+            problem = f"{folder} is in use by another {holder or command} (process {pid}); {fix}"
+        raise UserError(problem or f"{folder}: refused by the main process (its message says why)")
     try:
         yield
     finally:
         if lock is not None:
             lock.close()
+
+
+def _holder(folder: Path) -> tuple[str, str]:
+    """(pid, command) written in folder/.lock by the process holding it; '?' where unreadable."""
+    try:
+        pid, _, command = (folder / ".lock").read_text().strip().partition(" ")
+    except OSError:
+        return "?", ""
+    return pid or "?", command

@@ -66,17 +66,41 @@ def test_a_second_sample_or_compare_into_a_busy_folder_is_refused_and_deletes_no
     kept = out / ".partial" / "teacher-0123456789abcdef" / "batch.safetensors"   # the first call's batch
     kept.parent.mkdir(parents=True)
     kept.write_bytes(b"kept")
-    held = try_lock(out)   # as a running `dmd sample` into this folder holds it
+    held = try_lock(out, "`dmd compare`")   # as a running `dmd compare` into this folder holds it
     capsys.readouterr()
     assert main(["sample", str(run_dir), "--num", "10", "--out", str(out)]) == 2
     err = capsys.readouterr().err.replace("\n", "")
-    assert f"{out} is in use by another `dmd sample` or `dmd compare` (process {os.getpid()}); let it finish, " \
+    assert f"{out} is in use by another `dmd compare` (process {os.getpid()}); let it finish, " \
            "or choose another --out" in err and "Traceback" not in err
     assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*")) == \
         [".lock", ".partial", ".partial/teacher-0123456789abcdef", ".partial/teacher-0123456789abcdef/batch.safetensors"]
     held.close()   # the first call ends: the same command now runs, and its own settings replace the stale batch
     assert main(["sample", str(run_dir), "--num", "10", "--out", str(out)]) == 0
     assert (out / "samples.safetensors").is_file() and not (out / ".partial").exists()
+    # --out names a file: refused in one line, the file untouched.
+    (tmp_path / "file").write_text("mine")
+    assert main(["sample", str(run_dir), "--num", "10", "--out", str(tmp_path / "file")]) == 2
+    assert f"{tmp_path / 'file'} is a file or under one, not a folder; choose another --out" in \
+        capsys.readouterr().err.replace("\n", "")
+    assert (tmp_path / "file").read_text() == "mine"
+
+
+def test_sample_warns_and_goes_on_where_the_filesystem_has_no_locks(tmp_path, tiny_recipe, monkeypatch):
+    """Lustre without -o flock, some NFS mounts: flock fails with ENOLCK; sampling must not."""
+    import errno
+    import fcntl
+
+    import pytest
+
+    assert main(["distill", str(tiny_recipe(steps=2))]) == 0
+
+    def no_locks(fd, op):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    with pytest.warns(UserWarning, match="filesystem has no file locks"):
+        assert main(["sample", str(tmp_path / "runs" / "tiny"), "--num", "10", "--out", str(tmp_path / "s")]) == 0
+    assert (tmp_path / "s" / "samples.safetensors").is_file()
 
 
 def test_python_dash_m_and_console_script_agree():
