@@ -135,11 +135,22 @@ def make_pairs(teacher, out: Path, num: int, settings: PairSettings, batch_size:
     settings.check()
     if settings.decode and not hasattr(teacher, "vae"):
         raise UserError(f"--decode is for latent teachers (sd); the {teacher.name} teacher's outputs are images already")
+    from .processes import folder_in_use
+
+    if rank == 0:   # before the folder is made
+        check_free_space(out, num, teacher.sample_shape, settings.decode)
+    with folder_in_use(out, "`dmd make-pairs`", "let it finish, or choose another --out"):
+        return _make_pairs(teacher, out, num, settings, batch_size, rank, world, barrier, progress_factory)
+
+
+def _make_pairs(teacher, out: Path, num: int, settings: PairSettings, batch_size: int, rank: int, world: int,
+                barrier, progress_factory) -> dict:
     expected = {"format": FORMAT, "teacher": teacher.describe(), **asdict(settings),
                 "sample_shape": list(teacher.sample_shape), "num_classes": teacher.num_classes, "dtype": "float32"}
     manifest_path = out / "manifest.json"
     if rank == 0:
-        check_free_space(out, num, teacher.sample_shape, settings.decode)
+        for stale in out.glob(".*.tmp-*"):   # a killed call's half-written shard, record or manifest
+            stale.unlink(missing_ok=True)     # (the folder is locked, and no rank writes before the barrier)
     if rank == 0 and not manifest_path.is_file():
         write_json(manifest_path, {**expected, "num": num, "complete": False, "shards": []})
         if getattr(teacher, "prompts", None):   # label i of a text teacher is line i of prompts.txt
@@ -154,9 +165,6 @@ def make_pairs(teacher, out: Path, num: int, settings: PairSettings, batch_size:
     num_shards = math.ceil(num / settings.shard_size)
     mine = [s for s in range(num_shards) if s % world == rank]
     todo = [s for s in mine if (_shard_done(out, s) or {}).get("count") != _count(s, num, settings.shard_size)]
-    for s in todo:   # only this rank makes shard s: a temporary file of it is a killed run's
-        for stale in out.glob(f".{_shard_name(s)}.*.tmp-*"):
-            stale.unlink(missing_ok=True)
     progress = progress_factory() if progress_factory else contextlib.nullcontext()
     with progress, StopRequest() as stop:
         if progress_factory:

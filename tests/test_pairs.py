@@ -48,11 +48,28 @@ def test_make_pairs_removes_the_temporary_file_of_a_run_killed_mid_write(tmp_pat
     teacher, out = GMMTeacher(GMMConfig()), tmp_path / "p"
     make_pairs(teacher, out, 64, PairSettings(steps=2, shard_size=32), batch_size=32)
     (out / "shard-00001.json").unlink()                               # shard 1 to be made again
-    stale = [out / ".shard-00001.safetensors.tmp-999999", out / ".shard-00001.json.tmp-999999"]
+    stale = [out / ".shard-00001.safetensors.tmp-999999", out / ".shard-00001.json.tmp-999999",
+             out / ".manifest.json.tmp-999999"]
     for f in stale:
         f.write_bytes(b"half a shard")                                # a SIGKILL inside atomic_path
     assert make_pairs(teacher, out, 64, PairSettings(steps=2, shard_size=32), batch_size=32)["complete"]
     assert not list(out.glob(".*.tmp-*"))
+
+
+def test_make_pairs_into_a_store_another_call_is_filling_is_refused(tmp_path):
+    """Two calls into one store would each delete the other's half-written shard as stale."""
+    import os
+
+    from dmdcli.io import try_lock
+
+    out = tmp_path / "p"
+    held = try_lock(out, "`dmd make-pairs`")
+    (out / ".shard-00000.safetensors.tmp-4242").write_bytes(b"the other call's shard, half written")
+    with pytest.raises(UserError, match=f"is in use by another `dmd make-pairs` \\(process {os.getpid()}\\); "
+                                        f"let it finish, or choose another --out"):
+        make_pairs(GMMTeacher(GMMConfig()), out, 16, PairSettings(steps=2, shard_size=8))
+    assert sorted(p.name for p in out.iterdir()) == [".lock", ".shard-00000.safetensors.tmp-4242"]
+    held.close()
 
 
 def test_make_pairs_resumes_and_rebuilds_only_what_is_missing_or_corrupt(tmp_path):
