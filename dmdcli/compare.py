@@ -8,10 +8,14 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .errors import UserError
 from .evaluate import load_samples
 from .io import write_json
+
+if TYPE_CHECKING:
+    import torch
 
 ROW_FILE = "row.json"
 
@@ -74,7 +78,7 @@ def _compare(runs, recipes, teacher, out, num, teacher_steps, ref, features, mod
         rows.append({"who": "student", "steps": len(run_recipe.student.timesteps), "run": str(run),
                      "checkpoint_step": step, **row})
         students_x.append(x)
-        del generator
+        generator = None   # freed before the next run's student loads
     for steps in sorted(set(teacher_steps)):
         key = {**common, "who": "teacher", "steps": steps, "sampler": sampler, "guidance": guidance}
         row, teacher_x = _row(out / f"teacher-{steps}", key, ref, features, progress, lambda folder: make_samples(
