@@ -104,7 +104,7 @@ def _row(folder: Path, key: dict, ref: str, features: str, progress, sample) -> 
     row once they are measured, so a call stopped during FID measures the kept samples."""
     from .fid import fid_report
 
-    x, earlier = None, False
+    earlier = False
     try:
         kept = json.loads((folder / ROW_FILE).read_text())
         if kept.get("key") == json.loads(json.dumps(key)):

@@ -143,13 +143,14 @@ def _decoded(teacher, x):
 
 
 def make_samples(out: Path, num: int, teacher, **settings) -> dict:
-    """(settings: _make_samples's keywords.) Write samples.safetensors (the student's, or the teacher's when there is no student),
+    """Write samples.safetensors (the student's, or the teacher's when there is no student),
     teacher.safetensors beside a student's when teacher_steps > 0, and samples.png; with
     images="png" also one PNG per sample (images/, teacher-images/), with "npz" the uint8
     images as samples.npz / teacher.npz (arr_0: N x H x W x C, as ADM's and EDM's FID tools read).
     Returns {who: (samples, samples per second of all processes, steps)} on the main process.
     `progress` (a rich Progress) shows the main process's share, one task per sampler.
-    One call at a time per folder: a second is refused (it would delete the first's kept batches)."""
+    One call at a time per folder: a second is refused (it would delete the first's kept batches).
+    settings: _make_samples's keywords."""
     from .processes import folder_in_use
 
     with folder_in_use(out, "`dmd sample` or `dmd compare`", "let it finish, or choose another --out"):
