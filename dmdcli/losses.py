@@ -60,9 +60,11 @@ def distribution_matching_loss(x: torch.Tensor, x0_real: torch.Tensor,
     return 0.5 * F.mse_loss(x32, target, reduction="mean"), non_finite
 
 
-def critic_loss_vp(eps_pred: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
-    """Fake-score denoising loss for VP teachers (DMD eq. 6): plain epsilon MSE."""
-    return F.mse_loss(eps_pred.float(), eps.float(), reduction="mean")
+def critic_loss_vp(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Fake-score denoising loss for VP teachers (DMD eq. 6): plain MSE on the teacher's own
+    target (epsilon for epsilon teachers, the paper's case; v for v-prediction teachers, whose
+    v-MSE read through epsilon would weight high noise by alpha_bar, almost nothing)."""
+    return F.mse_loss(pred.float(), target.float(), reduction="mean")
 
 
 def critic_loss_edm(x0_pred: torch.Tensor, x0: torch.Tensor, sigma: torch.Tensor,

@@ -5,6 +5,8 @@ Image teachers bring their own networks (diffusers UNets); this file is only for
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from diffusers.models.embeddings import get_timestep_embedding
 from torch import nn
@@ -149,10 +151,18 @@ def enable_gradient_checkpointing(net: nn.Module) -> bool:
     return True
 
 
+class _AtBottleneck(Exception):
+    """Raised by the bottleneck hook to end a pass whose only use is the GAN head's logits."""
+
+
 class CriticWithHead(nn.Module):
-    """The critic (fake score) plus a GAN head on its bottleneck, in one forward pass:
-    forward(x_t, t, cond) -> (prediction, logits). One module, so one optimiser and one DDP
-    wrapper serve both, and the GAN loss also trains the critic's backbone (DMD2)."""
+    """The critic (fake score) plus a GAN head on its bottleneck: one module, so one optimiser
+    and one DDP wrapper serve both, and the GAN loss also trains the critic's backbone (DMD2).
+
+    forward(x_t, t, cond, real=None) -> (prediction, logits): the full critic on x_t; with
+    `real` = (x_r, t_r, cond_r), real images also pass, up to the bottleneck only, in the same
+    call (DDP: one forward per backward), and the logits are the fakes' then the reals'.
+    `logits(x_t, t, cond)` stops at the bottleneck too: the decoder's half is not run."""
 
     def __init__(self, critic: nn.Module):
         super().__init__()
@@ -160,13 +170,42 @@ class CriticWithHead(nn.Module):
         self.prediction_type = critic.prediction_type
         module, channels, spatial = bottleneck(critic)
         self.head = GANHead(channels, spatial)
-        self._features = None
+        self._features, self._stop = None, False
         module.register_forward_hook(self._keep)
 
     def _keep(self, module, inputs, output):
         self._features = output[0] if isinstance(output, tuple) else output
+        if self._stop:
+            raise _AtBottleneck
 
-    def forward(self, x_t: torch.Tensor, t: torch.Tensor, cond=None):
+    def logits(self, x_t: torch.Tensor, t: torch.Tensor, cond=None) -> torch.Tensor:
+        self._stop = True
+        try:
+            self.critic(x_t, t, cond)
+        except _AtBottleneck:
+            pass
+        finally:
+            self._stop = False
+        features, self._features = self._features, None
+        return self.head(features)
+
+    def forward(self, x_t: torch.Tensor, t: torch.Tensor, cond=None, real=None):
         pred = self.critic(x_t, t, cond)
         features, self._features = self._features, None
-        return pred, self.head(features)
+        logits = self.head(features)
+        if real is not None:
+            logits = torch.cat([logits, self.logits(*real)])
+        return pred, logits
+
+
+@contextlib.contextmanager
+def frozen(module: nn.Module):
+    """The module's trainable parameters frozen inside the block, restored after (LoRA-safe)."""
+    trainable = [p for p in module.parameters() if p.requires_grad]
+    for p in trainable:
+        p.requires_grad_(False)
+    try:
+        yield module
+    finally:
+        for p in trainable:
+            p.requires_grad_(True)

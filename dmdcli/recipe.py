@@ -125,6 +125,11 @@ class TrainConfig:
     # > 0: the DM loss reads the fake score from an EMA of the critic's weights (decay per critic
     # step); the critic itself trains on unchanged. 0: off, as the papers.
     critic_ema_decay: float = 0.0
+    # A new run's generator (and its critic, where names and shapes match) start from another
+    # run's newest checkpoint (its EMA generator where it kept one) or from one checkpoint
+    # folder; read once, when the run has no checkpoint of its own. "Regress, then DMD2"
+    # (the authors' SDXL 1-step) and SD1.5's stage two (GAN on real images) are two commands.
+    init_from: str = ""
 
 
 @dataclass
@@ -165,9 +170,15 @@ class DataConfig:
 
 @dataclass
 class UNetModelConfig:
+    # "vp": a diffusers UNet2DModel, DDPM linear schedule, epsilon loss (the `unet2d` teacher).
+    # "edm": EDM's ADM network behind EDM's preconditioning, log-normal sigmas and loss weighting
+    # (the `edm` teacher, as EDM's ImageNet-64 model). For edm the channels are
+    # model_channels * channel_mult, so each must be a multiple of the first.
+    family: str = _choices("vp", "edm", default="vp")
     block_out_channels: list[int] = field(default_factory=lambda: [32, 64, 64])
     layers_per_block: int = 1
     attention_at_lowest: bool = True   # self-attention at the lowest resolution
+    dropout: float = 0.0               # edm only (the vp UNet2DModel has none)
 
 
 @dataclass
@@ -180,11 +191,14 @@ class TeacherTrainConfig:
     weight_decay: float = 0.0
     ema_decay: float = 0.999
     class_dropout: float = 0.1         # share of labels replaced by the null class (for CFG)
+    # edm: training sigmas are log-normal, ln sigma ~ N(p_mean, p_std^2) (EDM's CIFAR-10 values).
+    p_mean: float = -1.2
+    p_std: float = 1.2
 
 
 @dataclass
 class TeacherRecipe:
-    """`dmd train-teacher`: a class-conditional UNet2DModel trained on an image dataset."""
+    """`dmd train-teacher`: a class-conditional diffusion teacher (vp or edm) trained on an image dataset."""
     run: RunConfig = field(default_factory=RunConfig)
     data: DataConfig = field(default_factory=DataConfig)
     model: UNetModelConfig = field(default_factory=UNetModelConfig)

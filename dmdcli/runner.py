@@ -19,6 +19,7 @@ from .errors import UserError
 from .io import write_text
 from .processes import any_process, folder_in_use
 from .recipe import Recipe, dotted, from_dict, to_dict, to_toml
+from .runs import init_from
 from .stopping import StopRequest, Stopped
 from .trainer import DMDTrainer, make_accelerator
 
@@ -64,6 +65,10 @@ def _distill(recipe: Recipe, acc: Accelerator, run_dir: Path, progress_factory, 
         trainer.load(last)
         if console and acc.is_main_process:
             console.print(f"resuming {run_dir} from {last.name}")
+    elif recipe.train.init_from:
+        said = init_from(trainer, Path(recipe.train.init_from))
+        if console and acc.is_main_process:
+            console.print(said)
     metrics_path = run_dir / "metrics.jsonl"
     if acc.is_main_process:
         _truncate_metrics(metrics_path, trainer.step)

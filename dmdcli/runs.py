@@ -1,4 +1,5 @@
-"""Finding a run's recipe and newest valid checkpoint, and loading its student."""
+"""Finding a run's recipe and newest valid checkpoint, loading its student, and starting a new
+run from it (train.init_from)."""
 
 from __future__ import annotations
 
@@ -54,3 +55,37 @@ def load_student(path: str | Path, device=None, ema: bool = True, teacher=None):
         weights = ckpt / "generator.safetensors"
     generator.load_state_dict(load_file(str(weights)))
     return recipe, teacher, generator.to(device).eval(), checkpoint.step_of(ckpt)
+
+
+def init_from(trainer, source: Path) -> str:
+    """Start this (new) run's networks from another run's checkpoint (train.init_from):
+    the generator whole (the EMA weights where that run kept them), the critic's tensors
+    whose names and shapes match (a GAN head is new when that run had none). Returns a
+    line saying what was read."""
+    ckpt = source if (source / "generator.safetensors").is_file() else \
+        checkpoint.latest_valid(source) if source.is_dir() else None
+    if ckpt is None:
+        raise UserError(f"train.init_from = {str(source)!r} holds no checkpoint; give a `dmd distill` run "
+                        f"folder with checkpoints/ or one of its checkpoints/step-* folders")
+    gen_file = ckpt / "generator_ema.safetensors"
+    gen_file = gen_file if gen_file.is_file() else ckpt / "generator.safetensors"
+    generator = trainer.acc.unwrap_model(trainer.generator)
+    try:
+        generator.load_state_dict(load_file(str(gen_file)))
+    except RuntimeError as e:
+        raise UserError(f"train.init_from: {gen_file} does not fit this recipe's generator "
+                        f"({str(e).splitlines()[-1].strip()[:200]}); start from a run of the same teacher "
+                        f"and student settings") from None
+    critic = trainer.acc.unwrap_model(trainer.critic)
+    own = critic.state_dict()
+    plain = (lambda k: k.removeprefix("critic."))
+    theirs = {plain(k): v for k, v in load_file(str(ckpt / "critic.safetensors")).items()}
+    matched = {k: theirs[plain(k)] for k in own if plain(k) in theirs and theirs[plain(k)].shape == own[k].shape}
+    critic.load_state_dict(matched, strict=False)
+    if trainer.ema is not None:   # the EMA starts at the loaded weights
+        trainer.ema.shadow_params = [p.detach().clone() for p in generator.parameters()]
+    if trainer.critic_ema is not None:
+        net = critic.critic if trainer.gan else critic
+        trainer.critic_ema.load_state_dict(net.state_dict())
+    return (f"initialised from {ckpt}: generator from {gen_file.name}, critic {len(matched)} of {len(own)} "
+            f"tensors")

@@ -59,6 +59,18 @@ class VPSchedule:
             raise ValueError(f"unknown prediction_type {prediction_type!r}")
         return out.to(pred.dtype)
 
+    def training_target(self, x0: torch.Tensor, eps: torch.Tensor, t: torch.Tensor,
+                        prediction_type: str) -> torch.Tensor:
+        """What a network of this prediction type is trained to output at x_t = add_noise(x0, eps, t)."""
+        if prediction_type == "epsilon":
+            return eps
+        if prediction_type == "sample":
+            return x0
+        if prediction_type == "v_prediction":
+            s, n = self.coefficients(t, x0)
+            return (s * eps.double() - n * x0.double()).to(x0.dtype)
+        raise ValueError(f"unknown prediction_type {prediction_type!r}")
+
     def to_eps(self, pred: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, prediction_type: str) -> torch.Tensor:
         if prediction_type == "epsilon":
             return pred

@@ -9,6 +9,7 @@ generator steps once every `critic_steps_per_generator_step` iterations after
 from __future__ import annotations
 
 import copy
+import warnings
 from functools import partial
 from pathlib import Path
 
@@ -21,7 +22,7 @@ from safetensors.torch import load_file, save_file
 from . import checkpoint, losses
 from .errors import UserError
 from .datasets import RealData
-from .networks import CriticWithHead, add_lora, enable_gradient_checkpointing
+from .networks import CriticWithHead, add_lora, enable_gradient_checkpointing, frozen
 from .pairs import PairSet
 from .perceptual import load_lpips, lpips_distance
 from .recipe import Recipe
@@ -85,8 +86,11 @@ class DMDTrainer:
         self.sched_c = get_scheduler("constant_with_warmup", opt_c, num_warmup_steps=r.train.warmup_steps)
         self.generator, self.critic, self.opt_g, self.opt_c = self.acc.prepare(generator, critic, opt_g, opt_c)
         # Optional EMA of the generator's weights (SPEC section 7: peers use it; the authors did not).
-        self.ema = EMAModel(self.acc.unwrap_model(self.generator).parameters(), decay=r.train.ema_decay) \
-            if r.train.ema_decay > 0 else None
+        # min_decay = decay: diffusers otherwise caps the decay at (1 + n) / (10 + n) after n
+        # steps (0.985 at 600 generator steps for a recipe's 0.995). The generator starts from
+        # the teacher's weights, not noise, so the EMA needs no warm-up.
+        self.ema = EMAModel(self.acc.unwrap_model(self.generator).parameters(), decay=r.train.ema_decay,
+                            min_decay=r.train.ema_decay) if r.train.ema_decay > 0 else None
         # Every rank draws the whole global batch from the same generators and keeps its slice
         # (_draw), so a run depends on the global batch only, not on how many processes share it.
         seed = r.run.seed * 1000
@@ -134,9 +138,10 @@ class DMDTrainer:
             return self._critic(x_t, t, cond)[0]
         return self.schedule.to_x0(self.critic_ema(x_t, t, cond), x_t, t, self.critic_ema.prediction_type)
 
-    def _critic(self, x_t, t, cond):
-        """(x0 prediction, raw prediction, GAN logits or None) of the critic."""
-        out = self.critic(x_t, t, cond)
+    def _critic(self, x_t, t, cond, real=None):
+        """(x0 prediction, raw prediction, GAN logits or None) of the critic; with `real`
+        (x_r, t_r, cond_r), the reals' logits follow the fakes'."""
+        out = self.critic(x_t, t, cond, real) if real is not None else self.critic(x_t, t, cond)
         pred, logits = out if self.gan else (out, None)
         net = self.acc.unwrap_model(self.critic)
         return self.schedule.to_x0(pred, x_t, t, net.prediction_type), pred, logits
@@ -182,8 +187,11 @@ class DMDTrainer:
             # Diffusion GAN: the generator's output noised at t uniform in [0, T), through the critic.
             t_g = self._timesteps(losses.critic_timesteps, n)
             eps_g = self._randn(x.shape)
-            with self.acc.autocast():
-                logits = self._critic(self.schedule.add_noise(x, eps_g, t_g), t_g, cond)[2]
+            # The critic is frozen for this pass and stops at its bottleneck (the head reads
+            # nothing later): the generator's GAN loss builds no gradients for the critic.
+            critic = self.acc.unwrap_model(self.critic)
+            with frozen(critic), self.acc.autocast():
+                logits = critic.logits(self.schedule.add_noise(x, eps_g, t_g), t_g, cond)
             loss_gan = losses.gan_generator_loss(logits)
             loss = loss + r.gan.generator_weight * loss_gan
             logs["loss_gan_g"] = loss_gan.item()
@@ -197,7 +205,6 @@ class DMDTrainer:
         self.acc.backward(loss)
         logs["grad_norm_g"] = float(self.acc.clip_grad_norm_(self.generator.parameters(), r.train.grad_clip))
         self.opt_g.step()
-        self.sched_g.step()
         self.opt_g.zero_grad(set_to_none=True)
         if self.ema is not None:
             self.ema.step(self.acc.unwrap_model(self.generator).parameters())
@@ -219,23 +226,22 @@ class DMDTrainer:
         t = self._timesteps(losses.critic_timesteps, n)
         eps = self._randn(x.shape)
         x_t = self.schedule.add_noise(x, eps, t)
-        x_in, t_in, c_in = x_t, t, cond
+        real = None
         if self.gan:
-            # Real data, noised at its own t, rides in the same forward pass as the fakes.
-            real, labels = self._draw(lambda m: self.real.batch(m, self.data_rng), n)
-            real = real.to(x.device)
+            # Real data, noised at its own t, in the same call as the fakes (to the bottleneck only).
+            images, labels = self._draw(lambda m: self.real.batch(m, self.data_rng), n)
+            images = images.to(x.device)
             t_r = self._timesteps(losses.critic_timesteps, n)
-            x_r = self.schedule.add_noise(real, self._randn(real.shape), t_r)
-            x_in, t_in = torch.cat([x_t, x_r]), torch.cat([t, t_r])
-            cond_r = self.real.condition(labels, x.device)
-            c_in = torch.cat([cond, cond_r]) if cond is not None else None
+            real = (self.schedule.add_noise(images, self._randn(images.shape), t_r), t_r,
+                    self.real.condition(labels, x.device))
         with self.acc.autocast():
-            x0_pred, pred, logits = self._critic(x_in, t_in, c_in)
+            x0_pred, pred, logits = self._critic(x_t, t, cond, real)
         net = self.acc.unwrap_model(self.critic)
         if self.schedule.family == "vp":
-            loss = losses.critic_loss_vp(self.schedule.to_eps(pred[:n], x_t, t, net.prediction_type), eps)
+            # The teacher's own loss: MSE on its own target (epsilon, v or x0), as it was trained.
+            loss = losses.critic_loss_vp(pred, self.schedule.training_target(x, eps, t, net.prediction_type))
         else:
-            loss = losses.critic_loss_edm(x0_pred[:n], x, self.schedule.sigma(t), self.schedule.sigma_data)
+            loss = losses.critic_loss_edm(x0_pred, x, self.schedule.sigma(t), self.schedule.sigma_data)
         logs = {"loss_critic": loss.item()}
         if self.gan:
             loss_gan = losses.gan_critic_loss(logits[:n], logits[n:])
@@ -280,6 +286,11 @@ class DMDTrainer:
     def train_step(self) -> dict:
         logs = self.generator_step() if self.is_generator_turn() else {}
         logs.update(self.critic_step())
+        # Both warm-ups count iterations, as train.warmup_steps says: stepped on the
+        # generator's turns only, TTUR 5 would warm the generator up five times longer.
+        with warnings.catch_warnings():   # torch warns while the critic warms up alone
+            warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step()` before")
+            self.sched_g.step()
         self.step += 1
         return logs
 
@@ -338,6 +349,7 @@ class DMDTrainer:
             weights = load_file(str(ckpt / "generator_ema.safetensors"))
             names = [name for name, _ in acc.unwrap_model(self.generator).named_parameters()]
             self.ema.load_state_dict({**state["ema"], "shadow_params": [weights[n] for n in names]})
+            self.ema.min_decay = self.recipe.train.ema_decay   # checkpoints of 0.1 kept diffusers' warm-up
             self.ema.to(acc.device)   # EMAModel keeps what it was given (here: CPU tensors)
         if state["scaler"] is not None and acc.scaler is not None:
             acc.scaler.load_state_dict(state["scaler"])

@@ -36,18 +36,54 @@ def test_generator_moves_only_on_its_turns_and_critic_every_step(tiny_recipe):
     assert [i for i, t in enumerate(turns) if t] == [2, 5, 8]
 
 
-def test_gan_head_gets_gradients_from_both_losses(tiny_recipe):
-    tr = trainer_for(tiny_recipe, "gan.generator_weight=0.003", "gan.critic_weight=0.01", "train.critic_warmup_steps=0")
-    head = tr.acc.unwrap_model(tr.critic).head
-    seen = []
+def test_gan_losses_train_the_generator_and_the_head_each_on_its_turn(tiny_recipe):
+    """The generator's GAN term moves the generator (DM weight 0: it alone) and leaves no
+    gradient on the critic; the critic's GAN term trains the head."""
+    tr = trainer_for(tiny_recipe, "gan.generator_weight=0.003", "gan.critic_weight=0.01", "train.critic_warmup_steps=0",
+                     "train.dm_weight=0", "train.warmup_steps=0")
+    critic = tr.acc.unwrap_model(tr.critic)
+    head, gen = critic.head, tr.acc.unwrap_model(tr.generator)
+    seen_head, seen_gen = [], []
     for p in head.parameters():
-        p.register_hook(lambda g: seen.append(float(g.abs().sum())))
+        p.register_hook(lambda g: seen_head.append(float(g.abs().sum())))
+    for p in gen.parameters():
+        p.register_hook(lambda g: seen_gen.append(float(g.abs().sum())))
     logs = tr.generator_step()
-    assert "loss_gan_g" in logs and seen and max(seen) > 0
+    assert "loss_gan_g" in logs and seen_gen and max(seen_gen) > 0
+    assert not seen_head and all(p.grad is None for p in critic.parameters())
+    assert all(p.requires_grad for p in critic.parameters())   # unfrozen after the pass
+    logs = tr.critic_step()
+    assert "loss_gan_c" in logs and seen_head and max(seen_head) > 0
+    assert all(torch.isfinite(torch.tensor(v)) for v in logs.values())
+
+
+def test_gan_passes_stop_at_the_critics_bottleneck(tiny_recipe):
+    """Past the bottleneck only the critic's denoising needs the network: the generator's GAN
+    pass and the real images stop there (DMD2's authors do the same)."""
+    tr = trainer_for(tiny_recipe, "gan.generator_weight=0.003", "gan.critic_weight=0.01", "train.critic_warmup_steps=0")
+    critic = tr.acc.unwrap_model(tr.critic)
+    after_bottleneck = critic.critic.body[-1]
+    seen = []
+    after_bottleneck.register_forward_hook(lambda m, i, o: seen.append(len(o)))
+    n = tr.recipe.train.batch_size
+    tr.generator_step()
+    assert seen == [n]   # the DM loss's fake score; the GAN pass stopped at the bottleneck
     seen.clear()
     logs = tr.critic_step()
-    assert "loss_gan_c" in logs and seen and max(seen) > 0
-    assert all(torch.isfinite(torch.tensor(v)) for v in logs.values())
+    assert seen == [n]   # the fakes' denoising; the reals stopped at the bottleneck
+    assert logs["loss_gan_c"] > 0
+
+
+def test_learning_rate_warmup_counts_iterations(tiny_recipe):
+    """train.warmup_steps is in iterations for both networks, whatever the TTUR ratio."""
+    tr = trainer_for(tiny_recipe, "train.critic_steps_per_generator_step=5", "train.critic_warmup_steps=0",
+                     "train.warmup_steps=10")
+    lrs = []
+    for _ in range(11):
+        lrs.append((tr.opt_g.param_groups[0]["lr"], tr.opt_c.param_groups[0]["lr"]))
+        tr.train_step()
+    assert [g for g, _ in lrs] == [c for _, c in lrs]
+    assert lrs[5][0] == pytest.approx(5e-4) and lrs[10][0] == pytest.approx(1e-3)
 
 
 @pytest.fixture(scope="module")
@@ -175,8 +211,8 @@ def test_missing_tracker_is_one_line(tiny_recipe, capsys):
 
 
 def test_generator_ema_follows_generator_steps_only(tiny_recipe):
-    """train.ema_decay: after each generator step e <- d e + (1 - d) w, with diffusers'
-    warm-up d = min(decay, (1 + n) / (10 + n)); critic steps leave it alone."""
+    """train.ema_decay: after each generator step e <- d e + (1 - d) w with d the recipe's
+    decay (not diffusers' warm-up min(decay, (1 + n) / (10 + n))); critic steps leave it alone."""
     r = load_recipe(tiny_recipe(extra="ema_decay = 0.9\n"))
     trainer = DMDTrainer(r)
     gen = trainer.acc.unwrap_model(trainer.generator)
@@ -187,7 +223,7 @@ def test_generator_ema_follows_generator_steps_only(tiny_recipe):
         trainer.train_step()
         if turn:
             n += 1
-            d = 0.0 if n <= 1 else min(0.9, n / (9 + n))   # EMAModel counts from its first step
+            d = 0.0 if n <= 1 else 0.9   # EMAModel's first step copies the weights
             expected = [d * e + (1 - d) * p.detach() for e, p in zip(expected, gen.parameters())]
     assert n >= 4
     for e, s in zip(expected, trainer.ema.shadow_params):
@@ -391,3 +427,67 @@ def test_real_score_guidance_applies_only_inside_its_interval(tiny_recipe):
     # train.dm_timesteps moves the DM loss's timesteps into that interval: guided again.
     inside = first_update("teacher.guidance=3.0", "teacher.guidance_interval=[990, 999]", "train.dm_timesteps=[990, 999]")
     assert not torch.allclose(inside, unguided)
+
+
+def test_critic_of_a_v_prediction_teacher_is_trained_on_v(tmp_path, monkeypatch):
+    """The critic learns with its teacher's own loss: v-MSE for a v-prediction teacher (epsilon
+    MSE through to_eps would weight v's error by alpha_bar, nearly 0 at high noise)."""
+    from dmdcli import losses
+
+    folder = save_tiny_unet2d(tmp_path / "v", num_classes=3, prediction_type="v_prediction")
+    tr = DMDTrainer(load_recipe(unet_recipe(tmp_path, folder)))
+    seen = {}
+    fake, loss = tr._fake_samples, losses.critic_loss_vp
+    monkeypatch.setattr(tr, "_fake_samples", lambda n, grad: seen.setdefault("x", fake(n, grad)))
+    monkeypatch.setattr(losses, "critic_loss_vp", lambda pred, target: seen.update(pred=pred, target=target)
+                        or loss(pred, target))
+    unet = tr.acc.unwrap_model(tr.critic).unet
+    unet.register_forward_hook(lambda m, args, out: seen.update(x_t=args[0], t=args[1], raw=out.sample))
+    tr.critic_step()
+    x, x_t, t = seen["x"][0], seen["x_t"], seen["t"]
+    s, n = tr.schedule.coefficients(t, x)
+    eps = (x_t.double() - s * x.double()) / n
+    torch.testing.assert_close(seen["target"].double(), s * eps - n * x.double(), rtol=1e-4, atol=1e-5)
+    assert torch.equal(seen["pred"], seen["raw"])   # the network's own output, not converted
+
+
+def test_init_from_starts_a_new_run_from_another_runs_checkpoint(tiny_recipe, tmp_path, capsys):
+    """Stage two from stage one: the generator (its EMA) and the matching critic tensors are
+    read once; the GAN head is new; a rerun resumes its own checkpoint instead."""
+    from safetensors.torch import load_file
+
+    from dmdcli.cli import main
+    from dmdcli.runs import init_from
+
+    first = tiny_recipe("first", steps=4, checkpoint_every=4, extra="ema_decay = 0.9\n")
+    assert main(["distill", str(first)]) == 0
+    ckpt = tmp_path / "runs" / "first" / "checkpoints" / "step-00000004"
+    second = tiny_recipe("second", steps=2, checkpoint_every=2,
+                         extra=f'init_from = "{tmp_path / "runs" / "first"}"\nema_decay = 0.9\n[gan]\ngenerator_weight = 0.003\n'
+                               f'critic_weight = 0.01\n')
+    tr = DMDTrainer(load_recipe(second))
+    said = init_from(tr, tmp_path / "runs" / "first")
+    gen, critic = tr.acc.unwrap_model(tr.generator).state_dict(), tr.acc.unwrap_model(tr.critic).state_dict()
+    ema = load_file(str(ckpt / "generator_ema.safetensors"))
+    assert all(torch.equal(gen[k], ema[k]) for k in ema)
+    old_critic = load_file(str(ckpt / "critic.safetensors"))
+    assert all(torch.equal(critic[f"critic.{k}"], v) for k, v in old_critic.items())
+    head = [k for k in critic if k.startswith("head.")]
+    assert head and f"critic {len(old_critic)} of {len(critic)} tensors" in said
+    assert all(torch.equal(s, p) for s, p in zip(tr.ema.shadow_params, tr.acc.unwrap_model(tr.generator).parameters()))
+    capsys.readouterr()
+    assert main(["distill", str(second)]) == 0
+    assert f"initialised from {ckpt}" in capsys.readouterr().err   # the console is stderr
+    assert main(["distill", str(second), "--set", "train.steps=3"]) == 0
+    out = capsys.readouterr().err
+    assert "initialised" not in out and "resuming" in out
+
+
+def test_init_from_without_a_checkpoint_is_one_line(tiny_recipe, tmp_path, capsys):
+    from dmdcli.cli import main
+
+    (tmp_path / "empty").mkdir()
+    r = tiny_recipe("x", steps=2, extra=f'init_from = "{tmp_path / "empty"}"\n')
+    assert main(["distill", str(r)]) == 2
+    err = capsys.readouterr().err
+    assert f"train.init_from = '{tmp_path / 'empty'}' holds no checkpoint" in err and "Traceback" not in err

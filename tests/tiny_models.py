@@ -47,7 +47,8 @@ def save_tiny_sd(folder: Path, prediction_type: str = "epsilon", seed: int = 0) 
     return folder
 
 
-def save_tiny_unet2d(folder: Path, num_classes: int | None = 3, channels: int = 1, seed: int = 0) -> Path:
+def save_tiny_unet2d(folder: Path, num_classes: int | None = 3, channels: int = 1, seed: int = 0,
+                     prediction_type: str = "epsilon") -> Path:
     """A class-conditional UNet2DModel (num_classes + 1 embeddings, the last the null class)
     and its DDPM scheduler, as a DDPMPipeline-style folder (unet/, scheduler/)."""
     from diffusers import DDPMScheduler, UNet2DModel
@@ -58,7 +59,7 @@ def save_tiny_unet2d(folder: Path, num_classes: int | None = 3, channels: int = 
                        down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"),
                        num_class_embeds=(num_classes + 1) if num_classes else None)
     unet.save_pretrained(folder / "unet")
-    DDPMScheduler(beta_schedule="linear").save_pretrained(folder / "scheduler")
+    DDPMScheduler(beta_schedule="linear", prediction_type=prediction_type).save_pretrained(folder / "scheduler")
     return folder
 
 
