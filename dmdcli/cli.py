@@ -61,7 +61,7 @@ def distill(recipe: Path = typer.Argument(..., help="TOML recipe, e.g. recipes/t
 def train_teacher(recipe: Path = typer.Argument(..., help="TOML recipe, e.g. recipes/fashion-teacher.toml"),
                   set_: List[str] = typer.Option([], "--set", help="override: section.key=value (TOML value)"),
                   dry_run: bool = typer.Option(False, "--dry-run", help="print the resolved recipe and stop")):
-    """Train a class-conditional diffusion teacher (UNet2DModel) on an image dataset. Rerun to resume."""
+    """Train a class-conditional diffusion teacher (vp UNet2DModel or EDM ADM) on an image dataset. Rerun to resume."""
     from .recipe import TeacherRecipe, load_recipe, to_toml
     from .teacher_training import train_teacher as run
 
@@ -69,8 +69,8 @@ def train_teacher(recipe: Path = typer.Argument(..., help="TOML recipe, e.g. rec
     if dry_run:
         typer.echo(to_toml(r), nl=False)
         return
-    out = run(r, lambda: progress_bar("{task.fields[losses]}"), console)
-    console.print(f"teacher saved: {out} (use it with teacher.name = \"unet2d\", teacher.unet2d.model = \"{out}\")")
+    out, used_with = run(r, lambda: progress_bar("{task.fields[losses]}"), console)
+    console.print(f"teacher saved: {out} (use it with {used_with})")
 
 
 @app.command("convert-teacher")
@@ -371,10 +371,14 @@ def fid_ref(source: str = typer.Argument(..., help="folder of images, samples fi
 def export(run: Path = typer.Argument(..., help="run or checkpoint folder"),
            out: Path = typer.Option(..., help="output folder (a diffusers folder)"),
            fid: str = typer.Option("not measured", help="FID to state in the model card, e.g. '12.3 (clean, 30K)'")):
-    """Write a student as a diffusers folder (SD: a StableDiffusionPipeline with LCMScheduler)."""
+    """Write a student as a diffusers folder (SD: a StableDiffusionPipeline with LCMScheduler;
+    EDM: a dmd-edm/1 folder, said in one line)."""
     from .export import export as run_export
 
-    console.print(f"exported {run} to {run_export(run, out, fid)} (see its README.md)")
+    folder, note = run_export(run, out, fid)
+    if note:
+        console.print(f"note: {note}", highlight=False)
+    console.print(f"exported {run} to {folder} (see its README.md)")
 
 
 def main(argv: Optional[list] = None) -> int:

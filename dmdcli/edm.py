@@ -20,6 +20,7 @@ from torch import nn
 
 from .errors import UserError
 from .schedules import EDMSchedule
+from .losses import classifier_free_guidance
 from .teacher import Teacher, resolve_dtype
 
 FORMAT = "dmd-edm/1"
@@ -214,7 +215,8 @@ class EDMDenoiser(nn.Module):
     def denoise_sigma(self, x, sigma, labels=None):
         sigma = sigma.float().reshape(-1, 1, 1, 1).expand(len(x), 1, 1, 1)
         c_skip, c_out, c_in, c_noise = edm_preconditioning(sigma, self.sigma_data)
-        onehot = (F.one_hot(labels.long(), self.label_dim).float() if labels is not None
+        # Label `label_dim` (a dropped label) and no labels are EDM's zero vector: unconditional.
+        onehot = (F.one_hot(labels.long(), self.label_dim + 1)[:, :self.label_dim].float() if labels is not None
                   else torch.zeros(len(x), self.label_dim, device=x.device)) if self.label_dim else None
         out = self.model(c_in * x.float(), c_noise.flatten(), onehot)
         return c_skip * x.float() + c_out * out.float()
@@ -275,7 +277,10 @@ class EDMTeacher(Teacher):
         self.cfg = cfg
         if not cfg.model:
             raise UserError("teacher.edm.model is empty: give a folder made by `dmd convert-teacher`")
-        folder = Path(cfg.model)
+        from .hub import SHIPPED_EDM
+
+        folder = SHIPPED_EDM.get(cfg.model, Path(cfg.model))
+        self.folder = folder
         self.config, state = load_edm_folder(folder)
         c = self.config
         self.schedule = EDMSchedule(sigma_data=c.get("sigma_data", 0.5))
@@ -298,15 +303,23 @@ class EDMTeacher(Teacher):
     make_critic = _copy
 
     def _check_guidance(self, guidance: float) -> None:
-        if guidance != 1.0:
-            raise UserError(f"guidance {guidance} needs an unconditional model, and EDM's class-conditional "
-                            f"networks were trained without one; set teacher.guidance = 1 (--guidance 1)")
+        if guidance != 1.0 and not self.config.get("unconditional"):
+            raise UserError(f"guidance {guidance} needs an unconditional model, and this EDM network was trained "
+                            f"without label dropout (as EDM's own); set teacher.guidance = 1 (--guidance 1)")
 
     @torch.no_grad()
     def denoise_sigma(self, x, sigma, cond, guidance: float = 1.0):
+        """D(x; sigma); with guidance s != 1, the standard CFG form uncond + s (cond - uncond) on
+        x0, the same as on epsilon at one x_t (the unconditional input is the zero label vector)."""
         self._check_guidance(guidance)
         with torch.autocast(x.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32):
-            return self.real.denoise_sigma(x, sigma, cond)
+            if guidance == 1.0 or cond is None:
+                return self.real.denoise_sigma(x, sigma, cond)
+            sigma = sigma.reshape(-1).expand(len(x))
+            null = torch.full_like(cond, self.config["label_dim"])
+            both = self.real.denoise_sigma(torch.cat([x, x]), torch.cat([sigma, sigma]), torch.cat([null, cond]))
+            uncond, conditional = both.chunk(2)
+            return classifier_free_guidance(uncond, conditional, guidance)
 
     def denoise(self, x_t, t, cond, guidance: float = 1.0):
         t = t.expand(x_t.shape[0]) if t.ndim == 0 else t
@@ -318,7 +331,7 @@ class EDMTeacher(Teacher):
         return self
 
     def describe(self) -> dict:
-        return {"name": self.name, "model": str(Path(self.cfg.model).resolve()), "source": self.config.get("source"),
+        return {"name": self.name, "model": str(self.folder.resolve()), "source": self.config.get("source"),
                 "sample_shape": list(self.sample_shape)}
 
     def save_preview(self, student, teacher, labels, path: Path, title: str = "") -> None:

@@ -4,7 +4,9 @@ SD students become a StableDiffusionPipeline whose UNet is the student and whose
 is LCMScheduler, which returns x0 at the conditioning timestep (SPEC section 10: a one-step
 checkpoint beside a many-step scheduler produces noise). For several steps LCMScheduler
 re-noises x0 to the next timestep, which is DMD2's few-step sampling. Pixel students become
-unet/ + scheduler/. Each folder carries a model card (README.md) with the recipe, the
+unet/ + scheduler/. EDM students are ADM networks, not diffusers models: they become a
+`dmd-edm/1` folder (config.json with the student's sigma, model.safetensors) read with
+dmdcli.edm, as the teacher's own format. Each folder carries a model card (README.md) with the recipe, the
 teacher, the steps and usage code. Written beside the target and renamed when complete.
 """
 
@@ -22,7 +24,7 @@ from .networks import merge_lora
 from .runs import load_student
 
 CARD = """---
-library_name: diffusers
+library_name: {library}
 tags: [dmd, distribution-matching-distillation, one-step]
 ---
 # One-step student distilled with dmd
@@ -62,11 +64,27 @@ with torch.no_grad():
         x = scheduler.step(unet(x, t{class_arg}).sample, t, x).prev_sample   # images in [-1, 1]"""
 
 
-def export(run: str | Path, out: Path, fid: str = "not measured") -> Path:
+EDM_USAGE = """import torch
+from dmdcli.edm import EDMDenoiser, build_network, load_edm_folder
+
+config, weights = load_edm_folder("{out}")
+net = EDMDenoiser(build_network(config, weights), config["label_dim"], torch.zeros(1)).eval()
+z, sigma = torch.randn(16, *{shape}), config["student"]["sigmas"][0]{labels}
+with torch.no_grad():
+    x = net.denoise_sigma(z * sigma, torch.tensor(sigma), {label_arg})   # images in [-1, 1]"""
+
+# What export writes for an EDM run, said once (it cannot be a diffusers folder).
+EDM_NOTE = ("the edm student is EDM's ADM network, which diffusers has no class for: written as a dmd-edm/1 "
+            "folder (config.json, model.safetensors) that dmdcli.edm loads, with usage in its README.md")
+
+
+def export(run: str | Path, out: Path, fid: str = "not measured") -> tuple[Path, str | None]:
+    """Write the student; returns the folder and a note on what it is where that is not a
+    diffusers folder."""
     from diffusers import LCMScheduler
 
     recipe, teacher, generator, step = load_student(run, device="cpu")
-    if teacher.name not in ("sd", "unet2d"):
+    if teacher.name not in ("sd", "unet2d", "edm"):
         raise UserError(f"export writes diffusers folders for the sd and unet2d teachers; this run's teacher "
                         f"is {teacher.name!r} (its student is in {run}/checkpoints as safetensors)")
     out = Path(out).resolve()
@@ -74,12 +92,20 @@ def export(run: str | Path, out: Path, fid: str = "not measured") -> Path:
         raise UserError(f"{out} exists and is not an earlier export (no dmd model card); give a new or empty folder")
     tmp = out.with_name(f".{out.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
+    ts = list(recipe.student.timesteps)
+    if teacher.name == "edm":
+        _write_edm(tmp, teacher, generator, ts)
+        conditional = bool(teacher.num_classes)
+        usage = EDM_USAGE.format(out=out, shape=tuple(teacher.sample_shape),
+                                 labels=f"\nlabels = torch.arange(16) % {teacher.num_classes}" if conditional else "",
+                                 label_arg="labels" if conditional else "None")
+        _finish(tmp, out, recipe, teacher, step, fid, usage)
+        return out, EDM_NOTE
     # The student's x0 is used as it is (never clipped), so the exported scheduler must not clip.
     known = inspect.signature(LCMScheduler.__init__).parameters
     config = {k: v for k, v in teacher.scheduler_config.items() if k in known}
     scheduler = LCMScheduler.from_config({**config, "timestep_spacing": "trailing", "clip_sample": False,
                                           "thresholding": False, "prediction_type": generator.prediction_type})
-    ts = list(recipe.student.timesteps)
     unet = generator.unet.float()
     merge_lora(unet)   # LoRA students ship as plain UNets, adapters merged
     if teacher.name == "sd":
@@ -103,7 +129,31 @@ def export(run: str | Path, out: Path, fid: str = "not measured") -> Path:
         usage = UNET_USAGE.format(out=out, timesteps=ts, shape=tuple(teacher.sample_shape),
                                   labels=f"\nlabels = torch.arange(16) % {teacher.num_classes}" if conditional else "",
                                   class_arg=", class_labels=labels" if conditional else "")
+    _finish(tmp, out, recipe, teacher, step, fid, usage)
+    return out, None
+
+
+def _write_edm(tmp: Path, teacher, generator, timesteps: list[int]) -> None:
+    import json
+
+    from safetensors.torch import save_file
+
+    from .edm import FORMAT
+
+    sigmas = [float(teacher.schedule.sigmas[t]) for t in timesteps]
+    config = {**teacher.config, "source": "dmd export", "unconditional": False,
+              "student": {"timesteps": timesteps, "sigmas": sigmas}}
+    tmp.mkdir(parents=True)
+    save_file({k: v.detach().float().contiguous() for k, v in generator.model.state_dict().items()},
+              str(tmp / "model.safetensors"), metadata={"format": FORMAT})
+    write_text(tmp / "config.json", json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+def _finish(tmp: Path, out: Path, recipe, teacher, step: int, fid: str, usage: str) -> None:
+    """The model card, then the new folder swapped in for an old export."""
+    ts = list(recipe.student.timesteps)
     write_text(tmp / "README.md", CARD.format(
+        library="dmd" if teacher.name == "edm" else "diffusers",
         teacher=teacher.describe().get("model", teacher.name), name=teacher.name, method=recipe.train.method,
         steps=len(ts), timesteps=ts, ckpt_step=step, guidance=recipe.teacher.guidance, fid=fid, usage=usage,
         recipe=to_toml(recipe)))
@@ -114,7 +164,6 @@ def export(run: str | Path, out: Path, fid: str = "not measured") -> Path:
         os.replace(out, old)
     os.replace(tmp, out)
     shutil.rmtree(old, ignore_errors=True)
-    return out
 
 
 def _card(folder: Path) -> str:

@@ -12,6 +12,8 @@ from .errors import UserError
 ALIASES = {"sd15": "stable-diffusion-v1-5/stable-diffusion-v1-5"}
 # Teachers shipped inside the package (diffusers folders), by name.
 SHIPPED = {"fashion-mnist": Path(__file__).resolve().parent / "assets" / "fashion-teacher"}
+# EDM teachers shipped inside the package (dmd-edm/1 folders), by name.
+SHIPPED_EDM = {"fashion-mnist": Path(__file__).resolve().parent / "assets" / "fashion-edm-teacher"}
 _HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 
 

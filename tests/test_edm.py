@@ -225,6 +225,22 @@ dataset = "imagefolder:{tmp_path / 'images'}"
     assert arr.dtype == np.uint8 and arr.shape == (5, 16, 16, 3) and (arr == expected).all()
     assert labels.tolist() == [0, 1, 2, 3, 4]
     assert (np.asarray(Image.open(pngs[0])) == load_png_expected(tmp_path)).all()
+    # export: a dmd-edm/1 folder, said in one line; its card's snippet gives the student's images.
+    result = run_dmd("export", tmp_path / "run", "--out", tmp_path / "export")
+    assert result.returncode == 0, result.stderr
+    assert "note: the edm student is EDM's ADM network, which diffusers has no class for" in result.stderr
+    card = (tmp_path / "export" / "README.md").read_text()
+    snippet = card.split("```python\n")[1].split("```")[0]
+    scope = {}
+    exec(snippet, scope)
+    from dmdcli.runs import load_student
+    from dmdcli.sampling import student_sample
+
+    _, teacher, generator, _ = load_student(tmp_path / "run", device="cpu")
+    with torch.no_grad():
+        expected = student_sample(generator, teacher.schedule, scope["z"], torch.arange(16) % teacher.num_classes,
+                                  [999])
+    torch.testing.assert_close(scope["x"], expected)
     features = tmp_path / "features.pt"
     torch.manual_seed(0)
     torch.jit.script(torch.nn.Sequential(torch.nn.AdaptiveAvgPool2d(2), torch.nn.Flatten(),
