@@ -229,6 +229,7 @@ def load_edm_folder(folder: Path) -> tuple[dict, dict]:
     """(config, state dict) of a folder written by `dmd convert-teacher`."""
     from safetensors.torch import load_file
 
+    folder = Path(folder)
     cfg_file, weights = folder / "config.json", folder / "model.safetensors"
     if not cfg_file.is_file() or not weights.is_file():
         raise UserError(f"{folder} is not an EDM teacher folder (config.json and model.safetensors); make one "
@@ -279,7 +280,9 @@ class EDMTeacher(Teacher):
             raise UserError("teacher.edm.model is empty: give a folder made by `dmd convert-teacher`")
         from .hub import SHIPPED_EDM
 
-        folder = SHIPPED_EDM.get(cfg.model, Path(cfg.model))
+        folder = Path(cfg.model)
+        if not folder.exists() and cfg.model in SHIPPED_EDM:   # a local folder of that name comes first
+            folder = SHIPPED_EDM[cfg.model]
         self.folder = folder
         self.config, state = load_edm_folder(folder)
         c = self.config
@@ -302,7 +305,7 @@ class EDMTeacher(Teacher):
     make_generator = _copy
     make_critic = _copy
 
-    def _check_guidance(self, guidance: float) -> None:
+    def check_guidance(self, guidance: float) -> None:
         if guidance != 1.0 and not self.config.get("unconditional"):
             raise UserError(f"guidance {guidance} needs an unconditional model, and this EDM network was trained "
                             f"without label dropout (as EDM's own); set teacher.guidance = 1 (--guidance 1)")
@@ -311,7 +314,7 @@ class EDMTeacher(Teacher):
     def denoise_sigma(self, x, sigma, cond, guidance: float = 1.0):
         """D(x; sigma); with guidance s != 1, the standard CFG form uncond + s (cond - uncond) on
         x0, the same as on epsilon at one x_t (the unconditional input is the zero label vector)."""
-        self._check_guidance(guidance)
+        self.check_guidance(guidance)
         with torch.autocast(x.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32):
             if guidance == 1.0 or cond is None:
                 return self.real.denoise_sigma(x, sigma, cond)

@@ -68,10 +68,15 @@ EDM_USAGE = """import torch
 from dmdcli.edm import EDMDenoiser, build_network, load_edm_folder
 
 config, weights = load_edm_folder("{out}")
-net = EDMDenoiser(build_network(config, weights), config["label_dim"], torch.zeros(1)).eval()
-z, sigma = torch.randn(16, *{shape}), config["student"]["sigmas"][0]{labels}
+net = EDMDenoiser(build_network(config, weights), config["label_dim"], torch.zeros(1), config["sigma_data"]).eval()
+student = config["student"]   # the noise enters times input_scale at sigmas[0]; later steps re-noise
+z = torch.randn(16, *{shape}){labels}
+x = z * student["input_scale"]
 with torch.no_grad():
-    x = net.denoise_sigma(z * sigma, torch.tensor(sigma), {label_arg})   # images in [-1, 1]"""
+    for i, sigma in enumerate(student["sigmas"]):
+        x0 = net.denoise_sigma(x, torch.tensor(sigma), {label_arg})
+        x = x0 + student["sigmas"][i + 1] * torch.randn_like(x0) if i + 1 < len(student["sigmas"]) else x0
+# x: images in [-1, 1]"""
 
 # What export writes for an EDM run, said once (it cannot be a diffusers folder).
 EDM_NOTE = ("the edm student is EDM's ADM network, which diffusers has no class for: written as a dmd-edm/1 "
@@ -85,7 +90,7 @@ def export(run: str | Path, out: Path, fid: str = "not measured") -> tuple[Path,
 
     recipe, teacher, generator, step = load_student(run, device="cpu")
     if teacher.name not in ("sd", "unet2d", "edm"):
-        raise UserError(f"export writes diffusers folders for the sd and unet2d teachers; this run's teacher "
+        raise UserError(f"export writes students of the sd, unet2d and edm teachers; this run's teacher "
                         f"is {teacher.name!r} (its student is in {run}/checkpoints as safetensors)")
     out = Path(out).resolve()
     if out.exists() and any(out.iterdir()) and "distilled with dmd" not in _card(out):
@@ -142,7 +147,8 @@ def _write_edm(tmp: Path, teacher, generator, timesteps: list[int]) -> None:
 
     sigmas = [float(teacher.schedule.sigmas[t]) for t in timesteps]
     config = {**teacher.config, "source": "dmd export", "unconditional": False,
-              "student": {"timesteps": timesteps, "sigmas": sigmas}}
+              "student": {"timesteps": timesteps, "sigmas": sigmas,
+                          "input_scale": float(teacher.schedule.init_noise_sigma)}}
     tmp.mkdir(parents=True)
     save_file({k: v.detach().float().contiguous() for k, v in generator.model.state_dict().items()},
               str(tmp / "model.safetensors"), metadata={"format": FORMAT})

@@ -170,28 +170,33 @@ class CriticWithHead(nn.Module):
         self.prediction_type = critic.prediction_type
         module, channels, spatial = bottleneck(critic)
         self.head = GANHead(channels, spatial)
-        self._features, self._stop = None, False
+        self._features, self._mode = None, None   # mode: None (not listening), "keep", "stop"
         module.register_forward_hook(self._keep)
 
     def _keep(self, module, inputs, output):
+        if self._mode is None:   # e.g. gradient checkpointing's recomputation in backward
+            return
         self._features = output[0] if isinstance(output, tuple) else output
-        if self._stop:
+        if self._mode == "stop":
             raise _AtBottleneck
 
-    def logits(self, x_t: torch.Tensor, t: torch.Tensor, cond=None) -> torch.Tensor:
-        self._stop = True
+    def _run(self, mode: str, x_t, t, cond):
+        """(critic output or None, bottleneck features)."""
+        self._mode, pred = mode, None
         try:
-            self.critic(x_t, t, cond)
+            pred = self.critic(x_t, t, cond)
         except _AtBottleneck:
             pass
         finally:
-            self._stop = False
+            self._mode = None
         features, self._features = self._features, None
-        return self.head(features)
+        return pred, features
+
+    def logits(self, x_t: torch.Tensor, t: torch.Tensor, cond=None) -> torch.Tensor:
+        return self.head(self._run("stop", x_t, t, cond)[1])
 
     def forward(self, x_t: torch.Tensor, t: torch.Tensor, cond=None, real=None):
-        pred = self.critic(x_t, t, cond)
-        features, self._features = self._features, None
+        pred, features = self._run("keep", x_t, t, cond)
         logits = self.head(features)
         if real is not None:
             logits = torch.cat([logits, self.logits(*real)])

@@ -110,7 +110,7 @@ class TrainConfig:
     lr_critic: float = 2e-6
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     weight_decay: float = 0.01
-    warmup_steps: int = 500             # linear learning-rate warm-up, in optimiser steps
+    warmup_steps: int = 500             # linear learning-rate warm-up, in iterations (the generator's from its first turn)
     grad_clip: float = 10.0
     dm_weight: float = 1.0
     mixed_precision: str = _choices("no", "bf16", "fp16", default="no")

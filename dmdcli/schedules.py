@@ -68,7 +68,7 @@ class VPSchedule:
             return x0
         if prediction_type == "v_prediction":
             s, n = self.coefficients(t, x0)
-            return (s * eps.double() - n * x0.double()).to(x0.dtype)
+            return (s * eps.double() - n * x0.double()).float()
         raise ValueError(f"unknown prediction_type {prediction_type!r}")
 
     def to_eps(self, pred: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, prediction_type: str) -> torch.Tensor:

@@ -52,6 +52,9 @@ class Teacher(ABC):
             return None
         return torch.as_tensor(list(indices), dtype=torch.long) % self.num_classes
 
+    def check_guidance(self, guidance: float) -> None:
+        """Raise a UserError where this teacher cannot be guided at this scale."""
+
     def encode_condition(self, labels: torch.Tensor | None):
         """Labels (or prompts, for text teachers) to what the networks take as `cond`."""
         return labels
@@ -85,6 +88,7 @@ def real_score(teacher: Teacher, x_t: torch.Tensor, t: torch.Tensor, cond, guida
                interval=(0, 999)) -> torch.Tensor:
     """The teacher's x0 prediction, guided only where interval[0] <= t <= interval[1]
     (Kynkaanniemi et al. 2024): elsewhere the conditional prediction, guidance 1."""
+    teacher.check_guidance(guidance)
     inside = (t >= interval[0]) & (t <= interval[1])
     if guidance == 1.0 or bool(inside.all()):
         return teacher.denoise(x_t, t, cond, guidance)

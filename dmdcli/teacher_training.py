@@ -144,6 +144,9 @@ def train_teacher(r: TeacherRecipe, progress_factory=None, console=None) -> tupl
     run_dir = Path(r.run.out)
     check_same_run(run_dir, r)
     acc = Accelerator(cpu=not torch.cuda.is_available())
+    if acc.num_processes > 1:   # every process would write the same checkpoints and metrics
+        raise UserError("train-teacher runs as one process; start it with `dmd train-teacher`, not under "
+                        "accelerate launch or torchrun")
     images, labels, classes = load_images(r.data.dataset, "train", r.data.image_size, r.data.limit)
     torch.manual_seed(r.run.seed)
     family = (EDMTeacherTraining if r.model.family == "edm" else VPTeacherTraining)(r, images.shape[1], classes)

@@ -9,6 +9,7 @@ generator steps once every `critic_steps_per_generator_step` iterations after
 from __future__ import annotations
 
 import copy
+import re
 import warnings
 from functools import partial
 from pathlib import Path
@@ -286,11 +287,12 @@ class DMDTrainer:
     def train_step(self) -> dict:
         logs = self.generator_step() if self.is_generator_turn() else {}
         logs.update(self.critic_step())
-        # Both warm-ups count iterations, as train.warmup_steps says: stepped on the
-        # generator's turns only, TTUR 5 would warm the generator up five times longer.
+        # Both warm-ups count iterations, as train.warmup_steps says (the generator's from its
+        # first turn): stepped on its turns only, TTUR 5 would warm it up five times longer.
         with warnings.catch_warnings():   # torch warns while the critic warms up alone
-            warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step()` before")
-            self.sched_g.step()
+            warnings.filterwarnings("ignore", message=re.escape("Detected call of `lr_scheduler.step()` before"))
+            if self.step >= self.recipe.train.critic_warmup_steps:   # from the generator's first turn
+                self.sched_g.step()
         self.step += 1
         return logs
 

@@ -83,3 +83,17 @@ def test_gan_losses():
     log2 = torch.log(torch.tensor(2.0))
     torch.testing.assert_close(losses.gan_generator_loss(z), log2)
     torch.testing.assert_close(losses.gan_critic_loss(z, z), 2 * log2)
+
+
+def test_gan_losses_at_logits_where_the_sign_matters():
+    """DMD2 eq. 4 away from 0, where softplus(x) != softplus(-x): the generator wants its
+    fakes' logits high, the critic wants fakes low and reals high."""
+    fake, real = torch.tensor([2.0, -1.0]), torch.tensor([3.0, 0.5])
+    sp = torch.nn.functional.softplus
+    torch.testing.assert_close(losses.gan_generator_loss(fake), (sp(-fake)).mean())
+    torch.testing.assert_close(losses.gan_critic_loss(fake, real), sp(fake).mean() + sp(-real).mean())
+    assert abs(losses.gan_generator_loss(fake).item() - 0.7201) < 1e-4
+    assert abs(losses.gan_critic_loss(fake, real).item() - (1.2201 + 0.2613)) < 1e-3
+    # Higher fake logits: lower generator loss, higher critic loss.
+    assert losses.gan_generator_loss(fake + 1) < losses.gan_generator_loss(fake)
+    assert losses.gan_critic_loss(fake + 1, real) > losses.gan_critic_loss(fake, real)
