@@ -73,6 +73,14 @@ def train_teacher(recipe: Path = typer.Argument(..., help="TOML recipe, e.g. rec
     console.print(f"teacher saved: {out} (use it with {used_with})")
 
 
+@app.command("recipe-keys")
+def recipe_keys():
+    """Print every recipe key with its type, default and meaning (docs/recipes.md is this output)."""
+    from .recipe_keys import markdown
+
+    typer.echo(markdown())
+
+
 @app.command("convert-teacher")
 def convert_teacher(source: Path = typer.Argument(..., help="EDM pickle, e.g. edm-imagenet-64x64-cond-adm.pkl"),
                     out: Path = typer.Option(..., help="new folder for config.json + model.safetensors"),

@@ -25,14 +25,14 @@ def _choices(*values: str, default: str):
 @dataclass
 class GMMConfig:
     """The exact teacher: a ring of `components` Gaussians, or explicit means/stds/weights."""
-    components: int = 8
-    radius: float = 3.0
-    std: float = 0.4
-    dim: int = 2
-    means: list[list[float]] = field(default_factory=list)
-    stds: list[float] = field(default_factory=list)
-    weights: list[float] = field(default_factory=list)
-    conditional: bool = False
+    components: int = 8    # Gaussians on the ring
+    radius: float = 3.0    # the ring's radius
+    std: float = 0.4       # each Gaussian's standard deviation
+    dim: int = 2           # dimensions (the ring lies in the first two)
+    means: list[list[float]] = field(default_factory=list)   # explicit means instead of the ring
+    stds: list[float] = field(default_factory=list)          # their standard deviations
+    weights: list[float] = field(default_factory=list)       # their mixture weights (default: equal)
+    conditional: bool = False   # class-conditional: one class per Gaussian
     hidden: int = 256      # width of the MLP generator and critic
     layers: int = 3        # hidden layers of the MLP generator and critic
 
@@ -40,33 +40,33 @@ class GMMConfig:
 @dataclass
 class SDConfig:
     """Stable Diffusion from diffusers: a local folder, a Hub id, or the alias "sd15"."""
-    model: str = "sd15"
-    revision: str = ""
+    model: str = "sd15"        # a diffusers folder, a Hub id, or "sd15"
+    revision: str = ""         # Hub revision (branch, tag or commit); "" the default branch
     prompts: str = ""          # training prompts: a text file, one per line
     resolution: int = 0        # pixels; 0: the UNet's own sample size x the VAE factor
-    dtype: str = _choices("auto", "float32", "bfloat16", "float16", default="auto")
+    dtype: str = _choices("auto", "float32", "bfloat16", "float16", default="auto")   # the frozen teacher's; auto: bf16 on CUDA
 
 
 @dataclass
 class UNet2DConfig:
     """A diffusers UNet2DModel folder (unet/ and scheduler/, or the model folder itself
     with a scheduler/ beside its config)."""
-    model: str = ""
-    revision: str = ""
-    dtype: str = _choices("auto", "float32", "bfloat16", "float16", default="auto")
+    model: str = ""            # the folder, a Hub id, or "fashion-mnist" (the shipped teacher)
+    revision: str = ""         # Hub revision; "" the default branch
+    dtype: str = _choices("auto", "float32", "bfloat16", "float16", default="auto")   # the frozen teacher's; auto: bf16 on CUDA
 
 
 @dataclass
 class EDMConfig:
     """An EDM network converted by `dmd convert-teacher` (a folder: config.json, model.safetensors)."""
-    model: str = ""
-    dtype: str = _choices("auto", "float32", "bfloat16", default="auto")
+    model: str = ""            # the folder, or "fashion-mnist" (the shipped EDM teacher)
+    dtype: str = _choices("auto", "float32", "bfloat16", default="auto")   # the frozen teacher's; auto: bf16 on CUDA
     dropout: float = 0.0       # dropout of the generator and critic copies (the teacher runs without)
 
 
 @dataclass
 class TeacherConfig:
-    name: str = "gmm"
+    name: str = "gmm"          # gmm (exact mixture), sd, unet2d or edm
     # Real-score guidance in the standard form eps_u + s (eps_c - eps_u); 1 = none.
     guidance: float = 1.0
     # Timesteps [first, last] at which the real score is guided; elsewhere it is the plain
@@ -81,11 +81,11 @@ class TeacherConfig:
 @dataclass
 class RunConfig:
     out: str = ""              # default: runs/<recipe file stem>
-    seed: int = 0
-    checkpoint_every: int = 500
-    keep_checkpoints: int = 2
-    log_every: int = 50
-    preview_samples: int = 2000
+    seed: int = 0              # initialisation, noise, timesteps and data order all follow it
+    checkpoint_every: int = 500   # iterations between checkpoints (and previews)
+    keep_checkpoints: int = 2  # newest checkpoints kept; older ones are deleted
+    log_every: int = 50        # iterations per line of metrics.jsonl (means over the window)
+    preview_samples: int = 2000   # student samples drawn into previews/ at each checkpoint; 0: none
     log_with: str = _choices("tensorboard", "wandb", "none", default="tensorboard")   # also metrics.jsonl
 
 
@@ -101,19 +101,19 @@ class StudentConfig:
 
 @dataclass
 class TrainConfig:
-    method: str = _choices("dmd2", "dmd", default="dmd2")
+    method: str = _choices("dmd2", "dmd", default="dmd2")   # dmd: DMD v1 (needs regression.pairs)
     steps: int = 10000                  # iterations; the critic steps on every one
-    batch_size: int = 64
-    critic_steps_per_generator_step: int = 5
+    batch_size: int = 64                # per process
+    critic_steps_per_generator_step: int = 5   # DMD2's two time-scale rule; 1 for DMD v1
     critic_warmup_steps: int = 0        # critic-only iterations before the generator moves
-    lr_generator: float = 2e-6
-    lr_critic: float = 2e-6
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
-    weight_decay: float = 0.01
+    lr_generator: float = 2e-6          # AdamW learning rate of the generator
+    lr_critic: float = 2e-6             # AdamW learning rate of the critic (fake score) and GAN head
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])   # AdamW betas of both
+    weight_decay: float = 0.01          # AdamW weight decay of both
     warmup_steps: int = 500             # linear learning-rate warm-up, in iterations (the generator's from its first turn)
-    grad_clip: float = 10.0
-    dm_weight: float = 1.0
-    mixed_precision: str = _choices("no", "bf16", "fp16", default="no")
+    grad_clip: float = 10.0             # gradient norm clip of both networks
+    dm_weight: float = 1.0              # weight of the distribution-matching loss
+    mixed_precision: str = _choices("no", "bf16", "fp16", default="no")   # accelerate's autocast (the authors: bf16)
     on_non_finite: str = _choices("stop", "skip", default="stop")   # skip: drop the update, count it
     lora_rank: int = 0                  # > 0: train LoRA adapters of this rank (peft) on frozen UNets
     gradient_checkpointing: bool = False   # recompute activations in backward: less memory, ~30% slower
@@ -135,8 +135,8 @@ class TrainConfig:
 @dataclass
 class RegressionConfig:
     """DMD v1 only: loss on teacher ODE pairs made by `dmd make-pairs`."""
-    pairs: str = ""
-    weight: float = 0.25
+    pairs: str = ""                     # a folder made by `dmd make-pairs`
+    weight: float = 0.25                # the paper's lambda_reg
     # "lpips" is the paper's (on decoded images, upsampled to 224) and needs lpips_weights.
     distance: str = _choices("mse", "pseudo_huber", "lpips", default="mse")
     batch_size: int = 0                 # 0: the training batch size
@@ -164,36 +164,36 @@ class Recipe:
 @dataclass
 class DataConfig:
     dataset: str = "fashion-mnist"     # or imagefolder:PATH, or a Hub dataset with image/label
-    image_size: int = 32
+    image_size: int = 32               # pixels (Fashion-MNIST's 28 is padded with background)
     limit: int = 0                     # use only the first N images (0: all)
 
 
 @dataclass
 class UNetModelConfig:
-    # "vp": a diffusers UNet2DModel, DDPM linear schedule, epsilon loss (the `unet2d` teacher).
-    # "edm": EDM's ADM network behind EDM's preconditioning, log-normal sigmas and loss weighting
-    # (the `edm` teacher, as EDM's ImageNet-64 model). For edm the channels are
-    # model_channels * channel_mult, so each must be a multiple of the first.
+    # vp (a UNet2DModel, DDPM linear schedule, epsilon loss: the `unet2d` teacher) or edm (EDM's
+    # ADM network, preconditioning, log-normal sigmas and loss weighting: the `edm` teacher, as
+    # EDM's ImageNet-64 model). For edm the channels are model_channels * channel_mult, so each
+    # must be a multiple of the first.
     family: str = _choices("vp", "edm", default="vp")
-    block_out_channels: list[int] = field(default_factory=lambda: [32, 64, 64])
-    layers_per_block: int = 1
+    block_out_channels: list[int] = field(default_factory=lambda: [32, 64, 64])   # channels per resolution
+    layers_per_block: int = 1          # residual blocks per resolution
     attention_at_lowest: bool = True   # self-attention at the lowest resolution
     dropout: float = 0.0               # edm only (the vp UNet2DModel has none)
 
 
 @dataclass
 class TeacherTrainConfig:
-    steps: int = 5000
-    batch_size: int = 64
-    lr: float = 2e-4
-    warmup_steps: int = 200
-    grad_clip: float = 1.0
-    weight_decay: float = 0.0
-    ema_decay: float = 0.999
+    steps: int = 5000                  # optimiser steps
+    batch_size: int = 64               # images per step
+    lr: float = 2e-4                   # AdamW learning rate
+    warmup_steps: int = 200            # linear learning-rate warm-up, in steps
+    grad_clip: float = 1.0             # gradient norm clip
+    weight_decay: float = 0.0          # AdamW weight decay
+    ema_decay: float = 0.999           # EMA of the weights (the teacher saved is the EMA)
     class_dropout: float = 0.1         # share of labels replaced by the null class (for CFG)
-    # edm: training sigmas are log-normal, ln sigma ~ N(p_mean, p_std^2) (EDM's CIFAR-10 values).
-    p_mean: float = -1.2
-    p_std: float = 1.2
+    # edm only: training sigmas are log-normal, ln sigma ~ N(p_mean, p_std^2) (EDM's CIFAR-10 values).
+    p_mean: float = -1.2               # mean of ln sigma
+    p_std: float = 1.2                 # standard deviation of ln sigma
 
 
 @dataclass

@@ -19,3 +19,18 @@ def test_recipe_resolves(path, capsys):
     assert text.startswith("[run]") and 'out = "runs/' + path.stem + '"' in text
     if command == "train-teacher":
         load_recipe(path, schema=TeacherRecipe)
+
+
+def test_recipe_reference_is_current_and_complete():
+    """docs/recipes.md is `dmd recipe-keys` (regenerate it with that command when the schema
+    changes), and every key of both recipe kinds has a type, a default and a meaning."""
+    from pathlib import Path
+
+    from dmdcli.recipe import Recipe, TeacherRecipe, dotted, to_dict
+    from dmdcli.recipe_keys import keys, markdown
+
+    assert (Path(__file__).parent.parent / "docs" / "recipes.md").read_text() == markdown() + "\n"
+    for cls in (Recipe, TeacherRecipe):
+        rows = keys(cls)
+        assert [k for k, *_ in rows] == list(dotted(to_dict(cls())))
+        assert [k for k, _, _, meaning in rows if not meaning] == []
