@@ -31,3 +31,29 @@ def test_shipped_teacher_draws_a_class_grid(tmp_path):
     # Garments on a black background: the padded border is background, the centre is not.
     assert x[:, :, :2].mean() < -0.9 and x[:, :, 8:24, 8:24].mean() > x[:, :, :2].mean() + 0.3
     assert torch.isfinite(x).all()
+
+
+EDM_ASSET = Path(dmdcli.__file__).resolve().parent / "assets" / "fashion-edm-teacher"
+
+
+def test_shipped_edm_teacher_is_small_guidable_safetensors():
+    import json
+
+    weights = EDM_ASSET / "model.safetensors"
+    assert weights.stat().st_size < 15 * 2**20
+    assert sum(v.numel() for v in load_file(str(weights)).values()) > 10**6
+    config = json.loads((EDM_ASSET / "config.json").read_text())
+    assert config["format"] == "dmd-edm/1" and config["unconditional"] and config["label_dim"] == 10
+    assert "dmd train-teacher recipes/fashion-edm-teacher.toml" in (EDM_ASSET / "README.md").read_text()
+
+
+def test_shipped_edm_teacher_draws_a_class_grid_by_name(tmp_path):
+    """teacher.edm.model = "fashion-mnist" is the shipped EDM teacher; a few Heun steps
+    already draw garments on a black background, one class a column."""
+    out = tmp_path / "grid"
+    assert main(["sample", "--teacher", "edm", "--set", "teacher.edm.model='fashion-mnist'", "--num", "100",
+                 "--teacher-steps", "6", "--out", str(out), "--batch-size", "100"]) == 0
+    assert Image.open(out / "samples.png").size == (10 * 34 + 2, 10 * 34 + 2)
+    x = load_file(str(out / "samples.safetensors"))["x"]
+    assert x.shape == (100, 1, 32, 32) and torch.isfinite(x).all()
+    assert x[:, :, :2].mean() < -0.9 and x[:, :, 8:24, 8:24].mean() > x[:, :, :2].mean() + 0.3
