@@ -101,9 +101,12 @@ def real_score(teacher: Teacher, x_t: torch.Tensor, t: torch.Tensor, cond, guida
 
 
 def resolve_dtype(name: str) -> torch.dtype:
-    """A recipe's dtype name; "auto" is bf16 on CUDA (the authors' choice), else fp32."""
+    """A recipe's dtype name; "auto" is bf16 on CUDA cards that have it (the authors' choice),
+    fp16 on older cards (inference only: the frozen teacher), else fp32."""
     if name == "auto":
-        return torch.bfloat16 if torch.cuda.is_available() else torch.float32
+        if not torch.cuda.is_available():
+            return torch.float32
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
 
 

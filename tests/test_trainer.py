@@ -491,3 +491,28 @@ def test_init_from_without_a_checkpoint_is_one_line(tiny_recipe, tmp_path, capsy
     assert main(["distill", str(r)]) == 2
     err = capsys.readouterr().err
     assert f"train.init_from = '{tmp_path / 'empty'}' holds no checkpoint" in err and "Traceback" not in err
+
+
+def test_gpu_settings_without_a_gpu(tiny_recipe, monkeypatch, capsys):
+    """What a CUDA run gets, checked on the CPU: TF32 and cuDNN's autotuner, fused AdamW,
+    bf16 only on cards that have it (auto: fp16 for the frozen teacher; training refused)."""
+    from dmdcli.cli import main
+    from dmdcli.teacher import resolve_dtype
+    from dmdcli.trainer import adamw, cuda_speed_settings
+
+    flags = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32, torch.backends.cudnn.benchmark)
+    try:
+        cuda_speed_settings()
+        assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32 and torch.backends.cudnn.benchmark
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32, torch.backends.cudnn.benchmark = flags
+    r = load_recipe(tiny_recipe())
+    p = [torch.nn.Parameter(torch.zeros(2))]
+    assert adamw(p, 1e-3, r, torch.device("cuda")).defaults["fused"] is True
+    assert not adamw(p, 1e-3, r, torch.device("cpu")).defaults["fused"]
+    assert resolve_dtype("auto") == torch.float32   # no GPU here
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    assert resolve_dtype("auto") == torch.float16
+    assert main(["distill", str(tiny_recipe()), "--set", "train.mixed_precision='bf16'"]) == 2
+    assert "train.mixed_precision = 'bf16' but this GPU has no bf16" in capsys.readouterr().err
