@@ -331,3 +331,71 @@ def test_malformed_teacher_folders_are_one_line(tmp_path, capsys):
     assert main(["sample", "--teacher", "edm", "--set", f"teacher.edm.model={tmp_path / 't'}", "--num", "2",
                  "--out", str(tmp_path / "s")]) == 2
     assert "model.safetensors is not readable safetensors" in capsys.readouterr().err
+
+
+def test_golden_edm_outputs_of_nvidias_own_code():
+    """Our ADM network and EDM preconditioning against outputs of NVIDIA's EDM code (not ours).
+
+    tests/fixtures/edm_golden.safetensors was made outside this repository (NVIDIA's code is
+    under a non-commercial licence and is not part of it) by a short script that imports
+    training/networks.py, torch_utils/ and dnnlib/ of github.com/NVlabs/edm at commit
+    008a4e5316c8e3bfe61a62f874bddba254295afb, on the CPU in float32, with deterministic algorithms:
+
+    1. torch.manual_seed(0); net = EDMPrecond(img_resolution=16, img_channels=3, label_dim=10,
+       model_type='DhariwalUNet', model_channels=8, channel_mult=[1, 2], channel_mult_emb=2,
+       num_blocks=1, attn_resolutions=[8], dropout=0.0).eval(). (model_channels 8 keeps the file
+       small; at 64 the whole network alone would be 12 MB. Its blocks then have no attention
+       heads, 64 channels a head, in NVIDIA's network as in ours: part 3 checks attention.)
+    2. Perturb: with torch.Generator().manual_seed(2), for each parameter in sorted(named_parameters())
+       order, add randn(shape) * 0.05 (so EDM's zero-initialised layers are not zero), then round it
+       to float16 (p.copy_(p.half().float())), so that float16 stores the weights exactly.
+    3. x = randn(4, 3, 16, 16) from a generator seeded 1; sigma = [0.002, 0.5, 2.0, 80.0]; labels
+       [0, 3, 7, 9] as one-hot vectors. Saved: D = net(x, sigma, one_hot), D_uncond = net(x, sigma,
+       None), F_x = the output of net.model in the first call (a forward hook), the inputs, and
+       net.state_dict() (NVIDIA's `model.` names; floating tensors as float16).
+    4. torch.manual_seed(3); block = UNetBlock(in_channels=8, out_channels=64, emb_channels=16,
+       attention=True, channels_per_head=64, dropout=0.0, init=dict(init_mode='kaiming_uniform',
+       init_weight=sqrt(1/3), init_bias=sqrt(1/3)), init_zero=dict(init_mode='kaiming_uniform',
+       init_weight=0, init_bias=0)) (DhariwalUNet's block arguments), perturbed as in 2 with seed 4;
+       block_x = randn(2, 8, 4, 4) (seed 5), block_emb = randn(2, 16) (seed 6); saved: block_out =
+       block(block_x, block_emb) and its state dict as `block.*`.
+    5. safetensors metadata "edm_golden": JSON of the EDMPrecond kwargs, its attributes
+       (img_resolution, ..., sigma_max), net.model.init_kwargs (what a pickle carries as
+       `_init_kwargs`) and the block's kwargs.
+    """
+    from pathlib import Path
+
+    from safetensors import safe_open
+
+    from dmdcli.convert import Persistent, edm_config
+    from dmdcli.edm import UNetBlock
+
+    golden = Path(__file__).parent / "fixtures" / "edm_golden.safetensors"
+    with safe_open(str(golden), "pt") as f:
+        meta = json.loads(f.metadata()["edm_golden"])
+        t = {k: f.get_tensor(k) for k in f.keys()}
+    # What `dmd convert-teacher` reads from a pickle: the EDMPrecond record and its DhariwalUNet's
+    # _init_kwargs (edm_config), and the state dict named as EDM names it (build_network).
+    model = Persistent({"class_name": "DhariwalUNet", "state": {"_init_kwargs": meta["model_init_kwargs"]}})
+    record = Persistent({"class_name": "EDMPrecond",
+                         "state": {**meta["precond_attributes"], "_modules": {"model": model}}})
+    config = edm_config(record, golden)
+    state = {k: v.float() for k, v in t.items() if k.startswith("model.")}
+    net = build_network(config, state).eval()
+    assert {f"model.{k}" for k in net.state_dict()} == set(state)
+    denoiser = EDMDenoiser(net, config["label_dim"], EDMSchedule(sigma_data=config["sigma_data"]).sigmas,
+                           config["sigma_data"]).eval()
+    x, sigma, tol = t["x"], t["sigma"], dict(rtol=1e-5, atol=1e-5)
+    with torch.no_grad():
+        _, _, c_in, c_noise = edm_preconditioning(sigma.reshape(-1, 1, 1, 1))
+        torch.testing.assert_close(net(c_in * x, c_noise.flatten(), t["class_labels"]), t["F_x"], **tol)
+        torch.testing.assert_close(denoiser.denoise_sigma(x, sigma, t["labels"]), t["D"], **tol)
+        torch.testing.assert_close(denoiser.denoise_sigma(x, sigma, None), t["D_uncond"], **tol)
+        torch.testing.assert_close(denoiser.denoise_sigma(x, sigma, torch.full((4,), 10)), t["D_uncond"], **tol)
+    # Attention (one head of 64 channels) in a block configured as DhariwalUNet configures them.
+    kw = meta["block_kwargs"]
+    block = UNetBlock(kw["in_channels"], kw["out_channels"], kw["emb_channels"], attention=kw["attention"]).eval()
+    block.load_state_dict({k.removeprefix("block."): v.float() for k, v in t.items() if k.startswith("block.")})
+    assert block.num_heads == 1
+    with torch.no_grad():
+        torch.testing.assert_close(block(t["block_x"], t["block_emb"]), t["block_out"], **tol)
