@@ -112,10 +112,11 @@ class UNetBlock(nn.Module):
         x = x + (self.skip(orig) if self.skip is not None else orig)
         if self.num_heads:
             b, c, h, w = x.shape
-            # EDM's channel layout: (batch * heads, channels per head, q/k/v, pixels).
-            q, k, v = self.qkv(self.norm2(x)).reshape(b * self.num_heads, c // self.num_heads, 3, h * w).unbind(2)
-            a = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
-            x = self.proj(a.transpose(1, 2).reshape(b, c, h, w)) + x
+            # EDM's channel layout (heads, channels per head, q/k/v, pixels), as 4-D tensors
+            # (batch, heads, pixels, channels) so that SDPA can take its fused kernels on GPUs.
+            q, k, v = self.qkv(self.norm2(x)).reshape(b, self.num_heads, c // self.num_heads, 3, h * w).unbind(3)
+            a = F.scaled_dot_product_attention(q.transpose(-1, -2), k.transpose(-1, -2), v.transpose(-1, -2))
+            x = self.proj(a.transpose(-1, -2).reshape(b, c, h, w)) + x
         return x
 
 

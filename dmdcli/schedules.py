@@ -103,9 +103,13 @@ class EDMSchedule:
         self.num_train_timesteps = num_train_timesteps
         self.sigma_data = sigma_data
         self.init_noise_sigma = float(self.sigmas[-1])   # EDM generators take z * 80 at sigma 80
+        self._cache: dict[torch.device, torch.Tensor] = {}
 
     def sigma(self, t: torch.Tensor) -> torch.Tensor:
-        return self.sigmas.to(t.device)[t.long()]
+        table = self._cache.get(t.device)
+        if table is None:   # one copy per device, not one per call
+            table = self._cache[t.device] = self.sigmas.to(t.device)
+        return table[t.long()]
 
     def add_noise(self, x0: torch.Tensor, eps: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         return (x0.double() + _bcast(self.sigma(t), x0) * eps.double()).to(x0.dtype)
