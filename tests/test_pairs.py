@@ -221,3 +221,43 @@ def test_a_teacher_alone_samples_at_the_guidance_set_for_it(tmp_path):
     assert main(["sample", "--teacher", "unet2d", "--set", f"teacher.unet2d.model={teacher}", "--set",
                  "teacher.guidance=2", "--num", "2", "--teacher-steps", "1", "--out", str(tmp_path / "s")]) == 0
     assert load_samples(tmp_path / "s")[1]["source"].endswith("guidance 2.0")
+
+
+@pytest.mark.parametrize("distance", ["mse", "pseudo_huber"])
+def test_regression_term_alone_gives_weight_times_the_distance_gradient(tmp_path, tiny_recipe, distance):
+    """With the DM weight 0 and no GAN, the generator's gradient is exactly
+    regression.weight x grad d(G(z_pair), y_pair): a detached or dropped regression term fails."""
+    import torch
+
+    from dmdcli import losses
+    from dmdcli.recipe import load_recipe
+    from dmdcli.sampling import generator_x0
+    from dmdcli.trainer import DMDTrainer
+
+    out = tmp_path / "p"
+    assert main(["make-pairs", "--teacher", "gmm", "--num", "64", "--out", str(out), "--steps", "4"]) == 0
+    tr = DMDTrainer(load_recipe(tiny_recipe(method="dmd", extra=f'dm_weight = 0.0\n[regression]\npairs = "{out}"\n'
+                                                                  f'weight = 0.3\ndistance = "{distance}"\n'),
+                                ["train.critic_warmup_steps=0"]))
+    drawn = {}
+    batch = tr.pairs.batch
+    tr.pairs.batch = lambda n, g: drawn.setdefault("zy", batch(n, g))
+    gen = tr.acc.unwrap_model(tr.generator)
+    got = [None] * len(list(gen.parameters()))
+    hooks = [p.register_hook(lambda g, i=i: got.__setitem__(i, g.clone())) for i, p in enumerate(gen.parameters())]
+    before = [p.detach().clone() for p in gen.parameters()]
+    tr.generator_step()
+    for h in hooks:   # (they would also see the autograd.grad below)
+        h.remove()
+    z, y, _ = drawn["zy"]
+    with torch.no_grad():
+        for p, b in zip(gen.parameters(), before):
+            p.copy_(b)
+    gen.zero_grad()
+    t = torch.full((len(z),), tr.recipe.student.timesteps[0], dtype=torch.long)
+    x = generator_x0(gen, tr.schedule, z * tr.schedule.init_noise_sigma, t, None)
+    expected = torch.autograd.grad(0.3 * losses.regression_loss(x, y, distance), list(gen.parameters()))
+    assert all(g is not None for g in got)
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-7)
+    assert max(float(e.abs().max()) for e in expected) > 0
