@@ -516,3 +516,42 @@ def test_gpu_settings_without_a_gpu(tiny_recipe, monkeypatch, capsys):
     assert resolve_dtype("auto") == torch.float16
     assert main(["distill", str(tiny_recipe()), "--set", "train.mixed_precision='bf16'"]) == 2
     assert "train.mixed_precision = 'bf16' but this GPU has no bf16" in capsys.readouterr().err
+
+
+def test_dm_and_critic_terms_get_the_right_predictions(tiny_recipe, monkeypatch):
+    """The DM loss gets the generator's sample, the teacher's x0 and the critic's x0 at the
+    same x_t, in that order (swapping real and fake reverses the gradient); the critic's loss
+    gets its own prediction of the noise added to a stopgrad generator sample."""
+    from dmdcli import losses
+
+    tr = trainer_for(tiny_recipe, "train.critic_warmup_steps=0", "teacher.gmm.conditional=true",
+                     "teacher.guidance=1.5")
+    seen, noised = {}, []
+    dm, add_noise = losses.distribution_matching_loss, tr.schedule.add_noise
+    monkeypatch.setattr(losses, "distribution_matching_loss", lambda x, r, f: seen.update(x=x, r=r, f=f) or dm(x, r, f))
+
+    def spy(x0, eps, t):
+        out = add_noise(x0, eps, t)
+        noised.append((x0, eps, t, out))
+        return out
+    monkeypatch.setattr(tr.schedule, "add_noise", spy)
+    labels = []
+    encode = tr.teacher.encode_condition
+    monkeypatch.setattr(tr.teacher, "encode_condition", lambda y: labels.append(y) or encode(y))
+    tr.generator_step()
+    x0, _, t, x_t = noised[0]
+    cond = labels[0]
+    torch.testing.assert_close(seen["x"].detach(), x0)
+    with torch.no_grad():
+        torch.testing.assert_close(seen["r"], tr.teacher.denoise(x_t, t, cond, 1.5))
+        critic = tr.acc.unwrap_model(tr.critic)
+        torch.testing.assert_close(seen["f"], tr.schedule.to_x0(critic(x_t, t, cond), x_t, t, critic.prediction_type))
+    assert not torch.allclose(seen["r"], seen["f"])
+    got = {}
+    vp = losses.critic_loss_vp
+    monkeypatch.setattr(losses, "critic_loss_vp", lambda p, target: got.update(p=p, target=target) or vp(p, target))
+    noised.clear()
+    tr.critic_step()
+    x, eps, t, x_t = noised[0]
+    assert not x.requires_grad
+    torch.testing.assert_close(got["target"], tr.schedule.training_target(x, eps, t, critic.prediction_type))
