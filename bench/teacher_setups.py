@@ -17,7 +17,6 @@ from pathlib import Path
 
 import torch
 
-from dmdcli.plots import image_grid
 from dmdcli.recipe import EDMConfig, UNet2DConfig
 from dmdcli.sampling import student_sample, teacher_ode
 
@@ -41,30 +40,29 @@ def main():
         for teacher, t_in, steps, sampler in ((vp, 999, 50, "ddim"), (edm, 999, 18, "heun")):
             blocks.append(student_sample(teacher.real, teacher.schedule, z, labels, [t_in]))
             blocks.append(teacher_ode(teacher, z, labels, steps, 1.0, sampler))
-    tmp = a.out.with_name(a.out.stem + "-grid.png")
-    image_grid(torch.cat([b.clamp(-1, 1) for b in blocks]), tmp, nrow=10)
-    _figure(tmp, vp, a.out)
-    tmp.unlink()
+    _figure(blocks, vp, a.out)
     print(f"wrote {a.out}")
 
 
-def _figure(grid_png: Path, vp, out: Path) -> None:
+def _figure(blocks: list, vp, out: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from PIL import Image
+    from torchvision.utils import make_grid
 
     from dmdcli.io import atomic_path
 
-    fig, (ax0, ax1) = plt.subplots(1, 2, figsize=(13, 6.5), gridspec_kw={"width_ratios": [1.1, 1]})
-    ax0.imshow(Image.open(grid_png), cmap="gray")
-    ax0.set_axis_off()
-    h = Image.open(grid_png).size[1]
-    for i, name in enumerate(["DDPM epsilon: one step at t = 999", "DDPM epsilon: DDIM 50 steps",
-                              "EDM: one step at sigma 80", "EDM: Heun 18 steps"]):
-        ax0.text(-8, (i + 0.5) * h / 4, name, rotation=90, va="center", ha="right", fontsize=8)
-    ax0.set_title("the generator before distillation, and the teacher (10 classes, same noise)", fontsize=9)
+    fig = plt.figure(figsize=(15, 7.5))
+    names = ["DDPM epsilon: the generator at t = 999", "DDPM epsilon: DDIM, 50 steps",
+             "EDM: the generator at sigma 80", "EDM: Heun, 18 steps"]
+    for k, (name, block) in enumerate(zip(names, blocks)):
+        ax = fig.add_subplot(2, 4, (k // 2) * 4 + k % 2 + 1)
+        grid = make_grid((block.clamp(-1, 1) + 1) / 2, nrow=10, padding=2)
+        ax.imshow(grid.permute(1, 2, 0).numpy(), cmap="gray")
+        ax.set_title(name, fontsize=9)
+        ax.set_axis_off()
+    ax1 = fig.add_subplot(1, 2, 2)
     a = vp.schedule.alphas_cumprod
     sigma_vp = ((1 - a) / a).sqrt()
     sigmas = torch.logspace(-3, 2.3, 200, dtype=torch.float64)

@@ -238,7 +238,7 @@ def test_export_unet2d_student_snippet_reproduces_samples(tmp_path, unet_folder,
 def test_export_refuses_vector_students(tmp_path, tiny_recipe, capsys):
     assert main(["distill", str(tiny_recipe(steps=2, checkpoint_every=2))]) == 0
     assert main(["export", str(tmp_path / "runs" / "tiny"), "--out", str(tmp_path / "e")]) == 2
-    assert "export writes diffusers folders for the sd and unet2d teachers" in capsys.readouterr().err
+    assert "export writes students of the sd, unet2d and edm teachers" in capsys.readouterr().err
     assert not (tmp_path / "e").exists()
 
 
