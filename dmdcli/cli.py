@@ -378,12 +378,13 @@ def fid_ref(source: str = typer.Argument(..., help="folder of images, samples fi
 @app.command()
 def export(run: Path = typer.Argument(..., help="run or checkpoint folder"),
            out: Path = typer.Option(..., help="output folder (a diffusers folder)"),
-           fid: str = typer.Option("not measured", help="FID to state in the model card, e.g. '12.3 (clean, 30K)'")):
+           fid: str = typer.Option("not measured", help="FID to state in the model card, e.g. '12.3 (clean, 30K)'"),
+           float16: bool = typer.Option(False, "--float16", help="write the weights in half precision (half the size)")):
     """Write a student as a diffusers folder (SD: a StableDiffusionPipeline with LCMScheduler;
-    EDM: a dmd-edm/1 folder, said in one line)."""
+    EDM: a dmd-edm/1 folder, said in one line, that `dmd sample` and `dmd compare` also read)."""
     from .export import export as run_export
 
-    folder, note = run_export(run, out, fid)
+    folder, note = run_export(run, out, fid, float16)
     if note:
         console.print(f"note: {note}", highlight=False)
     console.print(f"exported {run} to {folder} (see its README.md)")

@@ -17,6 +17,8 @@ import os
 import shutil
 from pathlib import Path
 
+import torch
+
 from .errors import UserError
 from .io import write_text
 from .recipe import to_toml
@@ -83,9 +85,10 @@ EDM_NOTE = ("the edm student is EDM's ADM network, which diffusers has no class 
             "folder (config.json, model.safetensors) that dmdcli.edm loads, with usage in its README.md")
 
 
-def export(run: str | Path, out: Path, fid: str = "not measured") -> tuple[Path, str | None]:
+def export(run: str | Path, out: Path, fid: str = "not measured", float16: bool = False) -> tuple[Path, str | None]:
     """Write the student; returns the folder and a note on what it is where that is not a
-    diffusers folder."""
+    diffusers folder. float16: the weights in half precision (half the size; loaded back in
+    the teacher's dtype)."""
     from diffusers import LCMScheduler
 
     recipe, teacher, generator, step = load_student(run, device="cpu")
@@ -99,7 +102,8 @@ def export(run: str | Path, out: Path, fid: str = "not measured") -> tuple[Path,
     shutil.rmtree(tmp, ignore_errors=True)
     ts = list(recipe.student.timesteps)
     if teacher.name == "edm":
-        _write_edm(tmp, teacher, generator, ts)
+        _write_edm(tmp, teacher, generator, ts, step, torch.float16 if float16 else torch.float32)
+        write_text(tmp / "recipe.toml", to_toml(recipe))   # so that sample and compare read the folder
         conditional = bool(teacher.num_classes)
         usage = EDM_USAGE.format(out=out, shape=tuple(teacher.sample_shape),
                                  labels=f"\nlabels = torch.arange(16) % {teacher.num_classes}" if conditional else "",
@@ -111,7 +115,7 @@ def export(run: str | Path, out: Path, fid: str = "not measured") -> tuple[Path,
     config = {k: v for k, v in teacher.scheduler_config.items() if k in known}
     scheduler = LCMScheduler.from_config({**config, "timestep_spacing": "trailing", "clip_sample": False,
                                           "thresholding": False, "prediction_type": generator.prediction_type})
-    unet = generator.unet.float()
+    unet = generator.unet.to(torch.float16 if float16 else torch.float32)
     merge_lora(unet)   # LoRA students ship as plain UNets, adapters merged
     if teacher.name == "sd":
         from diffusers import AutoencoderKL, StableDiffusionPipeline
@@ -138,7 +142,7 @@ def export(run: str | Path, out: Path, fid: str = "not measured") -> tuple[Path,
     return out, None
 
 
-def _write_edm(tmp: Path, teacher, generator, timesteps: list[int]) -> None:
+def _write_edm(tmp: Path, teacher, generator, timesteps: list[int], step: int, dtype) -> None:
     import json
 
     from safetensors.torch import save_file
@@ -147,10 +151,10 @@ def _write_edm(tmp: Path, teacher, generator, timesteps: list[int]) -> None:
 
     sigmas = [float(teacher.schedule.sigmas[t]) for t in timesteps]
     config = {**teacher.config, "source": "dmd export", "unconditional": False,
-              "student": {"timesteps": timesteps, "sigmas": sigmas,
+              "student": {"timesteps": timesteps, "sigmas": sigmas, "checkpoint_step": step,
                           "input_scale": float(teacher.schedule.init_noise_sigma)}}
     tmp.mkdir(parents=True)
-    save_file({k: v.detach().float().contiguous() for k, v in generator.model.state_dict().items()},
+    save_file({k: v.detach().to(dtype).contiguous() for k, v in generator.model.state_dict().items()},
               str(tmp / "model.safetensors"), metadata={"format": FORMAT})
     write_text(tmp / "config.json", json.dumps(config, indent=2, sort_keys=True) + "\n")
 

@@ -1,22 +1,41 @@
-"""Finding a run's recipe and newest valid checkpoint, loading its student, and starting a new
-run from it (train.init_from)."""
+"""Finding a run's recipe and newest valid checkpoint, loading its student (from a run, one
+of its checkpoints, or a folder written by `dmd export` for an edm run, the shipped student
+included), and starting a new run from a checkpoint (train.init_from)."""
 
 from __future__ import annotations
 
+import json
 import tomllib
 from pathlib import Path
 
 from safetensors.torch import load_file
 
-from . import checkpoint
+from . import checkpoint, hub
 from .errors import UserError
 from .recipe import from_dict
 from .teacher import build_teacher, make_student
 
 
+def exported_student(path: Path) -> dict | None:
+    """The student block of a dmd-edm/1 folder written by `dmd export` (with its recipe.toml),
+    else None."""
+    config = path / "config.json"
+    if not ((path / "recipe.toml").is_file() and (path / "model.safetensors").is_file() and config.is_file()):
+        return None
+    try:
+        return json.loads(config.read_text()).get("student")
+    except (ValueError, AttributeError):
+        return None
+
+
 def resolve(path: str | Path) -> tuple[Path, Path]:
-    """(run folder, checkpoint folder) for a run folder or one of its checkpoints."""
+    """(run folder, checkpoint folder) for a run folder or one of its checkpoints; for an
+    exported student (or a shipped one by name, hub.SHIPPED_STUDENTS) the folder twice."""
     path = Path(path)
+    if not path.exists() and str(path) in hub.SHIPPED_STUDENTS:
+        path = hub.SHIPPED_STUDENTS[str(path)]
+    if exported_student(path) is not None:
+        return path, path
     if not path.exists():
         raise UserError(f"no run or checkpoint at {path}; give a run folder made by `dmd distill`")
     if (path / "manifest.json").is_file() and path.parent.name == "checkpoints":
@@ -50,6 +69,10 @@ def load_student(path: str | Path, device=None, ema: bool = True, teacher=None):
     recipe = from_dict(tomllib.loads((run_dir / "recipe.toml").read_text()))
     teacher = teacher or build_teacher(recipe.teacher).to(device)
     generator = make_student(teacher, recipe)
+    exported = exported_student(ckpt)
+    if exported is not None:   # the network's weights alone (float16 in the shipped student)
+        generator.model.load_state_dict(load_file(str(ckpt / "model.safetensors")))
+        return recipe, teacher, generator.to(device).eval(), int(exported.get("checkpoint_step", 0))
     weights = ckpt / "generator_ema.safetensors"
     if not (ema and weights.is_file()):
         weights = ckpt / "generator.safetensors"

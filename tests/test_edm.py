@@ -241,6 +241,18 @@ dataset = "imagefolder:{tmp_path / 'images'}"
         expected = student_sample(generator, teacher.schedule, scope["z"], torch.arange(16) % teacher.num_classes,
                                   [999])
     torch.testing.assert_close(scope["x"], expected)
+    # sample reads an exported folder as it reads the run: the same images (float16 weights: close).
+    result = run_dmd("export", tmp_path / "run", "--out", tmp_path / "export16", "--float16")
+    assert result.returncode == 0, result.stderr
+    sizes = [(tmp_path / f / "model.safetensors").stat().st_size for f in ("export", "export16")]
+    assert sizes[1] < 0.55 * sizes[0]
+    for folder, tol in (("export", 0.0), ("export16", 2e-2)):
+        result = run_dmd("sample", tmp_path / folder, "--num", 5, "--teacher-steps", 0, "--out",
+                         tmp_path / f"{folder}-samples")
+        assert result.returncode == 0, result.stderr
+        got = load_file(str(tmp_path / f"{folder}-samples" / "samples.safetensors"))["x"]
+        torch.testing.assert_close(got, x, atol=tol, rtol=0)
+        assert tol == 0 or not torch.equal(got, x)   # the float16 folder really holds rounded weights
     features = tmp_path / "features.pt"
     torch.manual_seed(0)
     torch.jit.script(torch.nn.Sequential(torch.nn.AdaptiveAvgPool2d(2), torch.nn.Flatten(),
