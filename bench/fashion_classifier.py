@@ -1,15 +1,10 @@
 """Train the Fashion-MNIST classifier that serves as FID features and class-accuracy judge
-for the offline benchmark, and save it as TorchScript.
+for the offline benchmark (dmdcli.fashion_classifier), and save its weights as safetensors.
 
-Usage: .venv/bin/python bench/fashion_classifier.py [--epochs 6] [--out dmdcli/assets/fashion-classifier.pt]
-       .venv/bin/python bench/fashion_classifier.py --evaluate dmdcli/assets/fashion-classifier.pt
+Usage: .venv/bin/python bench/fashion_classifier.py [--epochs 6] [--out dmdcli/assets/fashion-classifier.safetensors]
+       .venv/bin/python bench/fashion_classifier.py --evaluate dmdcli/assets/fashion-classifier.safetensors
 
-The saved module follows clean-fid's feature-network convention: forward(x) takes float
-images in [0, 255], shape (B, 3, H, W), and returns 128-d penultimate features; classify(x)
-returns the 10 logits. A 28x28 input is a Fashion-MNIST image as stored; any other size is
-the 32x32 frame the teacher and students make (28x28 padded by 2 pixels of background),
-possibly resized (clean-fid passes 299x299): it is resized to 32x32 and its central 28x28
-taken, which recovers a padded test image exactly.
+dmdcli/fashion_classifier.py says what the network takes and returns.
 """
 
 import argparse
@@ -17,46 +12,17 @@ import time
 
 import torch
 import torch.nn.functional as F
-from torch import nn
+from safetensors.torch import save_file
 
-
-class FashionClassifier(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.body = nn.Sequential(
-            nn.Conv2d(1, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(), nn.Conv2d(32, 32, 3, padding=1),
-            nn.BatchNorm2d(32), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(32, 64, 3, padding=1), nn.BatchNorm2d(64), nn.ReLU(), nn.Conv2d(64, 64, 3, padding=1),
-            nn.BatchNorm2d(64), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Flatten(), nn.Dropout(0.3), nn.Linear(64 * 7 * 7, 128), nn.ReLU())
-        self.head = nn.Linear(128, 10)
-
-    def prepare(self, x: torch.Tensor) -> torch.Tensor:
-        """[0, 255] images, 1 or 3 channels, 28x28 or the padded 32x32 frame at any size ->
-        normalised 28x28 gray."""
-        x = x.float().mean(dim=1, keepdim=True)
-        if x.shape[-1] != 28 or x.shape[-2] != 28:
-            if x.shape[-1] != 32 or x.shape[-2] != 32:
-                # interpolate(mode="area") is this op, but scripting interpolate compiles all of its
-                # modes, and torch 2.14's include an op (lanczos) that older torch cannot load.
-                x = F.adaptive_avg_pool2d(x, (32, 32))
-            x = x[:, :, 2:30, 2:30]
-        return x / 127.5 - 1.0
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.body(self.prepare(x))
-
-    @torch.jit.export
-    def classify(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.body(self.prepare(x)))
+from dmdcli.fashion_classifier import FashionClassifier, load_fashion_classifier
 
 
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--epochs", type=int, default=6)
-    ap.add_argument("--out", default="dmdcli/assets/fashion-classifier.pt")
+    ap.add_argument("--out", default="dmdcli/assets/fashion-classifier.safetensors")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--evaluate", help="only measure this TorchScript file: test accuracy as stored (28x28), "
+    ap.add_argument("--evaluate", help="only measure these weights: test accuracy as stored (28x28), "
                                        "on the padded 32x32 frame, and on that frame resized by clean-fid to 299")
     a = ap.parse_args()
     if a.evaluate:
@@ -91,8 +57,7 @@ def main():
             pred = torch.cat([model.classify(to255(test_x[i:i + 1000])).argmax(1) for i in range(0, len(test_x), 1000)])
         print(f"epoch {epoch + 1}: test accuracy {(pred == test_y).float().mean():.4f} ({time.time() - t0:.0f} s)",
               flush=True)
-    scripted = torch.jit.script(model.eval())
-    scripted.save(a.out)
+    save_file({k: v.contiguous() for k, v in model.eval().state_dict().items()}, a.out)
     print(f"saved {a.out}")
 
 
@@ -102,7 +67,7 @@ def evaluate(path: str) -> None:
 
     from dmdcli.datasets import load_images
 
-    model = torch.jit.load(path).eval()
+    model = load_fashion_classifier(path)
 
     def accuracy(x, y):
         with torch.no_grad():

@@ -314,6 +314,8 @@ def fid(samples: Optional[Path] = typer.Argument(None, help="samples file or fol
             table.add_row("within-class spread (per-pixel std)", f"{report['within_class_spread']:.3f}")
         table.add_row("reference", report["reference"])
     Console().print(table)
+    for note in report.get("notes", []):
+        console.print(f"note: {note}", highlight=False)
     if json_out:
         write_json(json_out, report)
 
@@ -347,6 +349,8 @@ def compare(runs: List[Path] = typer.Argument(..., help="run or checkpoint folde
     for row in rows_for_table(rows):
         table.add_row(*row)
     Console().print(table)
+    for note in dict.fromkeys(note for r in rows for note in r.get("notes", [])):   # each once
+        console.print(f"note: {note}", highlight=False)
     if any(r["resumed"] for r in rows):
         console.print(f"* sampled by an earlier call with the same settings and weights (read back from {out}): "
                       "its images/s come from that call")

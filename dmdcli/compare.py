@@ -126,7 +126,7 @@ def _row(folder: Path, key: dict, ref: str, features: str, progress, sample) -> 
     row = {"images_per_second": rate, "fid": report["fid"], "kid": report.get("kid"),
            "class_accuracy": report.get("class_accuracy"), "within_class_spread": report["within_class_spread"],
            "num_samples": report["num_samples"], "reference": report["reference"], "features": report["features"],
-           "sampler": None, "guidance": None}
+           "sampler": None, "guidance": None, "notes": report.get("notes", [])}
     write_json(folder / ROW_FILE, {"key": key, "images_per_second": rate, "row": row})
     return {**row, "resumed": earlier}, x   # resumed: its samples and images/s come from an earlier call
 
@@ -157,7 +157,8 @@ def rows_for_table(rows: list[dict]) -> list[list[str]]:
     def who(r):
         if r["who"] == "teacher":
             return f"teacher ({r['steps']} step{'s' if r['steps'] > 1 else ''}, {r['sampler']}, guidance {r['guidance']})"
-        return f"student {Path(r['run']).name} ({r['steps']} step{'s' if r['steps'] > 1 else ''})"
+        name = Path(r["run"]).name
+        return f"student{'' if name == 'student' else ' ' + name} ({r['steps']} step{'s' if r['steps'] > 1 else ''})"
 
     return [[who(r) + (" *" if r.get("resumed") else ""), num(r["fid"], ".3f"), num(r["kid"], ".5f"),
              num(r["class_accuracy"], ".3f"), num(r.get("within_class_spread"), ".3f"),

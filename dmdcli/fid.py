@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -104,7 +105,7 @@ def _crop_tensor(images: torch.Tensor, size: int) -> torch.Tensor:
 
 
 # Feature networks shipped with the package, by name.
-SHIPPED_FEATURES = {"fashion": Path(__file__).parent / "assets" / "fashion-classifier.pt"}
+SHIPPED_FEATURES = {"fashion": Path(__file__).parent / "assets" / "fashion-classifier.safetensors"}
 # Statistics shipped with the package, each valid for one feature network only. Made by
 # `dmd fid-ref fashion-mnist --split test --size 32 --features fashion --out FILE`.
 SHIPPED_REFERENCES = {"fashion-mnist": {"file": Path(__file__).parent / "assets" / "fashion-mnist-test-stats.npz",
@@ -119,7 +120,8 @@ def shipped_or_path(features: str) -> str:
 def feature_model(features: str, mode: str, device: torch.device):
     """clean-fid's Inception (ours to fetch into the cache, or a local copy of its file), a
     shipped feature network by name ("fashion": our Fashion-MNIST classifier, which also
-    classifies), or a TorchScript feature network."""
+    classifies, as safetensors weights of dmdcli.fashion_classifier), or a TorchScript
+    feature network of the user's."""
     features = shipped_or_path(features)
     if mode not in MODES:
         raise UserError(f"unknown FID mode {mode!r}: choose clean or legacy_tensorflow")
@@ -137,8 +139,14 @@ def feature_model(features: str, mode: str, device: torch.device):
     path = Path(features)
     if not path.is_file():
         raise UserError(f"feature network not found: {features} (give a TorchScript file, or 'inception')")
+    if path == SHIPPED_FEATURES["fashion"]:
+        from .fashion_classifier import load_fashion_classifier
+
+        return load_fashion_classifier(path, device)
     try:
-        model = torch.jit.load(str(path), map_location=device).eval()
+        with warnings.catch_warnings():   # torch.jit.load's deprecation notice: the user chose TorchScript
+            warnings.filterwarnings("ignore", message=r"`torch\.jit\.load` is deprecated", category=FutureWarning)
+            model = torch.jit.load(str(path), map_location=device).eval()
     except RuntimeError as e:
         raise UserError(f"{features} is not a TorchScript file ({str(e).splitlines()[0][:120]})") from None
     return model
@@ -267,11 +275,28 @@ def check_reference_features(ref: str, features: str) -> None:
                         f"add --features {shipped}, or make statistics for {features!r} with `dmd fid-ref`")
 
 
+def frechet(mu1, sigma1, mu2, sigma2) -> float:
+    """clean-fid's Frechet distance, quietly: its square root of a singular covariance product
+    (fewer samples than dimensions, or dimensions a feature network never uses) warns through
+    SciPy and prints, where fid_report says it once in a note; newer SciPy also warns that
+    clean-fid's call passes a deprecated argument."""
+    import contextlib
+    import io
+
+    from cleanfid.fid import frechet_distance
+    from scipy.linalg import LinAlgWarning
+
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore", LinAlgWarning)
+        warnings.filterwarnings("ignore", message="The `disp` argument is deprecated", category=DeprecationWarning)
+        return float(frechet_distance(mu1, sigma1, mu2, sigma2))
+
+
 def fid_report(tensors: dict, ref: str, features: str = "inception", mode: str = "clean",
                batch_size: int = 64, kid: bool = True, crop: int = 0, progress=None) -> dict:
     """FID (KID where the reference has features, class accuracy where the feature network
     classifies) of samples against `ref`; `progress` (a rich Progress) shows feature extraction."""
-    from cleanfid.fid import frechet_distance, kernel_distance
+    from cleanfid.fid import kernel_distance
 
     if ref in REFERENCES:
         mode = REFERENCES[ref]["mode"]
@@ -286,13 +311,21 @@ def fid_report(tensors: dict, ref: str, features: str = "inception", mode: str =
     if mu_r.shape != feats.shape[1:]:
         raise UserError(f"reference {ref} has {mu_r.shape[0]}-d statistics but the features are "
                         f"{feats.shape[1]}-d; use the same --features for both")
-    report = {"fid": float(frechet_distance(feats.mean(0), np.cov(feats, rowvar=False), mu_r, sigma_r)),
+    report = {"fid": frechet(feats.mean(0), np.cov(feats, rowvar=False), mu_r, sigma_r),
               "num_samples": len(feats), "reference": described, "features": features, "mode": mode,
               "crop": crop,   # spread on the images as made; the COCO protocol's crops have one per prompt
               "within_class_spread": None if crop else within_class_spread(uncropped, tensors.get("label"))}
+    notes = []
+    if len(feats) <= feats.shape[1]:
+        notes.append(f"FID on {len(feats)} samples, not more than the {feats.shape[1]} feature dimensions: the "
+                     f"covariance is singular and the FID biased upwards; compare it only with FIDs on as many samples")
     if kid and feats_r is not None:
         np.random.seed(0)   # clean-fid's KID draws subsets with numpy's global generator
         report["kid"] = float(kernel_distance(feats, feats_r))
+    elif kid:
+        notes.append(f"no KID: it needs the reference's features, and {described} holds only their mean and "
+                     f"covariance")
+    report["notes"] = notes
     if hasattr(model, "classify") and "label" in tensors:
         # A feature network that can also classify judges class-conditional samples.
         with torch.no_grad():

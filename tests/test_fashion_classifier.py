@@ -1,5 +1,6 @@
 """The shipped Fashion-MNIST classifier (bench/fashion_classifier.py made it): FID features
-and class-accuracy judge for the offline benchmark."""
+and class-accuracy judge for the offline benchmark, as safetensors weights of
+dmdcli.fashion_classifier."""
 
 import pytest
 import torch
@@ -10,7 +11,9 @@ from dmdcli.fid import SHIPPED_FEATURES
 
 @pytest.fixture(scope="module")
 def classifier():
-    return torch.jit.load(str(SHIPPED_FEATURES["fashion"])).eval()
+    from dmdcli.fid import feature_model
+
+    return feature_model("fashion", "clean", torch.device("cpu"))
 
 
 @pytest.mark.parametrize("size", [0, 32])   # as stored (28x28), and the padded 32x32 frame students make
@@ -37,23 +40,17 @@ def test_classifier_takes_clean_fids_inputs(classifier):
         assert (classifier.classify(big).argmax(1) == y).float().mean().item() >= 0.9
 
 
-# Ops that torch has had since well before 2.6, the oldest torch pyproject.toml allows.
-PORTABLE_OPS = {"__is__", "adaptive_avg_pool2d", "add", "add_", "batch_norm", "conv2d", "dim", "div", "dropout",
-                "dropout_", "eq", "flatten", "format", "gt", "le", "len", "linear", "lt", "max_pool2d", "mean", "mul",
-                "ne", "relu", "relu_", "size", "slice", "sub", "to"}
+def test_classifier_loads_without_a_warning():
+    """The default features are a module of the package and safetensors weights: no
+    TorchScript, whose loader prints a deprecation warning on every `dmd fid`."""
+    import warnings
 
+    from dmdcli.fid import feature_model
 
-def test_classifier_loads_on_older_torch():
-    """TorchScript recompiles a file's code on load, so one op newer than the user's torch makes
-    it unloadable. Scripting F.interpolate on torch 2.14 pulled in aten::_upsample_lanczos2d_aa,
-    and torch 2.11 on a GPU machine refused the file; only long-standing ops may appear."""
-    import re
-    import zipfile
-
-    with zipfile.ZipFile(SHIPPED_FEATURES["fashion"]) as z:
-        code = "".join(z.read(n).decode() for n in z.namelist() if n.endswith(".py"))
-    ops = set(re.findall(r"torch\.(?:ops\.aten\.)?(_?[a-z_0-9]+)\(", code))
-    assert ops and ops <= PORTABLE_OPS, f"ops older torch may lack: {sorted(ops - PORTABLE_OPS)}"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model = feature_model("fashion", "clean", torch.device("cpu"))
+    assert type(model).__name__ == "FashionClassifier" and not model.training
 
 
 def test_shipped_reference_statistics_fit_the_test_split_and_the_shipped_classifier():

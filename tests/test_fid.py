@@ -232,3 +232,28 @@ def test_feature_progress_counts_only_batches_through_the_network(features, tmp_
             folder_features(as_folder(tmp_path / "f", image_set(0)), network, "clean", cpu, 16, progress=progress)
         assert seen == [0, 16, 32] and progress.tasks[0].completed == progress.tasks[0].total == 40
     assert feats.shape == (40, 16)
+
+
+def test_few_samples_and_a_stats_only_reference_are_said_once_without_warnings(tmp_path, features, capfd):
+    """10 samples in 16 feature dimensions: the covariance is singular, SciPy would warn and
+    clean-fid print; `dmd fid` says so in one note instead, and why KID is missing (the
+    reference holds only statistics), and with 40 samples says neither."""
+    import warnings
+
+    a = as_samples(tmp_path / "a.safetensors", image_set(0, n=10))
+    ref = tmp_path / "ref.npz"
+    assert main(["fid-ref", str(as_samples(tmp_path / "b.safetensors", image_set(1, n=40))), "--out", str(ref),
+                 "--features", str(features)]) == 0
+    capfd.readouterr()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert main(["fid", str(a), "--ref", str(ref), "--features", str(features)]) == 0
+    out = capfd.readouterr()
+    text = (out.out + out.err).replace("\n", " ")
+    assert "note: FID on 10 samples, not more than the 16 feature dimensions: the covariance is singular" in text
+    assert "note: no KID: it needs the reference's features" in text
+    assert "singular product" not in text and "Warning" not in text
+    big = as_samples(tmp_path / "c.safetensors", image_set(2, n=40))
+    assert main(["fid", str(big), "--ref", str(tmp_path / "b.safetensors"), "--features", str(features)]) == 0
+    out = capfd.readouterr()
+    assert "note:" not in out.out + out.err
