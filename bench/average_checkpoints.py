@@ -10,8 +10,8 @@ import argparse
 
 from safetensors.torch import load_file
 
-from dmdcli.fid import fid_report
-from dmdcli.generate import generator_tensors
+from dmdcli.evaluation.fid import fid_report
+from dmdcli.evaluation.generate import generator_tensors
 from dmdcli.runs import load_student
 
 

@@ -26,7 +26,7 @@ from safetensors.torch import load_file
 
 from dmdcli import losses
 from dmdcli.datasets import load_images
-from dmdcli.generate import generator_tensors
+from dmdcli.evaluation.generate import generator_tensors
 from dmdcli.networks import CriticWithHead, add_lora
 from dmdcli.runs import load_student
 from dmdcli.trainer import uses_gan

@@ -1,5 +1,5 @@
 """Train the Fashion-MNIST classifier that serves as FID features and class-accuracy judge
-for the offline benchmark (dmdcli.fashion_classifier), and save its weights as safetensors.
+for the offline benchmark (dmdcli.evaluation.fashion_classifier), and save its weights as safetensors.
 
 Usage: .venv/bin/python bench/fashion_classifier.py [--epochs 6] [--out dmdcli/assets/fashion-classifier.safetensors]
        .venv/bin/python bench/fashion_classifier.py --evaluate dmdcli/assets/fashion-classifier.safetensors
@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
-from dmdcli.fashion_classifier import FashionClassifier, load_fashion_classifier
+from dmdcli.evaluation.fashion_classifier import FashionClassifier, load_fashion_classifier
 
 
 def main():

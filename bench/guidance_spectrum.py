@@ -16,7 +16,7 @@ import torch
 from grain import high_frequency   # bench/grain.py, beside this file
 from dmdcli.datasets import load_images
 from dmdcli.recipe import load_recipe
-from dmdcli.teacher import build_teacher
+from dmdcli.teachers import build_teacher
 
 
 def high_frequency_share(d: torch.Tensor) -> float:

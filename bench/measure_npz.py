@@ -16,9 +16,9 @@ from pathlib import Path
 import torch
 
 from dmdcli.datasets import load_images
-from dmdcli.evaluate import load_samples, sample_tensors
-from dmdcli.fid import fid_report
-from dmdcli.plots import class_grid
+from dmdcli.evaluation.samples import load_samples, sample_tensors
+from dmdcli.evaluation.fid import fid_report
+from dmdcli.evaluation.plots import class_grid
 
 
 def main():

@@ -16,9 +16,9 @@ import argparse
 
 import torch
 
-from dmdcli.evaluate import sample_tensors
-from dmdcli.fid import fid_report
-from dmdcli.generate import generator_tensors, sample_noise
+from dmdcli.evaluation.samples import sample_tensors
+from dmdcli.evaluation.fid import fid_report
+from dmdcli.evaluation.generate import generator_tensors, sample_noise
 from dmdcli.pairs import PairSet, pair_noise
 from dmdcli.runs import load_student
 from dmdcli.sampling import student_sample, teacher_ode

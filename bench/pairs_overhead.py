@@ -55,7 +55,7 @@ def main():
     a = ap.parse_args()
     from diffusers import StableDiffusionPipeline
 
-    from dmdcli.diffusers_teachers import SDTeacher
+    from dmdcli.teachers.diffusers_unets import SDTeacher
     from dmdcli.pairs import PairSettings, make_pairs, pair_noise, teacher_pairs
     from dmdcli.recipe import SDConfig
 

@@ -14,11 +14,11 @@ from pathlib import Path
 
 import torch
 
-from dmdcli.fid import fid_report
-from dmdcli.generate import generator_tensors
-from dmdcli.plots import image_grid
+from dmdcli.evaluation.fid import fid_report
+from dmdcli.evaluation.generate import generator_tensors
+from dmdcli.evaluation.plots import image_grid
 from dmdcli.recipe import load_recipe
-from dmdcli.teacher import build_teacher, make_student
+from dmdcli.teachers import build_teacher, make_student
 
 
 def main():

@@ -27,8 +27,8 @@ def main():
     ap.add_argument("--out", type=Path, default=Path("docs/fashion-teacher-setups.png"))
     ap.add_argument("--edm", default="fashion-mnist", help="the EDM teacher (default: the shipped one)")
     a = ap.parse_args()
-    from dmdcli.diffusers_teachers import UNet2DTeacher
-    from dmdcli.edm import EDMTeacher
+    from dmdcli.teachers.diffusers_unets import UNet2DTeacher
+    from dmdcli.teachers.edm import EDMTeacher
 
     g = torch.Generator().manual_seed(0)
     z = torch.randn(a.num, 1, 32, 32, generator=g)
@@ -51,7 +51,7 @@ def _figure(blocks: list, vp, out: Path) -> None:
     import matplotlib.pyplot as plt
     from torchvision.utils import make_grid
 
-    from dmdcli.io import atomic_path
+    from dmdcli.utils.io import atomic_path
 
     fig = plt.figure(figsize=(15, 7.5))
     names = ["DDPM epsilon: the generator at t = 999", "DDPM epsilon: DDIM, 50 steps",

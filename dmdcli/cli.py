@@ -14,8 +14,8 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from .errors import UserError
-from .stopping import Stopped
+from .utils.errors import UserError
+from .utils.stopping import Stopped
 
 try:  # Typer 0.20+ vendors click; older versions use the click package.
     from typer._click import exceptions as click_exceptions
@@ -28,11 +28,11 @@ console = Console(stderr=True, soft_wrap=True)  # long paths stay on one line
 
 
 def progress_bar(extra: str = ""):
-    """The shared rich bar on this module's console (dmdcli.progress); quiet on the processes
+    """The shared rich bar on this module's console (dmdcli.utils.progress); quiet on the processes
     other than the main one under accelerate launch, which share its terminal."""
-    from .processes import process_state
+    from .utils.processes import process_state
 
-    from .progress import progress_bar as bar
+    from .utils.progress import progress_bar as bar
 
     return bar(console, extra, quiet=not process_state().is_main_process)
 
@@ -89,7 +89,7 @@ def convert_teacher(source: Path = typer.Argument(..., help="EDM pickle, e.g. ed
                                                            "plain containers (it can then run anything)")):
     """Convert NVIDIA's EDM network pickle to a teacher folder (teacher.edm.model), reading the
     pickle without importing or running the code stored in it."""
-    from .convert import convert_edm
+    from .teachers.convert_edm import convert_edm
 
     cfg = convert_edm(source, out, trust_pickle)
     m = cfg["model"]
@@ -122,9 +122,9 @@ def _teacher_from(name: str, recipe: Optional[Path], set_: List[str], guidance: 
     """(teacher, guidance) for --teacher NAME (gmm, sd, unet2d, or an alias such as sd15) with
     settings from --recipe/--set. Guidance: --guidance, else the recipe's or --set
     teacher.guidance, else the command's default for the teacher (`defaults`, else 1)."""
-    from .hub import ALIASES
+    from .teachers.hub import ALIASES
     from .recipe import load_recipe, recipe_from_data
-    from .teacher import build_teacher
+    from .teachers import build_teacher
 
     data = {"teacher": {"name": "sd", "sd": {"model": name}}} if name in ALIASES else {"teacher": {"name": name}}
     cfg = load_recipe(recipe, set_).teacher if recipe else recipe_from_data(data, set_).teacher
@@ -204,8 +204,8 @@ def sample(run: Optional[Path] = typer.Argument(None, help="run or checkpoint fo
            ema: bool = typer.Option(True, "--ema/--no-ema", help="use the generator's EMA weights if the run kept them"),
            images: str = typer.Option("none", help="also write the images: png (one file each) or npz (uint8)")):
     """Sample a student (and its teacher, same noise and conditions), or a teacher alone."""
-    from .evaluate import SAMPLES_FILE
-    from .generate import make_samples
+    from .evaluation.samples import SAMPLES_FILE
+    from .evaluation.generate import make_samples
     from .runs import load_student
     from .sampling import SAMPLERS
 
@@ -229,7 +229,7 @@ def sample(run: Optional[Path] = typer.Argument(None, help="run or checkpoint fo
     else:
         if teacher_steps < 1:
             raise UserError("--teacher-steps must be at least 1 when sampling a teacher alone")
-        from .processes import process_state
+        from .utils.processes import process_state
 
         t, guidance = _teacher_from(teacher, None, set_, guidance, {})
         t.to(process_state().device)
@@ -263,20 +263,20 @@ def fid(samples: Optional[Path] = typer.Argument(None, help="samples file or fol
         seed: int = typer.Option(0, help="seed for drawing exact reference samples (gmm)")):
     """FID (and KID) of samples against a reference; for the gmm teacher, the Frechet
     distance in its own coordinates with mode metrics."""
-    from .evaluate import gmm_report, load_samples
-    from .io import write_json
+    from .evaluation.samples import gmm_report, load_samples
+    from .utils.io import write_json
 
     if (samples is None) == (from_ is None):
         raise UserError("give a samples file or folder, or --from RUN to generate samples on the fly")
-    from .fid import check_reference_features
+    from .evaluation.fid import check_reference_features
 
     check_reference_features(ref, features)
     if from_ is not None:
-        from .generate import student_tensors
+        from .evaluation.generate import student_tensors
 
         if num <= 0:
             raise UserError(f"--num must be positive, got {num}")
-        from .processes import one_process_only
+        from .utils.processes import one_process_only
 
         one_process_only("fid --from", "run `dmd sample` and then `dmd fid` on its folder")
         with progress_bar() as bar:
@@ -296,7 +296,7 @@ def fid(samples: Optional[Path] = typer.Argument(None, help="samples file or fol
         table.add_row("mode mass / true weight (min .. max)", f"{min(mass):.2f} .. {max(mass):.2f}")
         table.add_row("samples / reference", f"{report['num_samples']} / {report['num_reference']} ({report['reference']})")
     else:
-        from .fid import fid_report
+        from .evaluation.fid import fid_report
 
         if ref == "gmm":
             raise UserError("--ref gmm is for samples of the gmm teacher; give imagenet64, an .npz, a folder "
@@ -334,7 +334,7 @@ def compare(runs: List[Path] = typer.Argument(..., help="run or checkpoint folde
     same noise and conditions, plus a grid of each student over the teacher. Several runs of
     one teacher share its rows. Rerunning resumes: rows whose settings and weights are
     unchanged are read back from OUT, not sampled again."""
-    from .compare import compare as run_compare, rows_for_table, speedup
+    from .evaluation.compare import compare as run_compare, rows_for_table, speedup
 
     try:
         steps = [int(s) for s in teacher_steps.split(",") if s.strip()]
@@ -372,7 +372,7 @@ def fid_ref(source: str = typer.Argument(..., help="folder of images, samples fi
             crop: int = typer.Option(0, help="centre-crop and resize images to this size first "
                                              "(COCO-30K protocol: 256); 0: off")):
     """Reference statistics (mu, sigma) for `dmd fid --ref FILE`, kept where you say."""
-    from .fid import make_reference
+    from .evaluation.fid import make_reference
 
     with progress_bar() as bar:
         info = make_reference(source, out, features, mode, batch_size, split, size, crop, progress=bar)

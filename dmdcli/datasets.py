@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .errors import UserError
+from .utils.errors import UserError
 
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 
@@ -137,8 +137,8 @@ def captioned_latents(teacher, spec: str, split: str = "train", chunk: int = 16)
     import numpy as np
     from safetensors.torch import load_file, save_file
 
-    from .fid import center_crop_resize
-    from .io import atomic_path, write_text
+    from .evaluation.fid import center_crop_resize
+    from .utils.io import atomic_path, write_text
 
     size = teacher.sample_shape[-1] * teacher.vae_scale_factor
     key = hashlib.sha256(json.dumps([spec, split, teacher.describe()["model"], teacher.cfg.revision, size])

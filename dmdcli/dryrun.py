@@ -39,9 +39,9 @@ def passes_per_iteration(r: Recipe, conditional: bool) -> list[str]:
 def report(r: Recipe) -> str:
     """Parameter counts, weight and optimiser memory per process, passes per iteration. The
     teacher is loaded once; the generator and critic are counted from it, not copied."""
-    from .errors import UserError
+    from .utils.errors import UserError
     from .networks import GANHead, bottleneck
-    from .teacher import build_teacher
+    from .teachers import build_teacher
 
     try:
         teacher = build_teacher(r.teacher)

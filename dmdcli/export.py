@@ -6,7 +6,7 @@ checkpoint beside a many-step scheduler produces noise). For several steps LCMSc
 re-noises x0 to the next timestep, which is DMD2's few-step sampling. Pixel students become
 unet/ + scheduler/. EDM students are ADM networks, not diffusers models: they become a
 `dmd-edm/1` folder (config.json with the student's sigma, model.safetensors) read with
-dmdcli.edm, as the teacher's own format. Each folder carries a model card (README.md) with the recipe, the
+dmdcli.teachers.edm, as the teacher's own format. Each folder carries a model card (README.md) with the recipe, the
 teacher, the steps and usage code. Written beside the target and renamed when complete.
 """
 
@@ -19,8 +19,8 @@ from pathlib import Path
 
 import torch
 
-from .errors import UserError
-from .io import write_text
+from .utils.errors import UserError
+from .utils.io import write_text
 from .recipe import to_toml
 from .networks import merge_lora
 from .runs import load_student
@@ -67,7 +67,7 @@ with torch.no_grad():
 
 
 EDM_USAGE = """import torch
-from dmdcli.edm import EDMDenoiser, build_network, load_edm_folder
+from dmdcli.teachers.edm import EDMDenoiser, build_network, load_edm_folder
 
 config, weights = load_edm_folder("{out}")
 net = EDMDenoiser(build_network(config, weights), config["label_dim"], torch.zeros(1), config["sigma_data"]).eval()
@@ -82,7 +82,7 @@ with torch.no_grad():
 
 # What export writes for an EDM run, said once (it cannot be a diffusers folder).
 EDM_NOTE = ("the edm student is EDM's ADM network, which diffusers has no class for: written as a dmd-edm/1 "
-            "folder (config.json, model.safetensors) that dmdcli.edm loads, with usage in its README.md")
+            "folder (config.json, model.safetensors) that dmdcli.teachers.edm loads, with usage in its README.md")
 
 
 def export(run: str | Path, out: Path, fid: str = "not measured", float16: bool = False) -> tuple[Path, str | None]:
@@ -121,7 +121,7 @@ def export(run: str | Path, out: Path, fid: str = "not measured", float16: bool 
         from diffusers import AutoencoderKL, StableDiffusionPipeline
         from transformers import CLIPTextModel, CLIPTokenizer
 
-        from . import hub
+        from .teachers import hub
 
         m, rev = recipe.teacher.sd.model, recipe.teacher.sd.revision
         pipe = StableDiffusionPipeline(
@@ -147,7 +147,7 @@ def _write_edm(tmp: Path, teacher, generator, timesteps: list[int], step: int, d
 
     from safetensors.torch import save_file
 
-    from .edm import FORMAT
+    from .teachers.edm import FORMAT
 
     sigmas = [float(teacher.schedule.sigmas[t]) for t in timesteps]
     config = {**teacher.config, "source": "dmd export", "unconditional": False,

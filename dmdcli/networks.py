@@ -109,7 +109,7 @@ LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.n
 
 def add_lora(net: nn.Module, rank: int) -> None:
     """Freeze the diffusers UNet inside `net` and give it trainable LoRA adapters (peft)."""
-    from .errors import UserError
+    from .utils.errors import UserError
 
     unet = getattr(net, "unet", None)
     if unet is None:

@@ -24,12 +24,12 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .errors import UserError
-from .io import atomic_path, sha256, write_json
+from .utils.errors import UserError
+from .utils.io import atomic_path, sha256, write_json
 from .recipe import dotted
 from .sampling import SAMPLERS, teacher_ode
-from .teacher import uint8_images
-from .stopping import StopRequest, Stopped
+from .teachers import uint8_images
+from .utils.stopping import StopRequest, Stopped
 
 FORMAT = "dmd-pairs/1"
 
@@ -135,7 +135,7 @@ def make_pairs(teacher, out: Path, num: int, settings: PairSettings, batch_size:
     settings.check()
     if settings.decode and not hasattr(teacher, "vae"):
         raise UserError(f"--decode is for latent teachers (sd); the {teacher.name} teacher's outputs are images already")
-    from .processes import folder_in_use
+    from .utils.processes import folder_in_use
 
     if rank == 0:   # before the folder is made
         check_free_space(out, num, teacher.sample_shape, settings.decode)
@@ -289,7 +289,7 @@ class PairSet(torch.utils.data.Dataset):
 def make_pairs_on_all_ranks(teacher, out: Path, num: int, settings: PairSettings, batch_size: int = 256,
                             progress_factory=None) -> dict:
     """make_pairs under `accelerate launch` (or alone): each process its own shards."""
-    from .processes import process_state
+    from .utils.processes import process_state
 
     state = process_state()
     teacher.to(state.device)

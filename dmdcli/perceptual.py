@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .errors import UserError
+from .utils.errors import UserError
 
 FORMAT = "dmd-lpips/1"
 NETS = ("vgg", "alex")
@@ -50,7 +50,7 @@ def convert_lpips(trunk: Path, out: Path, net: str = "vgg", linear: Path | None 
     file with our network's keys, checked by loading it into the network."""
     from safetensors.torch import save_file
 
-    from .io import atomic_path
+    from .utils.io import atomic_path
 
     if net not in NETS:
         raise UserError(f"--net must be one of {', '.join(NETS)}, got {net!r}")

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import tomli_w
 
-from .errors import UserError
+from .utils.errors import UserError
 
 
 def _choices(*values: str, default: str):

@@ -14,13 +14,13 @@ from pathlib import Path
 
 from accelerate import Accelerator
 
-from . import checkpoint
-from .errors import UserError
-from .io import write_text
-from .processes import any_process, folder_in_use
+from .utils import checkpoint
+from .utils.errors import UserError
+from .utils.io import write_text
+from .utils.processes import any_process, folder_in_use
 from .recipe import Recipe, dotted, from_dict, to_dict, to_toml
 from .runs import init_from
-from .stopping import StopRequest, Stopped
+from .utils.stopping import StopRequest, Stopped
 from .trainer import DMDTrainer, make_accelerator
 
 # Keys that may change between a run and its resumption (they do not change the result).

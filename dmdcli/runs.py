@@ -10,10 +10,11 @@ from pathlib import Path
 
 from safetensors.torch import load_file
 
-from . import checkpoint, hub
-from .errors import UserError
+from .utils import checkpoint
+from .teachers import hub
+from .utils.errors import UserError
 from .recipe import from_dict
-from .teacher import build_teacher, make_student
+from .teachers import build_teacher, make_student
 
 
 def exported_student(path: Path) -> dict | None:
@@ -62,7 +63,7 @@ def load_student(path: str | Path, device=None, ema: bool = True, teacher=None):
     EMA weights when the run kept them (train.ema_decay > 0) unless ema is False. `teacher`:
     one already built from the same teacher settings, to share between runs."""
     if device is None:   # this process's device (one GPU per process under accelerate launch)
-        from .processes import process_state
+        from .utils.processes import process_state
 
         device = process_state().device
     run_dir, ckpt = resolve(path)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from .errors import UserError
+from .utils.errors import UserError
 
 SAMPLERS = {"ddim": "DDIMScheduler", "dpmpp-2m": "DPMSolverMultistepScheduler", "euler": "EulerDiscreteScheduler",
             "heun": "HeunDiscreteScheduler"}  # Heun: 2 network calls a step (EDM's sampler)

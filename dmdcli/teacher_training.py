@@ -27,15 +27,15 @@ from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 from safetensors.torch import load_file, save_file
 
-from . import checkpoint
+from .utils import checkpoint
 from .datasets import load_images
-from .edm import FORMAT, EDMDenoiser, build_network
-from .errors import UserError
-from .io import write_text
+from .teachers.edm import FORMAT, EDMDenoiser, build_network
+from .utils.errors import UserError
+from .utils.io import write_text
 from .recipe import TeacherRecipe, to_toml
 from .runner import check_same_run
 from .schedules import EDMSchedule
-from .stopping import StopRequest, Stopped
+from .utils.stopping import StopRequest, Stopped
 
 SCHEDULER = {"num_train_timesteps": 1000, "beta_schedule": "linear", "beta_start": 1e-4, "beta_end": 0.02,
              "prediction_type": "epsilon", "clip_sample": False}

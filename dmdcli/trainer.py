@@ -20,15 +20,16 @@ from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 from safetensors.torch import load_file, save_file
 
-from . import checkpoint, losses
-from .errors import UserError
+from .utils import checkpoint
+from . import losses
+from .utils.errors import UserError
 from .datasets import RealData
 from .networks import CriticWithHead, add_lora, enable_gradient_checkpointing, frozen
 from .pairs import PairSet
 from .perceptual import load_lpips, lpips_distance
 from .recipe import Recipe
 from .sampling import generator_x0, student_sample
-from .teacher import build_teacher, make_student, real_score
+from .teachers import build_teacher, make_student, real_score
 
 
 def uses_gan(recipe: Recipe) -> bool:

@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from dmdcli import checkpoint
+from dmdcli.utils import checkpoint
 
 
 def test_optimizer_state_round_trips_exactly(tmp_path):

@@ -72,7 +72,7 @@ def test_compare_shares_the_teachers_rows_between_runs_and_resumes_unchanged_row
     # A second compare into the folder while one runs is refused, and leaves it as it was.
     import os
 
-    from dmdcli.io import try_lock
+    from dmdcli.utils.io import try_lock
 
     held = try_lock(cmp)
     busy = run_dmd("compare", tmp_path / "a", tmp_path / "b", *args)
@@ -113,7 +113,7 @@ def test_compare_refuses_vector_students_before_writing(tmp_path, tiny_recipe):
 def test_within_class_spread_is_zero_for_a_collapsed_generator_and_the_std_otherwise():
     import torch
 
-    from dmdcli.evaluate import within_class_spread
+    from dmdcli.evaluation.samples import within_class_spread
 
     g = torch.Generator().manual_seed(0)
     labels = torch.arange(4000) % 4
@@ -134,8 +134,8 @@ def test_images_per_second_times_the_network_not_start_up_or_input_noise(monkeyp
 
     import torch
 
-    from dmdcli import generate
-    from dmdcli.gmm import GMMTeacher
+    from dmdcli.evaluation import generate
+    from dmdcli.teachers.gmm import GMMTeacher
     from dmdcli.recipe import GMMConfig
 
     teacher = GMMTeacher(GMMConfig(conditional=True))
@@ -195,9 +195,9 @@ def test_compare_stopped_while_measuring_measures_the_kept_samples_on_rerun(tmp_
     gets the figures an uninterrupted call gets."""
     import pytest
 
-    import dmdcli.fid
-    import dmdcli.generate
-    from dmdcli.compare import compare
+    import dmdcli.evaluation.fid
+    import dmdcli.evaluation.generate
+    from dmdcli.evaluation.compare import compare
 
     teacher = save_tiny_unet2d(tmp_path / "teacher")
     recipe = unet2d_recipe(tmp_path / "r.toml", teacher, tmp_path / "run", steps=2)
@@ -208,21 +208,21 @@ def test_compare_stopped_while_measuring_measures_the_kept_samples_on_rerun(tmp_
     args = (10, [2], str(ref / "samples.safetensors"), "fashion")
     whole = compare(tmp_path / "run", tmp_path / "whole", *args, batch_size=5)
 
-    measure = dmdcli.fid.fid_report
+    measure = dmdcli.evaluation.fid.fid_report
 
     def stopped(*a, **k):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(dmdcli.fid, "fid_report", stopped)
+    monkeypatch.setattr(dmdcli.evaluation.fid, "fid_report", stopped)
     with pytest.raises(KeyboardInterrupt):
         compare(tmp_path / "run", tmp_path / "cmp", *args, batch_size=5)
     kept = json.loads((tmp_path / "cmp" / "student" / "row.json").read_text())
     assert "row" not in kept and kept["images_per_second"] > 0
     stamp = (tmp_path / "cmp" / "student" / "samples.safetensors").stat().st_mtime_ns
-    monkeypatch.setattr(dmdcli.fid, "fid_report", measure)
-    make = dmdcli.generate.make_samples
+    monkeypatch.setattr(dmdcli.evaluation.fid, "fid_report", measure)
+    make = dmdcli.evaluation.generate.make_samples
     sampled = []
-    monkeypatch.setattr(dmdcli.generate, "make_samples", lambda *a, **k: sampled.append(k["teacher_steps"]) or make(*a, **k))
+    monkeypatch.setattr(dmdcli.evaluation.generate, "make_samples", lambda *a, **k: sampled.append(k["teacher_steps"]) or make(*a, **k))
     again = compare(tmp_path / "run", tmp_path / "cmp", *args, batch_size=5)
     assert sampled == [2]   # the teacher's row only: the student's kept samples were measured, not remade
     assert (tmp_path / "cmp" / "student" / "samples.safetensors").stat().st_mtime_ns == stamp

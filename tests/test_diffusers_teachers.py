@@ -27,7 +27,7 @@ def prompts(tmp_path):
 
 
 def test_sd_teacher_x0_and_guidance_by_hand(sd_folder, prompts):
-    from dmdcli.diffusers_teachers import SDTeacher
+    from dmdcli.teachers.diffusers_unets import SDTeacher
 
     teacher = SDTeacher(SDConfig(model=str(sd_folder), prompts=str(prompts)))
     assert teacher.prompts == ["a red shoe", "a cat on a mat", "an old bridge at dusk"]
@@ -51,7 +51,7 @@ def test_sd_teacher_x0_and_guidance_by_hand(sd_folder, prompts):
 
 
 def test_sd_v_prediction_teacher(tmp_path):
-    from dmdcli.diffusers_teachers import SDTeacher
+    from dmdcli.teachers.diffusers_unets import SDTeacher
 
     folder = save_tiny_sd(tmp_path / "v", prediction_type="v_prediction")
     teacher = SDTeacher(SDConfig(model=str(folder)))
@@ -128,7 +128,7 @@ def test_missing_local_folder_is_one_line(capsys, tmp_path):
 
 
 def test_unet2d_make_pairs_and_distill(tmp_path, unet_folder):
-    from dmdcli.diffusers_teachers import UNet2DTeacher
+    from dmdcli.teachers.diffusers_unets import UNet2DTeacher
 
     teacher = UNet2DTeacher(UNet2DConfig(model=str(unet_folder)))
     assert teacher.num_classes == 3 and teacher.sample_shape == (1, 16, 16)
@@ -287,7 +287,7 @@ def test_sd_gan_on_captioned_images(tmp_path, sd_folder, prompts, monkeypatch, c
     assert latents.shape == (4, 4, 8, 8)                      # 16 px (the tiny VAE's 2x) of the 8x8 latents
     from dmdcli.datasets import RealData
     from dmdcli.recipe import load_recipe
-    from dmdcli.teacher import build_teacher
+    from dmdcli.teachers import build_teacher
 
     teacher = build_teacher(load_recipe(path).teacher)
     real = RealData(teacher, f"imagefolder:{images}")         # from the cache, the same latents

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from conftest import run_dmd
-from dmdcli.edm import ADMUNet, EDMDenoiser, build_network, edm_preconditioning, load_edm_folder
+from dmdcli.teachers.edm import ADMUNet, EDMDenoiser, build_network, edm_preconditioning, load_edm_folder
 from dmdcli.losses import critic_loss_edm
 from dmdcli.sampling import edm_ode, karras_sigmas, student_sample
 from dmdcli.schedules import EDMSchedule
@@ -107,7 +107,7 @@ def test_convert_reproduces_the_network_exactly_without_running_its_code(tmp_pat
 def test_convert_imports_nothing_from_the_pickle(tmp_path):
     marker = tmp_path / "code-ran"
     write_edm_pickle(tmp_path / "edm.pkl", marker, label_dim=0)
-    code = (f"import sys; from dmdcli.convert import convert_edm; "
+    code = (f"import sys; from dmdcli.teachers.convert_edm import convert_edm; "
             f"convert_edm({str(tmp_path / 'edm.pkl')!r}, {str(tmp_path / 'out')!r}); "
             f"print(sorted(m for m in sys.modules if m.startswith(('torch_utils', 'dnnlib', '_imported_module'))))")
     import subprocess
@@ -379,8 +379,8 @@ def test_golden_edm_outputs_of_nvidias_own_code():
 
     from safetensors import safe_open
 
-    from dmdcli.convert import Persistent, edm_config
-    from dmdcli.edm import UNetBlock
+    from dmdcli.teachers.convert_edm import Persistent, edm_config
+    from dmdcli.teachers.edm import UNetBlock
 
     golden = Path(__file__).parent / "fixtures" / "edm_golden.safetensors"
     with safe_open(str(golden), "pt") as f:

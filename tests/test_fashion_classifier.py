@@ -1,17 +1,17 @@
 """The shipped Fashion-MNIST classifier (bench/fashion_classifier.py made it): FID features
 and class-accuracy judge for the offline benchmark, as safetensors weights of
-dmdcli.fashion_classifier."""
+dmdcli.evaluation.fashion_classifier."""
 
 import pytest
 import torch
 
 from dmdcli.datasets import load_images
-from dmdcli.fid import SHIPPED_FEATURES
+from dmdcli.evaluation.fid import SHIPPED_FEATURES
 
 
 @pytest.fixture(scope="module")
 def classifier():
-    from dmdcli.fid import feature_model
+    from dmdcli.evaluation.fid import feature_model
 
     return feature_model("fashion", "clean", torch.device("cpu"))
 
@@ -45,7 +45,7 @@ def test_classifier_loads_without_a_warning():
     TorchScript, whose loader prints a deprecation warning on every `dmd fid`."""
     import warnings
 
-    from dmdcli.fid import feature_model
+    from dmdcli.evaluation.fid import feature_model
 
     with warnings.catch_warnings():
         warnings.simplefilter("error")
@@ -60,10 +60,10 @@ def test_shipped_reference_statistics_fit_the_test_split_and_the_shipped_classif
     its variances agree (within 10% for the median dimension), and the dimensions the classifier never uses are 0 in both."""
     import numpy as np
 
-    from dmdcli.fid import SHIPPED_REFERENCES, feature_model, image_features
+    from dmdcli.evaluation.fid import SHIPPED_REFERENCES, feature_model, image_features
 
-    from dmdcli.fid import SHIPPED_FEATURES
-    from dmdcli.io import sha256
+    from dmdcli.evaluation.fid import SHIPPED_FEATURES
+    from dmdcli.utils.io import sha256
 
     with np.load(SHIPPED_REFERENCES["fashion-mnist"]["file"]) as f:
         mu, sigma, count, features = f["mu"], f["sigma"], int(f["count"]), str(f["features"])

@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from conftest import ROOT, run_dmd
-from dmdcli import checkpoint
+from dmdcli.utils import checkpoint
 
 KILLS = 3
 

@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from dmdcli.cli import main
-from dmdcli.evaluate import save_samples
+from dmdcli.evaluation.samples import save_samples
 
 
 @pytest.fixture
@@ -142,7 +142,7 @@ def test_bad_mode_and_offline_inception_are_one_line(tmp_path, monkeypatch, caps
 
 
 def test_center_crop_resize_takes_the_central_square():
-    from dmdcli.fid import center_crop_resize
+    from dmdcli.evaluation.fid import center_crop_resize
 
     img = np.arange(4 * 6 * 3, dtype=np.uint8).reshape(4, 6, 3)
     assert (center_crop_resize(img, 4) == img[:, 1:5]).all()          # same size: the crop alone
@@ -170,7 +170,7 @@ def test_crop_applies_to_samples_and_references_alike(tmp_path, features, capsys
     folder = as_folder(tmp_path / "same", wide_a)
     assert main(["fid-ref", str(folder), "--out", str(tmp_path / "c.npz"), "--features", str(features),
                  "--crop", "8"]) == 0
-    from dmdcli.io import sha256
+    from dmdcli.utils.io import sha256
 
     with np.load(tmp_path / "c.npz") as f:   # which feature network made them
         assert str(f["features_sha256"]) == sha256(Path(features))
@@ -187,7 +187,7 @@ def test_crop_applies_to_samples_and_references_alike(tmp_path, features, capsys
 def test_named_reference_checksum_is_recorded_and_checked(tmp_path, features, monkeypatch, capsys):
     """EDM publishes no checksum: the first download's sha256 is recorded beside the file and
     a changed file is refused naming both; a record is only written for what we downloaded."""
-    import dmdcli.fid as fid
+    import dmdcli.evaluation.fid as fid
 
     monkeypatch.setenv("DMD_CACHE", str(tmp_path / "cache"))
     sa = as_samples(tmp_path / "a.safetensors", image_set(0))
@@ -219,7 +219,7 @@ def test_named_reference_checksum_is_recorded_and_checked(tmp_path, features, mo
 def test_feature_progress_counts_only_batches_through_the_network(features, tmp_path, source):
     from rich.progress import Progress
 
-    from dmdcli.fid import folder_features, image_features
+    from dmdcli.evaluation.fid import folder_features, image_features
 
     model, seen = torch.jit.load(str(features)), []
     with Progress(disable=True) as progress:

@@ -4,11 +4,11 @@ import pytest
 import torch
 from diffusers import DDPMScheduler
 
-from dmdcli.gmm import SCHEDULER_CONFIG, GMMTeacher, Mixture
+from dmdcli.teachers.gmm import SCHEDULER_CONFIG, GMMTeacher, Mixture
 from dmdcli.recipe import GMMConfig
 from dmdcli.sampling import teacher_ode
 from dmdcli.schedules import EDMSchedule, VPSchedule
-from dmdcli.teacher import real_score
+from dmdcli.teachers import real_score
 
 
 def mc_posterior_mean(mixture, x_t, a, b, n=2_000_000, seed=0, labels=None):

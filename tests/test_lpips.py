@@ -104,7 +104,7 @@ def test_dmd_v1_trains_with_lpips_on_decoded_images(tmp_path):
 
 def test_sd_images_with_grad_carry_gradients_to_latents(tmp_path):
     from dmdcli.recipe import recipe_from_data
-    from dmdcli.teacher import build_teacher
+    from dmdcli.teachers import build_teacher
     from tiny_models import save_tiny_sd
 
     folder = save_tiny_sd(tmp_path / "sd")

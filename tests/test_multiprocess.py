@@ -85,7 +85,7 @@ def test_two_processes_train_like_one_with_twice_the_batch(tmp_path, tiny_recipe
     import torch
 
     from dmdcli.recipe import load_recipe
-    from dmdcli.teacher import build_teacher
+    from dmdcli.teachers import build_teacher
 
     teacher = build_teacher(load_recipe(one).teacher)
     torch.manual_seed(0)   # the initial weights, as the trainer makes them (run.seed 0)

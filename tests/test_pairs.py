@@ -8,8 +8,8 @@ import torch
 from safetensors.torch import load_file
 
 from dmdcli.cli import main
-from dmdcli.errors import UserError
-from dmdcli.gmm import GMMTeacher
+from dmdcli.utils.errors import UserError
+from dmdcli.teachers.gmm import GMMTeacher
 from dmdcli.pairs import PairSet, PairSettings, make_pairs, pair_noise
 from dmdcli.recipe import GMMConfig
 from dmdcli.sampling import teacher_ode
@@ -33,7 +33,7 @@ def test_pairs_are_pure_functions_of_seed_and_index(tmp_path):
 def test_samples_never_start_from_the_noise_of_a_pair():
     # Sample i of seed s used to start from pair i's noise of seed s: a DMD v1 student
     # was measured on the very noises it had been regressed on (1,024 of 2,000 samples).
-    from dmdcli.generate import sample_noise
+    from dmdcli.evaluation.generate import sample_noise
     pairs = torch.cat([pair_noise(seed, range(256), (4,)) for seed in (0, 1, 7)])
     for seed in (0, 1, 7):
         starts = sample_noise(seed, range(256), (4,))
@@ -60,7 +60,7 @@ def test_make_pairs_into_a_store_another_call_is_filling_is_refused(tmp_path):
     """Two calls into one store would each delete the other's half-written shard as stale."""
     import os
 
-    from dmdcli.io import try_lock
+    from dmdcli.utils.io import try_lock
 
     out = tmp_path / "p"
     held = try_lock(out, "`dmd make-pairs`")
@@ -215,7 +215,7 @@ def test_a_teacher_alone_samples_at_the_guidance_set_for_it(tmp_path):
     """`sample --teacher ... --set teacher.guidance=2` uses 2, as make-pairs does (it used 1)."""
     from tiny_models import save_tiny_unet2d
 
-    from dmdcli.evaluate import load_samples
+    from dmdcli.evaluation.samples import load_samples
 
     teacher = save_tiny_unet2d(tmp_path / "teacher")
     assert main(["sample", "--teacher", "unet2d", "--set", f"teacher.unet2d.model={teacher}", "--set",

@@ -9,7 +9,7 @@ import sys
 import time
 
 from conftest import ROOT, run_dmd
-from dmdcli.gmm import GMMTeacher
+from dmdcli.teachers.gmm import GMMTeacher
 from dmdcli.pairs import verify_pairs
 from dmdcli.recipe import GMMConfig
 

@@ -7,7 +7,7 @@ import io
 import pytest
 from rich.console import Console
 
-from dmdcli.progress import plain_line, progress_bar
+from dmdcli.utils.progress import plain_line, progress_bar
 
 
 def test_plain_line_rate_counts_from_where_this_process_started_and_hours_pass_a_day():

@@ -80,7 +80,7 @@ def test_rerun_of_finished_run_is_a_no_op_and_longer_run_continues(tmp_path, tin
 
 def test_a_second_command_on_a_busy_run_is_refused_and_writes_nothing(tmp_path, tiny_recipe, capsys):
     from dmdcli.cli import main
-    from dmdcli.io import try_lock
+    from dmdcli.utils.io import try_lock
 
     path = tiny_recipe(steps=10, checkpoint_every=10)
     assert main(["distill", str(path)]) == 0
@@ -100,9 +100,9 @@ def test_a_second_command_on_a_busy_run_is_refused_and_writes_nothing(tmp_path, 
 
 
 def test_the_run_lock_dies_with_its_process_even_on_sigkill(tmp_path):
-    from dmdcli.io import try_lock
+    from dmdcli.utils.io import try_lock
 
-    code = ("import sys, time; from pathlib import Path; from dmdcli.io import try_lock; "
+    code = ("import sys, time; from pathlib import Path; from dmdcli.utils.io import try_lock; "
             "held = try_lock(Path(sys.argv[1])); print('locked', flush=True); time.sleep(600)")
     proc = subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], cwd=ROOT, stdout=subprocess.PIPE, text=True)
     try:
@@ -159,7 +159,7 @@ def test_half_written_metrics_line_is_dropped_on_resume(tmp_path, tiny_recipe):
 def test_checkpoint_of_an_earlier_version_resumes(tmp_path, tiny_recipe):
     """Checkpoints written before the state held num_processes, scaler and ema still resume."""
     from dmdcli.cli import main
-    from dmdcli.io import sha256
+    from dmdcli.utils.io import sha256
 
     path = tiny_recipe(steps=10, checkpoint_every=10)
     assert main(["distill", str(path)]) == 0

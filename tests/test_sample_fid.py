@@ -58,7 +58,7 @@ def test_a_second_sample_or_compare_into_a_busy_folder_is_refused_and_deletes_no
     kept batches under .partial/ as stale, and the two would overwrite each other's files."""
     import os
 
-    from dmdcli.io import try_lock
+    from dmdcli.utils.io import try_lock
 
     assert main(["distill", str(tiny_recipe(steps=2))]) == 0
     run_dir = tmp_path / "runs" / "tiny"

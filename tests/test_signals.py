@@ -7,7 +7,7 @@ import sys
 import time
 
 from conftest import ROOT, run_dmd
-from dmdcli import checkpoint
+from dmdcli.utils import checkpoint
 
 
 def start(*args):

@@ -58,7 +58,7 @@ def test_train_edm_teacher_resumes_and_is_a_guided_edm_teacher(tmp_path, capsys)
     folder that the edm teacher loads, guidable (label dropout to the zero label vector)."""
     import json
 
-    from dmdcli.edm import EDMTeacher
+    from dmdcli.teachers.edm import EDMTeacher
     from dmdcli.recipe import EDMConfig
 
     out = tmp_path / "run"

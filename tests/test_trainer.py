@@ -136,7 +136,7 @@ def test_bf16_autocast_runs_on_cpu(tiny_recipe, tmp_path):
 
 def test_gan_with_real_fashion_images_needs_matching_channels(tmp_path, unet_teacher):
     from dmdcli.datasets import DEBIAN_FASHION_MNIST
-    from dmdcli.errors import UserError
+    from dmdcli.utils.errors import UserError
 
     if not DEBIAN_FASHION_MNIST.is_dir():
         pytest.skip("dataset-fashion-mnist is not installed")
@@ -275,7 +275,7 @@ def test_gradient_checkpointing_is_refused_for_the_mlp(tiny_recipe, capsys):
 
 def test_dry_run_counts_parameters_memory_and_passes(tmp_path, unet_teacher, capsys):
     from dmdcli.cli import main
-    from dmdcli.teacher import build_teacher
+    from dmdcli.teachers import build_teacher
 
     recipe = unet2d_recipe(tmp_path / "r.toml", unet_teacher, tmp_path / "run", ratio=3)
     assert main(["distill", str(recipe), "--dry-run"]) == 0
@@ -374,7 +374,7 @@ def test_sharded_launches_are_refused_before_any_work(kind, tiny_recipe, monkeyp
     from accelerate.utils import DistributedType
 
     import dmdcli.trainer
-    from dmdcli.errors import UserError
+    from dmdcli.utils.errors import UserError
     from dmdcli.trainer import refuse_sharding
 
     monkeypatch.setattr(dmdcli.trainer, "build_teacher", lambda cfg: pytest.fail("a teacher was loaded"))
@@ -393,11 +393,11 @@ def test_a_log_file_gets_plain_progress_lines_with_the_losses(tiny_recipe, tmp_p
     from rich.console import Console
 
     import dmdcli.cli
-    import dmdcli.progress
+    import dmdcli.utils.progress
     from dmdcli.cli import main
 
     monkeypatch.setattr(dmdcli.cli, "console", Console(stderr=True, force_terminal=False, force_interactive=False))
-    monkeypatch.setattr(dmdcli.progress, "PLAIN_EVERY", 0.0)
+    monkeypatch.setattr(dmdcli.utils.progress, "PLAIN_EVERY", 0.0)
     recipe = tiny_recipe(steps=20, checkpoint_every=10)
     assert main(["distill", str(recipe), "--set", "run.log_every=5", "--set", "run.log_with=none",
                  "--set", "train.steps=10"]) == 0
@@ -497,7 +497,7 @@ def test_gpu_settings_without_a_gpu(tiny_recipe, monkeypatch, capsys):
     """What a CUDA run gets, checked on the CPU: TF32 and cuDNN's autotuner, fused AdamW,
     bf16 only on cards that have it (auto: fp16 for the frozen teacher; training refused)."""
     from dmdcli.cli import main
-    from dmdcli.teacher import resolve_dtype
+    from dmdcli.teachers import resolve_dtype
     from dmdcli.trainer import adamw, cuda_speed_settings
 
     flags = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32, torch.backends.cudnn.benchmark)

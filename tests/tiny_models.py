@@ -91,7 +91,7 @@ def write_edm_pickle(path: Path, marker: Path, seed: int = 0, label_dim: int = 1
 
     import numpy as np
 
-    from dmdcli.edm import ADMUNet, Conv2d, GroupNorm, Linear, UNetBlock
+    from dmdcli.teachers.edm import ADMUNet, Conv2d, GroupNorm, Linear, UNetBlock
 
     torch.manual_seed(seed)
     net = ADMUNet(resolution, 3, 3, label_dim, **EDM_TINY)

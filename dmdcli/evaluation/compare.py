@@ -10,9 +10,9 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .errors import UserError
-from .evaluate import load_samples
-from .io import write_json
+from ..utils.errors import UserError
+from .samples import load_samples
+from ..utils.io import write_json
 
 if TYPE_CHECKING:
     import torch
@@ -27,10 +27,10 @@ def compare(runs, out: Path, num: int, teacher_steps: list[int], ref: str, featu
     second, FID (+ KID, class accuracy where available). `progress` (a rich Progress) shows
     each row's sampling. The teacher is built once; each student is loaded for its row."""
     from .fid import check_reference_features
-    from .processes import folder_in_use, one_process_only, process_state
-    from .recipe import to_dict
-    from .runs import load_recipe_of
-    from .teacher import build_teacher
+    from ..utils.processes import folder_in_use, one_process_only, process_state
+    from ..recipe import to_dict
+    from ..runs import load_recipe_of
+    from ..teachers import build_teacher
 
     one_process_only("compare", "run `dmd sample` for each student and the teacher, then `dmd fid` on each folder")
     runs = [runs] if isinstance(runs, (str, Path)) else list(runs)
@@ -61,7 +61,7 @@ def _compare(runs, recipes, teacher, out, num, teacher_steps, ref, features, mod
              progress) -> list[dict]:
     from .generate import make_samples, teacher_identity, weights_digest
     from .plots import class_grid
-    from .runs import load_student
+    from ..runs import load_student
 
     guidance = recipes[0].teacher.guidance
     common = {"num": num, "seed": seed, "batch_size": batch_size, "mode": mode, "teacher": teacher_identity(teacher),
@@ -92,7 +92,7 @@ def _compare(runs, recipes, teacher, out, num, teacher_steps, ref, features, mod
 
 def _identity(name: str) -> str:
     """A reference or feature network by name, or by its file's SHA-256 when it is a file."""
-    from .io import sha256
+    from ..utils.io import sha256
 
     return f"{name} sha256:{sha256(Path(name))}" if Path(name).is_file() else name
 

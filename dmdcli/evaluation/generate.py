@@ -23,10 +23,10 @@ from pathlib import Path
 
 import torch
 
-from .evaluate import sample_tensors, save_samples
-from .pairs import index_noise
-from .sampling import student_sample, teacher_ode
-from .teacher import uint8_images
+from .samples import sample_tensors, save_samples
+from ..pairs import index_noise
+from ..sampling import student_sample, teacher_ode
+from ..teachers import uint8_images
 
 
 def sample_noise(seed: int, indices, shape, renoise: int = 0) -> torch.Tensor:
@@ -90,7 +90,7 @@ def _read_batch(path: Path, shape: tuple) -> torch.Tensor | None:
 def _write_batch(path: Path, x: torch.Tensor) -> None:
     from safetensors.torch import save_file
 
-    from .io import atomic_path
+    from ..utils.io import atomic_path
 
     with atomic_path(path) as tmp:
         save_file({"x": x.contiguous()}, str(tmp))
@@ -151,7 +151,7 @@ def make_samples(out: Path, num: int, teacher, **settings) -> dict:
     `progress` (a rich Progress) shows the main process's share, one task per sampler.
     One call at a time per folder: a second is refused (it would delete the first's kept batches).
     settings: _make_samples's keywords."""
-    from .processes import folder_in_use
+    from ..utils.processes import folder_in_use
 
     with folder_in_use(out, "`dmd sample` or `dmd compare`", "let it finish, or choose another --out"):
         return _make_samples(out, num, teacher, **settings)
@@ -160,7 +160,7 @@ def make_samples(out: Path, num: int, teacher, **settings) -> dict:
 def _make_samples(out: Path, num: int, teacher, *, generator=None, timesteps=(999,), student_source: str = "",
                   teacher_steps: int = 50, guidance: float = 1.0, sampler: str = "ddim", seed: int = 0,
                   batch_size: int = 256, images: str = "none", progress=None) -> dict:
-    from .processes import process_state
+    from ..utils.processes import process_state
 
     state = process_state()
     progress = progress if state.is_main_process else None
@@ -218,7 +218,7 @@ def _uint8(x, img) -> torch.Tensor:
 def _write_pngs(folder: Path, x, img, indices: range) -> None:
     from PIL import Image
 
-    from .io import atomic_path
+    from ..utils.io import atomic_path
 
     folder.mkdir(parents=True, exist_ok=True)
     for i, pixels in zip(indices, _uint8(x, img).permute(0, 2, 3, 1).numpy()):
@@ -229,7 +229,7 @@ def _write_pngs(folder: Path, x, img, indices: range) -> None:
 def _write_npz(path: Path, x, img, labels) -> None:
     import numpy as np
 
-    from .io import atomic_path
+    from ..utils.io import atomic_path
 
     arrays = {"arr_0": _uint8(x, img).permute(0, 2, 3, 1).numpy()}
     if labels is not None:
@@ -241,7 +241,7 @@ def _write_npz(path: Path, x, img, labels) -> None:
 def student_tensors(run, num: int, seed: int = 0, batch_size: int = 256, progress=None) -> tuple[dict, dict]:
     """(tensors as a samples file holds them, teacher description) of a run's student, made in
     memory: the same samples `dmd sample RUN --num N --seed S` would write."""
-    from .runs import load_student
+    from ..runs import load_student
 
     recipe, teacher, generator, _ = load_student(run)
     return (generator_tensors(generator, teacher, recipe.student.timesteps, num, seed, batch_size, progress),
@@ -262,7 +262,7 @@ def _join_ranks(out: Path, results: dict, state) -> dict:
     rank order (contiguous shares: index order) and removes them."""
     from safetensors.torch import load_file, save_file
 
-    from .io import atomic_path
+    from ..utils.io import atomic_path
 
     for who, (x, rate, steps, images) in results.items():   # NaN: this rank made nothing
         part = {"x": x.contiguous(), "rate": torch.tensor([float("nan") if rate is None else rate],

@@ -18,10 +18,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .datasets import cache_dir
-from .errors import UserError
-from .evaluate import within_class_spread
-from .io import sha256
+from ..datasets import cache_dir
+from ..utils.errors import UserError
+from .samples import within_class_spread
+from ..utils.io import sha256
 
 REFERENCES = {
     "imagenet64": {
@@ -70,7 +70,7 @@ def to_uint8_images(tensors: dict) -> torch.Tensor:
     if "image" in tensors:
         img = tensors["image"]
     elif tensors["x"].ndim == 4 and tensors["x"].shape[1] in (1, 3):
-        from .teacher import uint8_images
+        from ..teachers import uint8_images
 
         img = uint8_images(tensors["x"])
     else:
@@ -105,10 +105,10 @@ def _crop_tensor(images: torch.Tensor, size: int) -> torch.Tensor:
 
 
 # Feature networks shipped with the package, by name.
-SHIPPED_FEATURES = {"fashion": Path(__file__).parent / "assets" / "fashion-classifier.safetensors"}
+SHIPPED_FEATURES = {"fashion": Path(__file__).parent.parent / "assets" / "fashion-classifier.safetensors"}
 # Statistics shipped with the package, each valid for one feature network only. Made by
 # `dmd fid-ref fashion-mnist --split test --size 32 --features fashion --out FILE`.
-SHIPPED_REFERENCES = {"fashion-mnist": {"file": Path(__file__).parent / "assets" / "fashion-mnist-test-stats.npz",
+SHIPPED_REFERENCES = {"fashion-mnist": {"file": Path(__file__).parent.parent / "assets" / "fashion-mnist-test-stats.npz",
                                         "features": "fashion"}}
 
 
@@ -120,7 +120,7 @@ def shipped_or_path(features: str) -> str:
 def feature_model(features: str, mode: str, device: torch.device):
     """clean-fid's Inception (ours to fetch into the cache, or a local copy of its file), a
     shipped feature network by name ("fashion": our Fashion-MNIST classifier, which also
-    classifies, as safetensors weights of dmdcli.fashion_classifier), or a TorchScript
+    classifies, as safetensors weights of dmdcli.evaluation.fashion_classifier), or a TorchScript
     feature network of the user's."""
     features = shipped_or_path(features)
     if mode not in MODES:
@@ -205,7 +205,7 @@ def folder_features(path: Path, model, mode: str, device, batch_size: int, crop:
 def reference_stats(ref: str, model, mode: str, device, batch_size: int, crop: int = 0, progress=None) -> tuple:
     """(mu, sigma, features or None, description) of a reference; crop > 0: images are
     centre-cropped and resized to crop x crop first (statistics files must say the same)."""
-    from .evaluate import load_samples
+    from .samples import load_samples
 
     _check_crop(crop)
     path = Path(ref)
@@ -256,7 +256,7 @@ def _named_reference(name: str) -> Path:
     digest = sha256(path)
     record = path.with_name(path.name + ".sha256")
     if fetched and not spec["sha256"]:
-        from .io import write_text
+        from ..utils.io import write_text
 
         write_text(record, digest + "\n")
     expected = spec["sha256"] or (record.read_text().strip() if record.is_file() else None)
@@ -339,8 +339,8 @@ def make_reference(source: str, out: Path, features: str = "inception", mode: st
                    batch_size: int = 64, split: str = "test", size: int = 0, crop: int = 0, progress=None) -> dict:
     """mu/sigma of a folder, samples file or dataset (fashion-mnist, imagefolder:PATH, a Hub
     dataset) written as an .npz (under a temporary name, then renamed)."""
-    from .datasets import load_images
-    from .io import atomic_path
+    from ..datasets import load_images
+    from ..utils.io import atomic_path
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = feature_model(features, mode, device)

@@ -16,11 +16,11 @@ from pathlib import Path
 
 import torch
 
-from .errors import UserError
-from .losses import classifier_free_guidance
-from .networks import MLPDenoiser
-from .schedules import VPSchedule
-from .teacher import Teacher
+from ..utils.errors import UserError
+from ..losses import classifier_free_guidance
+from ..networks import MLPDenoiser
+from ..schedules import VPSchedule
+from .base import Teacher
 
 # The scheduler the exact teacher is defined under: Stable Diffusion's (scaled_linear,
 # alpha_bar_999 about 0.0047), so the toy sees the same noise levels as SD.
@@ -146,7 +146,7 @@ class GMMTeacher(Teacher):
         return {"name": self.name, "gmm": mixture, "scheduler": self.scheduler_config}
 
     def save_preview(self, student, teacher, labels, path: Path, title: str = "") -> None:
-        from .plots import scatter_panels
+        from ..evaluation.plots import scatter_panels
 
         g = torch.Generator().manual_seed(0)
         truth, _ = self.mixture.sample(len(student), g, labels.cpu() if labels is not None else None)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from .io import atomic_path
+from ..utils.io import atomic_path
 
 
 def scatter_panels(panels: list[tuple[str, torch.Tensor]], centres: torch.Tensor | None,

@@ -41,8 +41,8 @@ from pathlib import Path
 import torch
 
 from .edm import ADM_IMAGENET64, FORMAT, build_network
-from .errors import UserError
-from .io import sha256
+from ..utils.errors import UserError
+from ..utils.io import sha256
 
 TRUST_HINT = ("pass --trust-pickle only if you trust where the file came from: it lets the file import "
               "and call that code, which can do anything your account can")

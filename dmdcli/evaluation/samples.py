@@ -16,8 +16,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open, save_file
 
-from .errors import UserError
-from .io import atomic_path
+from ..utils.errors import UserError
+from ..utils.io import atomic_path
 
 SAMPLES_FILE = "samples.safetensors"
 
@@ -123,8 +123,8 @@ def frechet_distance(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def gmm_report(x: torch.Tensor, teacher_desc: dict, ref: str, seed: int = 0) -> dict:
     """Metrics of vector samples against the exact mixture (`ref` = "gmm") or a samples file."""
-    from .gmm import Mixture
-    from .recipe import GMMConfig, _build
+    from ..teachers.gmm import Mixture
+    from ..recipe import GMMConfig, _build
 
     mixture = Mixture.from_config(_build(GMMConfig, teacher_desc["gmm"]))
     if ref == "gmm":

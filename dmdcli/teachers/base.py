@@ -1,4 +1,5 @@
-"""The teacher interface every DMD component talks to, and the registry of teachers.
+"""The teacher interface every DMD component talks to (the registry is the package's
+__init__, so that no teacher module imports another).
 
 Whatever its noise family, a teacher answers one question (SPEC section 1):
 `x0_hat = denoise(x_t, t, cond, guidance)`. It also says how to make the two trainable
@@ -14,7 +15,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .losses import classifier_free_guidance
+from ..losses import classifier_free_guidance
 
 
 class Teacher(ABC):
@@ -116,37 +117,14 @@ def make_student(teacher: Teacher, recipe) -> nn.Module:
     student_cfg = recipe.student
     generator = teacher.make_generator()
     if recipe.train.lora_rank:
-        from .networks import add_lora
+        from ..networks import add_lora
 
         add_lora(generator, recipe.train.lora_rank)
     if teacher.family == "edm" and student_cfg.prediction_type not in ("teacher", "sample"):
-        from .errors import UserError
+        from ..utils.errors import UserError
 
         raise UserError(f"student.prediction_type = {student_cfg.prediction_type!r}: EDM networks output x0 "
                         f"through their preconditioning; use 'teacher' (or 'sample')")
     if student_cfg.prediction_type != "teacher":
         generator.prediction_type = student_cfg.prediction_type
     return generator
-
-
-def build_teacher(cfg) -> Teacher:
-    """Construct the teacher named by a recipe's [teacher] section."""
-    if cfg.name == "gmm":
-        from .gmm import GMMTeacher
-
-        return GMMTeacher(cfg.gmm)
-    if cfg.name == "sd":
-        from .diffusers_teachers import SDTeacher
-
-        return SDTeacher(cfg.sd)
-    if cfg.name == "unet2d":
-        from .diffusers_teachers import UNet2DTeacher
-
-        return UNet2DTeacher(cfg.unet2d)
-    if cfg.name == "edm":
-        from .edm import EDMTeacher
-
-        return EDMTeacher(cfg.edm)
-    from .errors import UserError
-
-    raise UserError(f"unknown teacher {cfg.name!r}: available teachers are 'gmm', 'sd', 'unet2d', 'edm'")

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-WEIGHTS = Path(__file__).parent / "assets" / "fashion-classifier.safetensors"
+WEIGHTS = Path(__file__).parent.parent / "assets" / "fashion-classifier.safetensors"
 
 
 class FashionClassifier(nn.Module):

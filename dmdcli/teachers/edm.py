@@ -18,10 +18,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import UserError
-from .schedules import EDMSchedule
-from .losses import classifier_free_guidance
-from .teacher import Teacher, resolve_dtype
+from ..utils.errors import UserError
+from ..schedules import EDMSchedule
+from ..losses import classifier_free_guidance
+from .base import Teacher, resolve_dtype
 
 FORMAT = "dmd-edm/1"
 ADM_IMAGENET64 = dict(model_channels=192, channel_mult=[1, 2, 3, 4], channel_mult_emb=4, num_blocks=3,
@@ -339,6 +339,6 @@ class EDMTeacher(Teacher):
                 "sample_shape": list(self.sample_shape)}
 
     def save_preview(self, student, teacher, labels, path: Path, title: str = "") -> None:
-        from .plots import class_grid
+        from ..evaluation.plots import class_grid
 
         class_grid(student, teacher, min(self.num_classes or 10, 10), self.to_images, path)

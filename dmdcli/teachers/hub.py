@@ -7,15 +7,15 @@ import os
 import re
 from pathlib import Path
 
-from .errors import UserError
+from ..utils.errors import UserError
 
 ALIASES = {"sd15": "stable-diffusion-v1-5/stable-diffusion-v1-5"}
 # Teachers shipped inside the package (diffusers folders), by name.
-SHIPPED = {"fashion-mnist": Path(__file__).resolve().parent / "assets" / "fashion-teacher"}
+SHIPPED = {"fashion-mnist": Path(__file__).resolve().parent.parent / "assets" / "fashion-teacher"}
 # EDM teachers shipped inside the package (dmd-edm/1 folders), by name.
-SHIPPED_EDM = {"fashion-mnist": Path(__file__).resolve().parent / "assets" / "fashion-edm-teacher"}
+SHIPPED_EDM = {"fashion-mnist": Path(__file__).resolve().parent.parent / "assets" / "fashion-edm-teacher"}
 # One-step students shipped inside the package (`dmd export` folders), by name.
-SHIPPED_STUDENTS = {"fashion-mnist-dmd2": Path(__file__).resolve().parent / "assets" / "fashion-dmd2-student"}
+SHIPPED_STUDENTS = {"fashion-mnist-dmd2": Path(__file__).resolve().parent.parent / "assets" / "fashion-dmd2-student"}
 _HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 
 

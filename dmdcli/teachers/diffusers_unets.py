@@ -16,11 +16,11 @@ from pathlib import Path
 import torch
 
 from . import hub
-from .errors import UserError
-from .losses import classifier_free_guidance
-from .networks import UNetDenoiser
-from .schedules import VPSchedule
-from .teacher import Teacher, resolve_dtype
+from ..utils.errors import UserError
+from ..losses import classifier_free_guidance
+from ..networks import UNetDenoiser
+from ..schedules import VPSchedule
+from .base import Teacher, resolve_dtype
 
 
 class UNetTeacher(Teacher):
@@ -77,7 +77,7 @@ class UNetTeacher(Teacher):
         return self
 
     def save_preview(self, student, teacher, labels, path: Path, title: str = "") -> None:
-        from .plots import class_grid
+        from ..evaluation.plots import class_grid
 
         class_grid(student, teacher, self.num_classes, self.to_images, path)
 
@@ -131,7 +131,7 @@ class SDTeacher(UNetTeacher):
             raise UserError(f"prompts file not found: {spec} (teacher.sd.prompts: a text file, one prompt "
                             f"per line, or a dataset as NAME[:column])")
         else:
-            from .datasets import load_text_column
+            from ..datasets import load_text_column
 
             prompts = [t.strip() for t in load_text_column(spec) if t and t.strip()]
         if not prompts:
