@@ -294,6 +294,11 @@ def fid(samples: Optional[Path] = typer.Argument(None, help="samples file or fol
         table.add_row("precision (within 3 std of a mode)", f"{report['precision']:.3f}")
         mass = report["mode_mass_ratio"]
         table.add_row("mode mass / true weight (min .. max)", f"{min(mass):.2f} .. {max(mass):.2f}")
+        spread = [r for r in report["mode_spread_ratio"] if r == r]   # nan: a mode no sample reached
+        table.add_row("mode spread / true spread (min .. max)",
+                      f"{min(spread):.2f} .. {max(spread):.2f}" if spread else "no mode reached")
+        table.add_row("share between modes (exact mixture)", f"{report['far_share']:.3f} ({report['far_share_exact']:.3f})")
+        table.add_row("energy distance to exact samples, worst mode (in its stds)", f"{report['mode_energy']:.4f}")
         table.add_row("samples / reference", f"{report['num_samples']} / {report['num_reference']} ({report['reference']})")
     else:
         from .evaluation.fid import fid_report

@@ -137,5 +137,5 @@ def gmm_report(x: torch.Tensor, teacher_desc: dict, ref: str, seed: int = 0) -> 
     report = {"metric": "Frechet distance in GMM coordinates (not Inception FID)",
               "frechet_distance": frechet_distance(x, reference), "num_samples": len(x),
               "num_reference": len(reference), "reference": ref_name}
-    report.update(mixture.mode_metrics(x))
+    report.update(mixture.mode_metrics(x, reference=reference if ref == "gmm" else None, seed=seed))
     return report
