@@ -45,7 +45,7 @@ def test_demo_steps_make_the_table_and_grid(tmp_path):
     # The table on stdout has every row and column the issue names, and no warning is printed.
     for text in ["FID", "class accuracy", "images/s", "student", "teacher"]:
         assert text in done.stdout, text
-    from dmdcli.compare import rows_for_table
+    from dmdcli.evaluation.compare import rows_for_table
 
     assert [row[0] for row in rows_for_table(report["rows"])] == [
         "student (1 step)", "student fashion-mnist-dmd2 (1 step)", "teacher (1 step, heun, guidance 1.0)",

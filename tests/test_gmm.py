@@ -171,7 +171,7 @@ def test_mode_shape_metrics_pass_the_mixture_and_fail_every_fake(name):
 
 
 def test_energy_distance_is_szekelys_unbiased_statistic():
-    from dmdcli.gmm import energy_distance
+    from dmdcli.teachers.gmm import energy_distance
 
     g = torch.Generator().manual_seed(0)
     x, y = torch.randn(7, 3, generator=g).double(), torch.randn(5, 3, generator=g).double() + 1
