@@ -210,7 +210,8 @@ def test_export_sd_student_is_a_one_step_pipeline(tmp_path, sd_folder, prompts):
 @pytest.mark.parametrize("t", [999, 600])
 def test_export_unet2d_student_snippet_reproduces_samples(tmp_path, unet_folder, t):
     """The exported LCMScheduler reproduces the student at its conditioning timestep: 999, or
-    600 as recipes/fashion.toml's one-step student (an epsilon output, read as x0 at t = 600)."""
+    600, where the DDPM Fashion-MNIST recipes read their one-step student (an epsilon output, read
+    as x0 at t = 600)."""
     from diffusers import LCMScheduler, UNet2DModel
 
     from dmdcli.runs import load_student
