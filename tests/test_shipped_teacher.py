@@ -57,3 +57,23 @@ def test_shipped_edm_teacher_draws_a_class_grid_by_name(tmp_path):
     x = load_file(str(out / "samples.safetensors"))["x"]
     assert x.shape == (100, 1, 32, 32) and torch.isfinite(x).all()
     assert x[:, :, :2].mean() < -0.9 and x[:, :, 8:24, 8:24].mean() > x[:, :, :2].mean() + 0.3
+
+
+STUDENT_ASSET = Path(dmdcli.__file__).resolve().parent / "assets" / "fashion-dmd2-student"
+
+
+def test_shipped_student_is_small_and_draws_its_classes_in_one_step(tmp_path):
+    """fashion-mnist-dmd2 (the benchmark's DMD2 run, float16): under 5 MB, read by name, one
+    network call an image; the shipped classifier finds the asked class in most of 50 samples,
+    where the teacher's own one step finds it in about half (BENCHMARKS.md)."""
+    from dmdcli.evaluation.fid import feature_model
+
+    assert (STUDENT_ASSET / "model.safetensors").stat().st_size < 5 * 2**20
+    assert all(v.dtype == torch.float16 for v in load_file(str(STUDENT_ASSET / "model.safetensors")).values())
+    assert main(["sample", "fashion-mnist-dmd2", "--num", "50", "--teacher-steps", "0", "--out",
+                 str(tmp_path / "s"), "--batch-size", "50"]) == 0
+    samples = load_file(str(tmp_path / "s" / "samples.safetensors"))
+    classifier = feature_model("fashion", "clean", torch.device("cpu"))
+    with torch.no_grad():
+        pred = classifier.classify((samples["x"].clamp(-1, 1) + 1) * 127.5).argmax(1)
+    assert (pred == samples["label"]).float().mean() >= 0.7
