@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Issue 7's benchmark (bench/fashion.sh's commands) on one GPU machine inside a short lease.
 # These networks are far too small to fill a GPU, so the distillations run side by side:
-#   fashion           DMD2, recipes/fashion.toml as it stands (3,000 steps)
-#   fashion-dmd       DMD v1, bench/fashion.sh's settings (3,000 steps)
+#   fashion           DMD2, recipes/fashion.toml as it stands (2,000 steps, the EDM teacher)
+#   fashion-dmd       DMD v1, bench/fashion.sh's settings (2,000 steps)
 # and, with LONG=N, two more: the same runs with train.steps=N and train.batch_size=LONG_BATCH
 # (fashion-long, fashion-dmd-long), and with VARIANTS="NAME:KEY=VALUE;KEY=VALUE NAME2:..." one
 # DMD2 run per variant, the recipe with those --set overrides (runs/NAME), e.g.
@@ -52,8 +52,8 @@ V1=(--set train.method=dmd --set train.critic_steps_per_generator_step=1 --set r
     --set gan.generator_weight=0 --set gan.critic_weight=0)
 capped() { timeout -s TERM -k 60 "$CAP" "$@"; }
 
-stamp "make-pairs ($PAIRS pairs, DDIM 50 steps, guidance 2)"
-run make-pairs $DMD make-pairs --teacher unet2d --recipe recipes/fashion.toml --steps 50 --num "$PAIRS" \
+stamp "make-pairs ($PAIRS pairs, Heun 18 steps, unguided: the EDM teacher's default)"
+run make-pairs $DMD make-pairs --teacher edm --recipe recipes/fashion.toml --steps 18 --sampler heun --num "$PAIRS" \
     --batch-size "$BATCH" --out pairs/fashion || exit 1
 # The two DMD2 runs read Fashion-MNIST's training images: unpack them once, before both start.
 run fashion-mnist $PY -c "from dmdcli.datasets import load_images; load_images('fashion-mnist')" || exit 1
@@ -77,7 +77,7 @@ for variant in $VARIANTS; do
 done
 wait_all "${pids[@]}"
 stamp "compare: ${RUNS[*]}, the teacher at 1, 4 and 50 steps, in one call"
-run compare $DMD compare "${RUNS[@]/#/runs/}" --out runs/fashion-compare --teacher-steps 1,4,50 \
+run compare $DMD compare "${RUNS[@]/#/runs/}" --out runs/fashion-compare --teacher-steps 1,4,18 \
     --ref fashion-mnist --features fashion --num "$NUM" --batch-size "$BATCH" || fail=1
 stamp done
 tail -n 30 "$LOGS/compare.log"
