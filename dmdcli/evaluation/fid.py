@@ -20,6 +20,7 @@ import torch
 
 from ..datasets import cache_dir
 from ..utils.errors import UserError
+from .fashion_classifier import WEIGHTS as FASHION_WEIGHTS
 from .samples import within_class_spread
 from ..utils.io import sha256
 
@@ -105,7 +106,7 @@ def _crop_tensor(images: torch.Tensor, size: int) -> torch.Tensor:
 
 
 # Feature networks shipped with the package, by name.
-SHIPPED_FEATURES = {"fashion": Path(__file__).parent.parent / "assets" / "fashion-classifier.safetensors"}
+SHIPPED_FEATURES = {"fashion": FASHION_WEIGHTS}
 # Statistics shipped with the package, each valid for one feature network only. Made by
 # `dmd fid-ref fashion-mnist --split test --size 32 --features fashion --out FILE`.
 SHIPPED_REFERENCES = {"fashion-mnist": {"file": Path(__file__).parent.parent / "assets" / "fashion-mnist-test-stats.npz",

@@ -114,14 +114,15 @@ class Mixture:
         x = x.double()
         d = torch.cdist(x, self.means)
         precision = (d <= radius_in_stds * self.stds[None]).any(dim=1).double().mean().item()
-        counts = torch.bincount(d.argmin(dim=1), minlength=len(self.weights)).double()
+        near_x = d.argmin(dim=1)
+        counts = torch.bincount(near_x, minlength=len(self.weights)).double()
         mass = (counts / len(x) / self.weights).tolist()
         if reference is None:
             reference, _ = self.sample(max(len(x), 10000), torch.Generator().manual_seed(seed))
         reference = reference.double()
         spread_x, far_x = self._mode_spread(x)
         spread_ref, far_ref = self._mode_spread(reference)
-        near_x, near_ref = d.argmin(dim=1), torch.cdist(reference, self.means).argmin(dim=1)
+        near_ref = torch.cdist(reference, self.means).argmin(dim=1)
         energy = max((energy_distance(x[near_x == k][:2000], reference[near_ref == k][:2000]) / float(self.stds[k])
                       if (near_x == k).sum() > 1 else float("inf")) for k in range(len(self.means)))
         return {"precision": precision, "mode_mass_ratio": mass,
