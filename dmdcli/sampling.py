@@ -40,12 +40,18 @@ def teacher_ode(teacher, noise: torch.Tensor, cond, steps: int, guidance: float 
                        heun=sampler == "heun")
     sched = make_scheduler(sampler, teacher.scheduler_config)
     sched.set_timesteps(steps, device=noise.device)
-    x = noise * sched.init_noise_sigma
-    for t in sched.timesteps:
+    # Start at x_T = noise in the VP scale, the input the student reads at its top timestep. Not
+    # sched.init_noise_sigma: with trailing spacing diffusers' Euler and Heun start at
+    # noise * sigma_max, not noise * sqrt(sigma_max^2 + 1), a start 0.23% short on SD's schedule.
+    x = noise / sched.scale_model_input(torch.ones_like(noise[:1]), sched.timesteps[0])
+    for i, t in enumerate(sched.timesteps):
         x_in = sched.scale_model_input(x, t)
         x0 = teacher.denoise(x_in, t.expand(len(x)).long(), cond, guidance)
+        if i + 1 == len(sched.timesteps):
+            # Every sampler's last step lands on x0; returned as is, because diffusers' DDIM with
+            # trailing spacing and steps not dividing T steps to t = 0 and leaves noise in.
+            return x0
         x = sched.step(x0, t, x).prev_sample
-    return x
 
 
 def karras_sigmas(steps: int, schedule) -> torch.Tensor:

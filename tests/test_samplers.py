@@ -1,0 +1,126 @@
+"""The VP samplers, step by step against the textbook updates they stand for (issue 25, item 4).
+
+`teacher_ode` drives diffusers' schedulers with x0 predictions; a mis-configured scheduler (a
+DPM-Solver++ of order 1, Heun without its correction, a shifted time grid) still converges, so
+a quality test at many steps cannot see it. Here every sampler must equal, to float precision,
+an independent implementation of its update on the exact mixture's denoiser, at few steps,
+where a first-order fall-back differs by far more than the tolerance.
+"""
+
+import math
+
+import pytest
+import torch
+
+from dmdcli.recipe import GMMConfig
+from dmdcli.sampling import edm_ode, teacher_ode
+from dmdcli.teachers.gmm import GMMTeacher
+
+STEPS = 5
+
+
+def trailing(steps: int, T: int = 1000) -> list[int]:
+    """diffusers' "trailing" spacing: T - 1, T - 1 - T/steps, ..., T/steps - 1."""
+    return [round(T - 1 - i * T / steps) for i in range(steps)]
+
+
+def alpha_sigma(teacher, t: int) -> tuple[float, float]:
+    a = float(teacher.schedule.alphas_cumprod[t])
+    return math.sqrt(a), math.sqrt(1 - a)
+
+
+def x0_at(teacher, x, t: int):
+    return teacher.denoise(x, torch.tensor(t), None).double()
+
+
+def ddim(teacher, z):
+    """DDIM (eta 0): x_s = alpha_s x0 + sigma_s eps_hat; the last step returns x0."""
+    ts, x = trailing(STEPS), z
+    for i, t in enumerate(ts):
+        a, s = alpha_sigma(teacher, t)
+        x0 = x0_at(teacher, x, t)
+        if i + 1 == len(ts):
+            return x0
+        a2, s2 = alpha_sigma(teacher, ts[i + 1])
+        x = a2 * x0 + s2 * (x - a * x0) / s
+
+
+def dpmpp_2m(teacher, z):
+    """DPM-Solver++(2M) (Lu et al. 2022, algorithm 2) in lambda = log(alpha / sigma); first
+    order on the first step and on the last step into sigma = 0 (diffusers' lower_order_final)."""
+    ts, x, prev = trailing(STEPS), z, None
+    for i, t in enumerate(ts):
+        x0 = x0_at(teacher, x, t)
+        if i + 1 == len(ts):
+            return x0
+        a, s = alpha_sigma(teacher, t)
+        a2, s2 = alpha_sigma(teacher, ts[i + 1])
+        h = math.log(a2 / s2) - math.log(a / s)
+        d = x0
+        if prev is not None:
+            r = prev[1] / h
+            d = (1 + 1 / (2 * r)) * x0 - prev[0] / (2 * r)
+        x = (s2 / s) * x - a2 * math.expm1(-h) * d
+        prev = (x0, h)
+
+
+def karras_ve(teacher, z, heun: bool):
+    """Euler and Heun in the variance-exploding form x / alpha with sigma_ve = sigma / alpha:
+    EDM's sampler (`edm_ode`, second order by tests/test_edm.py) on the VP grid."""
+    ts = trailing(STEPS)
+    sig = [s / a for a, s in (alpha_sigma(teacher, t) for t in ts)] + [0.0]
+    t_of = dict(zip(sig, ts))
+
+    def denoise(x_ve, s):
+        s = float(s)
+        return x0_at(teacher, x_ve / math.sqrt(s * s + 1), t_of[s])
+
+    return edm_ode(denoise, z * math.sqrt(sig[0] ** 2 + 1), torch.tensor(sig, dtype=torch.float64), heun=heun)
+
+
+REFERENCES = {"ddim": ddim, "dpmpp-2m": dpmpp_2m, "euler": lambda t, z: karras_ve(t, z, False),
+              "heun": lambda t, z: karras_ve(t, z, True)}
+
+
+@pytest.fixture(scope="module")
+def teacher_and_noise():
+    teacher = GMMTeacher(GMMConfig(weights=[1, 2, 1, 1, 3, 1, 1, 2], std=0.3))
+    z = torch.randn(256, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    return teacher, z
+
+
+@pytest.mark.parametrize("sampler", sorted(REFERENCES))
+def test_vp_sampler_equals_its_textbook_update(teacher_and_noise, sampler):
+    teacher, z = teacher_and_noise
+    ours = teacher_ode(teacher, z, None, steps=STEPS, sampler=sampler).double()
+    reference = REFERENCES[sampler](teacher, z)
+    err = (ours - reference).abs().max().item()
+    assert err < 2e-4, f"{sampler}: {err:.2e} from its textbook update"
+
+
+def test_second_order_samplers_differ_from_first_order_ones(teacher_and_noise):
+    """The tolerance above is far below the gap between orders at these steps, so a sampler that
+    fell back to first order could not pass it."""
+    teacher, z = teacher_and_noise
+    gap_dpm = (dpmpp_2m(teacher, z) - ddim(teacher, z)).abs().max().item()
+    gap_heun = (karras_ve(teacher, z, True) - karras_ve(teacher, z, False)).abs().max().item()
+    assert min(gap_dpm, gap_heun) > 1e-2, (gap_dpm, gap_heun)
+
+
+@pytest.mark.parametrize("sampler", sorted(REFERENCES))
+@pytest.mark.parametrize("steps", [6, 7])
+def test_last_step_lands_on_the_denoiser_output(teacher_and_noise, sampler, steps):
+    """With steps not dividing 1000, diffusers' DDIM steps to t = 0, not to the clean image, and
+    left 0.03 of noise in every sample; each sampler must end on its last x0 prediction."""
+    teacher, z = teacher_and_noise
+    outputs = []
+
+    class Recording:
+        family, scheduler_config = teacher.family, teacher.scheduler_config
+
+        def denoise(self, *args):
+            outputs.append(teacher.denoise(*args))
+            return outputs[-1]
+
+    x = teacher_ode(Recording(), z, None, steps=steps, sampler=sampler)
+    assert torch.equal(x, outputs[-1])
