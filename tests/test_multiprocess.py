@@ -22,19 +22,27 @@ def launch(recipe, *extra, command="distill"):
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="gloo DDP on Linux")
-def test_two_process_distill_and_resume(tmp_path, tiny_recipe):
-    recipe = tiny_recipe(steps=10, checkpoint_every=10)
+def test_two_process_distill_resumes_to_the_uninterrupted_run(tmp_path, tiny_recipe):
+    """A two-process run stopped after its step-10 checkpoint and rerun ends, at step 20, with
+    the weights, optimiser states and RNG of the same run left uninterrupted, to the bit."""
+    recipe = tiny_recipe(steps=20, checkpoint_every=10)
     first = launch(recipe)
     assert first.returncode == 0, first.stderr[-3000:]
-    ckpt = tmp_path / "runs" / "tiny" / "checkpoints" / "step-00000010"
-    names = sorted(p.name for p in ckpt.iterdir())
+    ckpts = tmp_path / "runs" / "tiny" / "checkpoints"
+    names = sorted(p.name for p in (ckpts / "step-00000010").iterdir())
     assert "rng-rank0.safetensors" in names and "rng-rank1.safetensors" in names
-    r0, r1 = (load_file(str(ckpt / f"rng-rank{r}.safetensors")) for r in (0, 1))
+    r0, r1 = (load_file(str(ckpts / "step-00000010" / f"rng-rank{r}.safetensors")) for r in (0, 1))
     assert all((r0[k] == r1[k]).all() for k in r0)   # every rank draws the global batch and keeps its slice
-    second = launch(recipe, "--set", "train.steps=20")
+    (ckpts / "step-00000020").rename(tmp_path / "uninterrupted")   # as if stopped after step 10
+    second = launch(recipe)
     assert second.returncode == 0, second.stderr[-3000:]
     assert "resuming" in second.stderr
-    assert (ckpt.parent / "step-00000020").is_dir()
+    resumed = sorted(p.name for p in (ckpts / "step-00000020").iterdir())
+    assert resumed == sorted(p.name for p in (tmp_path / "uninterrupted").iterdir())
+    for name in resumed:
+        if name.endswith(".safetensors"):
+            a, b = (load_file(str(d / name)) for d in (ckpts / "step-00000020", tmp_path / "uninterrupted"))
+            assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
     # One process cannot continue a two-process run: it would silently differ.
     from conftest import run_dmd
 
