@@ -32,21 +32,22 @@ def critic_timesteps(batch: int, num_train_timesteps: int, generator: torch.Gene
     return torch.randint(0, num_train_timesteps, (batch,), generator=generator, device=device)
 
 
-def dm_gradient(x: torch.Tensor, x0_real: torch.Tensor, x0_fake: torch.Tensor) -> tuple[torch.Tensor, int]:
+def dm_gradient(x: torch.Tensor, x0_real: torch.Tensor, x0_fake: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The distribution-matching direction of DMD eq. 7-8, normalised per sample (DMD eq. 8's w).
 
     grad = (x0_fake - x0_real) / w, with w = mean over all non-batch dims of |x - x0_real|.
-    Returns the gradient with non-finite entries replaced by 0, and how many were replaced.
+    Returns the gradient with non-finite entries replaced by 0, and how many were replaced (a
+    tensor on x's device: reading it is a host sync, left to the caller's logging).
     """
     dims = tuple(range(1, x.ndim))
     w = (x - x0_real).abs().mean(dim=dims, keepdim=True) + NORMALISER_EPS
     grad = (x0_fake - x0_real) / w
     bad = ~torch.isfinite(grad)
-    return torch.where(bad, torch.zeros_like(grad), grad), int(bad.sum())
+    return torch.where(bad, torch.zeros_like(grad), grad), bad.sum()
 
 
 def distribution_matching_loss(x: torch.Tensor, x0_real: torch.Tensor,
-                               x0_fake: torch.Tensor) -> tuple[torch.Tensor, int]:
+                               x0_fake: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """DMD eq. 7 as a surrogate loss: 0.5 * mse(x, stopgrad(x - grad)).
 
     Its gradient with respect to x is grad / x.numel(): the KL gradient of eq. 7 up to a

@@ -98,7 +98,7 @@ def _distill(recipe: Recipe, acc: Accelerator, run_dir: Path, progress_factory, 
                 at_checkpoint = step % recipe.run.checkpoint_every == 0 or step == total
                 # Log windows also close at checkpoints, so a resumed run logs the same windows.
                 if step % recipe.run.log_every == 0 or at_checkpoint:
-                    means = {k: sums[k] if k.startswith("skipped") else sums[k] / counts[k] for k in sums}
+                    means = _window_means(sums, counts)
                     means.update(step=step, lr_generator=trainer.sched_g.get_last_lr()[0], seconds=time.time() - t0)
                     if acc.is_main_process:
                         with open(metrics_path, "a") as f:
@@ -120,6 +120,17 @@ def _distill(recipe: Recipe, acc: Accelerator, run_dir: Path, progress_factory, 
     finally:   # flush the trackers however the run ends
         acc.end_training()
     return run_dir
+
+
+def _window_means(sums: dict, counts: dict) -> dict[str, float]:
+    """The log window's means (sums for the skip counters), read from the device in one sync."""
+    import torch
+
+    keys = sorted(sums)
+    device = next((v.device for v in sums.values() if isinstance(v, torch.Tensor)), "cpu")
+    values = torch.stack([torch.as_tensor(sums[k], dtype=torch.float64, device=device)
+                          / (1 if k.startswith("skipped") else counts[k]) for k in keys]).tolist()
+    return dict(zip(keys, values))
 
 
 def _flat(recipe: Recipe) -> dict:

@@ -203,7 +203,7 @@ class DMDTrainer:
             x0_real = real_score(self.teacher, x_t, t, cond, r.teacher.guidance, r.teacher.guidance_interval)
             x0_fake = self._fake_score(x_t, t, cond)
         loss_dm, non_finite = losses.distribution_matching_loss(x, x0_real, x0_fake)
-        loss, logs = r.train.dm_weight * loss_dm, {"loss_dm": loss_dm.item(), "dm_non_finite": non_finite}
+        loss, logs = r.train.dm_weight * loss_dm, {"loss_dm": loss_dm.detach(), "dm_non_finite": non_finite}
         if self.gan and r.gan.generator_weight > 0:
             # Diffusion GAN: the generator's output noised at t uniform in [0, T), through the critic.
             t_g = self._timesteps(losses.critic_timesteps, n)
@@ -215,16 +215,16 @@ class DMDTrainer:
                 logits = critic.logits(self.schedule.add_noise(x, eps_g, t_g), t_g, cond)
             loss_gan = losses.gan_generator_loss(logits)
             loss = loss + r.gan.generator_weight * loss_gan
-            logs["loss_gan_g"] = loss_gan.item()
+            logs["loss_gan_g"] = loss_gan.detach()
         if self.pairs is not None:
             loss_reg = self._regression(out[n:], y)
             loss = loss + r.regression.weight * loss_reg
-            logs["loss_reg"] = loss_reg.item()
+            logs["loss_reg"] = loss_reg.detach()
         if not self._finite(loss, "generator"):
             self.opt_g.zero_grad(set_to_none=True)
             return {"skipped_generator": 1}
         self.acc.backward(loss)
-        logs["grad_norm_g"] = float(self.acc.clip_grad_norm_(self.generator.parameters(), r.train.grad_clip))
+        logs["grad_norm_g"] = self.acc.clip_grad_norm_(self.generator.parameters(), r.train.grad_clip).detach()
         self.opt_g.step()
         self.opt_g.zero_grad(set_to_none=True)
         if self.ema is not None:
@@ -263,11 +263,11 @@ class DMDTrainer:
             loss = losses.critic_loss_vp(pred, self.schedule.training_target(x, eps, t, net.prediction_type))
         else:
             loss = losses.critic_loss_edm(x0_pred, x, self.schedule.sigma(t), self.schedule.sigma_data)
-        logs = {"loss_critic": loss.item()}
+        logs = {"loss_critic": loss.detach()}
         if self.gan:
             loss_gan = losses.gan_critic_loss(logits[:n], logits[n:])
             loss = loss + r.gan.critic_weight * loss_gan
-            logs["loss_gan_c"] = loss_gan.item()
+            logs["loss_gan_c"] = loss_gan.detach()
         if not self._finite(loss, "critic"):
             self.opt_c.zero_grad(set_to_none=True)
             return {"skipped_critic": 1}
@@ -305,6 +305,8 @@ class DMDTrainer:
         return self.step >= t.critic_warmup_steps and (self.step - t.critic_warmup_steps) % t.critic_steps_per_generator_step == 0
 
     def train_step(self) -> dict:
+        """One iteration; the logged values stay tensors on the device (the runner reads them once
+        per log window), so the only host syncs are the finite checks that decide an update."""
         logs = self.generator_step() if self.is_generator_turn() else {}
         logs.update(self.critic_step())
         # Both warm-ups count iterations, as train.warmup_steps says (the generator's from its

@@ -1,0 +1,58 @@
+"""Host syncs per training iteration (issue 26, item 4). Every `.item()`, `.tolist()`, `float()`,
+`int()` or `bool()` of a tensor waits for the device; the loop needs one per update (the finite
+check that decides it) and one per log window, no more."""
+
+import sys
+
+import pytest
+import torch
+
+from dmdcli import runner
+from dmdcli.recipe import load_recipe
+from dmdcli.trainer import DMDTrainer
+
+READS = ("item", "tolist", "__float__", "__int__", "__bool__")
+
+
+@pytest.fixture
+def count_syncs(monkeypatch):
+    """Tensor reads made from dmdcli's own code (torch's internals are not ours to count)."""
+    calls = []
+    for name in READS:
+        original = getattr(torch.Tensor, name)
+
+        def counted(self, *args, _original=original, _name=name):
+            caller = sys._getframe(1).f_code.co_filename
+            if "/dmdcli/" in caller:
+                calls.append(f"{_name} at {caller.rsplit('/dmdcli/', 1)[1]}:{sys._getframe(1).f_lineno}")
+            return _original(self, *args)
+
+        monkeypatch.setattr(torch.Tensor, name, counted)
+    return calls
+
+
+GAN_AND_PAIRS = "\n[gan]\ngenerator_weight = 3e-3\ncritic_weight = 1e-2\n"
+
+
+def test_one_sync_per_update(tiny_recipe, count_syncs):
+    """DMD2 with the GAN head: a generator turn holds two updates (generator, critic), a critic
+    turn one; each may read one flag from the device."""
+    tr = DMDTrainer(load_recipe(tiny_recipe(extra=GAN_AND_PAIRS)))
+    per_step = []
+    for _ in range(8):
+        turn = tr.is_generator_turn()
+        count_syncs.clear()
+        logs = tr.train_step()
+        per_step.append((turn, list(count_syncs)))
+        assert ("loss_dm" in logs) == turn
+    assert any(turn for turn, _ in per_step) and not all(turn for turn, _ in per_step)
+    for turn, calls in per_step:
+        assert len(calls) == (2 if turn else 1), calls
+
+
+def test_the_log_window_is_read_in_one_sync(count_syncs):
+    sums = {"loss_dm": torch.tensor(3.0), "loss_critic": torch.tensor(1.0), "skipped_critic": 2}
+    count_syncs.clear()
+    means = runner._window_means(sums, {"loss_dm": 3, "loss_critic": 2, "skipped_critic": 2})
+    assert means == {"loss_critic": 0.5, "loss_dm": 1.0, "skipped_critic": 2.0}
+    assert len(count_syncs) == 1, count_syncs
