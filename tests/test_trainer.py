@@ -498,7 +498,7 @@ def test_gpu_settings_without_a_gpu(tiny_recipe, monkeypatch, capsys):
     bf16 only on cards that have it (auto: fp16 for the frozen teacher; training refused)."""
     from dmdcli.cli import main
     from dmdcli.teachers import resolve_dtype
-    from dmdcli.trainer import adamw, cuda_speed_settings
+    from dmdcli.trainer import adamw, cuda_speed_settings, make_accelerator
 
     flags = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32, torch.backends.cudnn.benchmark)
     try:
@@ -507,6 +507,9 @@ def test_gpu_settings_without_a_gpu(tiny_recipe, monkeypatch, capsys):
     finally:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32, torch.backends.cudnn.benchmark = flags
     r = load_recipe(tiny_recipe())
+    acc = make_accelerator(r)   # DDP's settings, used under accelerate launch
+    assert acc.ddp_handler.gradient_as_bucket_view and not acc.ddp_handler.find_unused_parameters
+    assert acc.init_handler.timeout.total_seconds() >= 3600   # rank 0 writing a large checkpoint
     p = [torch.nn.Parameter(torch.zeros(2))]
     assert adamw(p, 1e-3, r, torch.device("cuda")).defaults["fused"] is True
     assert not adamw(p, 1e-3, r, torch.device("cpu")).defaults["fused"]
