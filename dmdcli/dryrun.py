@@ -30,7 +30,7 @@ def passes_per_iteration(r: Recipe, conditional: bool) -> list[str]:
         gen.append(f"critic + GAN head forward+backward at batch {b} (generator's GAN loss)")
     if sim:
         gen.insert(0, f"up to {sim} generator forward(s) without gradients (backward simulation)")
-    critic = [f"generator forward without gradients at batch {b}",
+    critic = [f"generator forward without gradients at batch {b} (not in generator turns: their samples serve)",
               f"critic forward+backward at batch {2 * b if gan else b}" + (" (fake and real)" if gan else "")]
     return ([f"every iteration (critic step): {'; '.join(critic)}"] +
             [f"{f'every {k} iterations' if k > 1 else 'every iteration'} (generator step): {'; '.join(gen)}"])

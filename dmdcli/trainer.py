@@ -127,6 +127,7 @@ class DMDTrainer:
         self.rng = torch.Generator(device=device).manual_seed(seed)       # noise, timesteps, labels
         self.data_rng = torch.Generator().manual_seed(seed + 1)          # pair indices, real data
         self.step = 0
+        self._for_critic = None   # (samples, condition) of this iteration's generator turn
 
     # -- one iteration's pieces -------------------------------------------------------------
     def _draw(self, make, n: int):
@@ -205,6 +206,7 @@ class DMDTrainer:
         with self.acc.autocast():
             out = generator_x0(self.generator, self.schedule, x_in, t_in, cond)
         x, cond = out[:n], (cond[:n] if cond is not None else None)
+        self._for_critic = (x.detach(), cond)   # this iteration's critic trains on these (as the authors' loop)
         first, last = r.train.dm_timesteps
         t = self._timesteps(partial(losses.dm_timesteps, first=first, last=last), n)
         x_t = self.schedule.add_noise(x.detach(), self._randn(x.shape), t)
@@ -251,7 +253,10 @@ class DMDTrainer:
     def critic_step(self) -> dict:
         r = self.recipe
         self.opt_c.zero_grad(set_to_none=True)   # drop what the generator's GAN loss left here
-        x, cond = self._fake_samples(r.train.batch_size, grad=False)
+        # In a generator turn, the samples the generator just made (before its update): no second
+        # generator forward. In the critic's own turns, fresh ones.
+        reuse, self._for_critic = self._for_critic, None
+        x, cond = reuse if reuse is not None else self._fake_samples(r.train.batch_size, grad=False)
         n = len(x)
         t = self._timesteps(losses.critic_timesteps, n)
         eps = self._randn(x.shape)

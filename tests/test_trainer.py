@@ -285,7 +285,8 @@ def test_dry_run_counts_parameters_memory_and_passes(tmp_path, unet_teacher, cap
     assert f"# parameters: generator {n:,}, critic {n:,}, real score {n:,} (frozen)" in out
     gib = (16 * 2 * n + 4 * n) / 1024 ** 3   # two trainable fp32 copies with AdamW, one frozen fp32
     assert f"weights, gradients and AdamW state: {gib:.2f} GiB" in out
-    assert "# every iteration (critic step): generator forward without gradients at batch 2" in out
+    assert ("# every iteration (critic step): generator forward without gradients at batch 2 (not in generator "
+            "turns: their samples serve)") in out
     assert "# every 3 iterations (generator step): generator forward+backward at batch 2" in out
     assert "real score forward at batch 4 (guidance: conditional and unconditional)" in out
     assert not (tmp_path / "run").exists()
@@ -558,3 +559,23 @@ def test_dm_and_critic_terms_get_the_right_predictions(tiny_recipe, monkeypatch)
     x, eps, t, x_t = noised[0]
     assert not x.requires_grad
     torch.testing.assert_close(got["target"], tr.schedule.training_target(x, eps, t, critic.prediction_type))
+
+
+def test_the_critic_reuses_the_generator_turns_samples(tiny_recipe, monkeypatch):
+    """One generator forward an iteration (issue 26, item 5): in a generator turn the critic
+    trains on the samples the generator just made (as the authors' loop does), not on a second
+    forward of the updated generator; in the critic's own turns it draws fresh ones."""
+    tr = trainer_for(tiny_recipe, "train.critic_warmup_steps=1")
+    gen = tr.acc.unwrap_model(tr.generator)
+    outputs = []
+    gen.register_forward_hook(lambda module, args, out: outputs.append(out.detach().clone()))
+    critic_inputs = []
+    add_noise = tr.schedule.add_noise
+    monkeypatch.setattr(tr.schedule, "add_noise", lambda x0, eps, t: critic_inputs.append(x0) or add_noise(x0, eps, t))
+    for _ in range(5):
+        turn = tr.is_generator_turn()
+        outputs.clear()
+        critic_inputs.clear()
+        tr.train_step()
+        assert len(outputs) == 1, (turn, len(outputs))
+        torch.testing.assert_close(critic_inputs[-1], outputs[0])   # the critic's fakes, noised last
