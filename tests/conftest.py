@@ -16,6 +16,23 @@ def run_dmd(*args, cwd=None, timeout=600):
                           capture_output=True, text=True, timeout=timeout)
 
 
+def dmd_here(*args):
+    """`dmd ARGS` in this process, returning what run_dmd returns: no interpreter start-up and
+    imports (about 5 s a call on 2 cores). For workflow steps whose process isolation is not what
+    the test is about; kills, signals, launches and pickles keep run_dmd."""
+    import contextlib
+    import io
+    import warnings
+
+    from dmdcli.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), warnings.catch_warnings():
+        warnings.simplefilter("ignore")   # as PYTHONWARNINGS=ignore does for run_dmd
+        code = main([str(a) for a in args])
+    return subprocess.CompletedProcess(["dmd", *map(str, args)], code, out.getvalue(), err.getvalue())
+
+
 TINY = """
 [run]
 out = "{out}"

@@ -2,20 +2,20 @@
 
 import json
 
-from conftest import run_dmd
+from conftest import dmd_here, run_dmd
 from tiny_models import save_tiny_unet2d, unet2d_recipe
 
 
 def test_compare_measures_student_and_teacher_rows_alike(tmp_path):
     teacher = save_tiny_unet2d(tmp_path / "teacher")
     recipe = unet2d_recipe(tmp_path / "r.toml", teacher, tmp_path / "run", steps=2)
-    assert run_dmd("distill", recipe).returncode == 0
+    assert dmd_here("distill", recipe).returncode == 0
     # The reference: the teacher's own 2-step samples from the same seed, so its 2-step row is ~0.
     ref = tmp_path / "ref"
-    made = run_dmd("sample", "--teacher", "unet2d", "--set", f"teacher.unet2d.model={teacher}", "--num", 12,
+    made = dmd_here("sample", "--teacher", "unet2d", "--set", f"teacher.unet2d.model={teacher}", "--num", 12,
                    "--teacher-steps", 2, "--guidance", 2, "--out", ref)
     assert made.returncode == 0, made.stderr
-    result = run_dmd("compare", tmp_path / "run", "--out", tmp_path / "cmp", "--ref", ref / "samples.safetensors",
+    result = dmd_here("compare", tmp_path / "run", "--out", tmp_path / "cmp", "--ref", ref / "samples.safetensors",
                      "--num", 12, "--teacher-steps", "2,1", "--features", "fashion", "--batch-size", 6)
     assert result.returncode == 0, result.stderr
     report = json.loads((tmp_path / "cmp" / "compare.json").read_text())
@@ -40,17 +40,17 @@ def test_compare_shares_the_teachers_rows_between_runs_and_resumes_unchanged_row
     teacher = save_tiny_unet2d(tmp_path / "teacher")
     recipe = unet2d_recipe(tmp_path / "r.toml", teacher, tmp_path / "a", steps=2)
     for name, seed in [("a", 0), ("b", 1)]:
-        made = run_dmd("distill", recipe, "--set", f"run.out={tmp_path / name}", "--set", f"run.seed={seed}")
+        made = dmd_here("distill", recipe, "--set", f"run.out={tmp_path / name}", "--set", f"run.seed={seed}")
         assert made.returncode == 0, made.stderr
     ref = tmp_path / "ref"
-    assert run_dmd("sample", "--teacher", "unet2d", "--set", f"teacher.unet2d.model={teacher}", "--num", 10,
+    assert dmd_here("sample", "--teacher", "unet2d", "--set", f"teacher.unet2d.model={teacher}", "--num", 10,
                    "--teacher-steps", 2, "--guidance", 2, "--out", ref).returncode == 0
     cmp = tmp_path / "cmp"
     args = ("--out", cmp, "--ref", ref / "samples.safetensors", "--num", 10, "--teacher-steps", 2,
             "--features", "fashion", "--batch-size", 5)
 
     def rows():
-        result = run_dmd("compare", tmp_path / "a", tmp_path / "b", *args)
+        result = dmd_here("compare", tmp_path / "a", tmp_path / "b", *args)
         assert result.returncode == 0, result.stderr
         report = json.loads((cmp / "compare.json").read_text())
         return result, {(r["who"], r.get("run", "").split("/")[-1]): r for r in report["rows"]}
@@ -83,7 +83,7 @@ def test_compare_shares_the_teachers_rows_between_runs_and_resumes_unchanged_row
     assert teacher_file.stat().st_mtime_ns == stamp
     # b retrained from scratch to the same step under the same path, on another seed: not reused.
     shutil.rmtree(tmp_path / "b")
-    assert run_dmd("distill", recipe, "--set", f"run.out={tmp_path / 'b'}", "--set", "run.seed=2").returncode == 0
+    assert dmd_here("distill", recipe, "--set", f"run.out={tmp_path / 'b'}", "--set", "run.seed=2").returncode == 0
     _, rows3 = rows()
     assert [r["resumed"] for r in rows3.values()] == [True, False, True]
     assert rows3[("student", "b")]["fid"] != rows1[("student", "b")]["fid"]
@@ -96,7 +96,7 @@ def test_compare_shares_the_teachers_rows_between_runs_and_resumes_unchanged_row
     shutil.copytree(tmp_path / "b", tmp_path / "c")
     saved = tmp_path / "c" / "recipe.toml"
     saved.write_text(saved.read_text().replace("guidance = 2.0", "guidance = 1.5"))
-    bad = run_dmd("compare", tmp_path / "a", tmp_path / "c", *args[:1], tmp_path / "cmp-c", *args[2:])
+    bad = dmd_here("compare", tmp_path / "a", tmp_path / "c", *args[:1], tmp_path / "cmp-c", *args[2:])
     assert bad.returncode == 2 and "Traceback" not in bad.stderr, bad.stderr
     assert f"{tmp_path / 'c'} distils another teacher or guidance than {tmp_path / 'a'}" in bad.stderr
     assert "compare runs of one teacher together" in bad.stderr and not (tmp_path / "cmp-c").exists()
@@ -164,13 +164,13 @@ def test_fid_reads_the_npz_that_sample_writes(tmp_path):
     import numpy as np
 
     teacher = save_tiny_unet2d(tmp_path / "teacher")
-    made = run_dmd("sample", "--teacher", "unet2d", "--set", f"teacher.unet2d.model={teacher}", "--num", 20,
+    made = dmd_here("sample", "--teacher", "unet2d", "--set", f"teacher.unet2d.model={teacher}", "--num", 20,
                    "--teacher-steps", 2, "--out", tmp_path / "s", "--images", "npz")
     assert made.returncode == 0, made.stderr
     reports = []
     for samples in (tmp_path / "s", tmp_path / "s" / "samples.npz"):
         out = tmp_path / f"{len(reports)}.json"
-        result = run_dmd("fid", samples, "--ref", tmp_path / "s" / "samples.safetensors", "--features", "fashion",
+        result = dmd_here("fid", samples, "--ref", tmp_path / "s" / "samples.safetensors", "--features", "fashion",
                          "--json", out)
         assert result.returncode == 0, result.stderr
         reports.append(json.loads(out.read_text()))
@@ -185,7 +185,7 @@ def test_fid_reads_the_npz_that_sample_writes(tmp_path):
     for name, message in [("bad.npz", "needs arr_0, uint8 images N x H x W x C"),
                           ("labels.npz", "labels must be 4 integers, one per image; got int64 (3,)"),
                           ("cut.npz", "is not a readable .npz")]:
-        bad = run_dmd("fid", tmp_path / name, "--ref", ref, "--features", "fashion")
+        bad = dmd_here("fid", tmp_path / name, "--ref", ref, "--features", "fashion")
         assert bad.returncode == 2 and message in bad.stderr and "Traceback" not in bad.stderr, bad.stderr
 
 
@@ -201,9 +201,9 @@ def test_compare_stopped_while_measuring_measures_the_kept_samples_on_rerun(tmp_
 
     teacher = save_tiny_unet2d(tmp_path / "teacher")
     recipe = unet2d_recipe(tmp_path / "r.toml", teacher, tmp_path / "run", steps=2)
-    assert run_dmd("distill", recipe).returncode == 0
+    assert dmd_here("distill", recipe).returncode == 0
     ref = tmp_path / "ref"
-    assert run_dmd("sample", "--teacher", "unet2d", "--set", f"teacher.unet2d.model={teacher}", "--num", 10,
+    assert dmd_here("sample", "--teacher", "unet2d", "--set", f"teacher.unet2d.model={teacher}", "--num", 10,
                    "--teacher-steps", 2, "--guidance", 2, "--out", ref).returncode == 0
     args = (10, [2], str(ref / "samples.safetensors"), "fashion")
     whole = compare(tmp_path / "run", tmp_path / "whole", *args, batch_size=5)

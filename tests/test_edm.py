@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from conftest import run_dmd
+from conftest import dmd_here, run_dmd
 from dmdcli.teachers.edm import ADMUNet, EDMDenoiser, build_network, edm_preconditioning, load_edm_folder
 from dmdcli.losses import critic_loss_edm
 from dmdcli.sampling import edm_ode, karras_sigmas, student_sample
@@ -190,28 +190,28 @@ generator_weight = 3e-3
 critic_weight = 1e-2
 dataset = "imagefolder:{tmp_path / 'images'}"
 """)
-    result = run_dmd("distill", recipe)
+    result = dmd_here("distill", recipe)
     assert result.returncode == 0, result.stderr
     logs = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert logs[-1]["step"] == 3 and all(math.isfinite(v) for log in logs for v in log.values())
     assert "loss_gan_c" in logs[-1]
-    result = run_dmd("make-pairs", "--teacher", "edm", "--set", f"teacher.edm.model={tmp_path / 'teacher'}",
+    result = dmd_here("make-pairs", "--teacher", "edm", "--set", f"teacher.edm.model={tmp_path / 'teacher'}",
                      "--num", 4, "--steps", 3, "--out", tmp_path / "pairs")
     assert result.returncode == 0, result.stderr
     assert "heun 3 steps" in result.stderr
-    result = run_dmd("distill", recipe, "--set", f"run.out='{tmp_path / 'run-v1'}'", "--set", "train.method='dmd'",
+    result = dmd_here("distill", recipe, "--set", f"run.out='{tmp_path / 'run-v1'}'", "--set", "train.method='dmd'",
                      "--set", f"regression.pairs='{tmp_path / 'pairs'}'", "--set", "gan.generator_weight=0",
                      "--set", "gan.critic_weight=0", "--set", "train.steps=2")
     assert result.returncode == 0, result.stderr
     assert "loss_reg" in (tmp_path / "run-v1" / "metrics.jsonl").read_text()
-    result = run_dmd("sample", tmp_path / "run", "--num", 20, "--teacher-steps", 2, "--out", tmp_path / "samples",
+    result = dmd_here("sample", tmp_path / "run", "--num", 20, "--teacher-steps", 2, "--out", tmp_path / "samples",
                      "--images", "png")
     assert result.returncode == 0, result.stderr
     assert (tmp_path / "samples" / "samples.safetensors").is_file() and (tmp_path / "samples" / "samples.png").is_file()
     pngs = sorted((tmp_path / "samples" / "images").iterdir())
     assert [p.name for p in pngs] == [f"{i:06d}.png" for i in range(20)]
     assert len(list((tmp_path / "samples" / "teacher-images").iterdir())) == 20
-    result = run_dmd("sample", tmp_path / "run", "--num", 5, "--teacher-steps", 0, "--out", tmp_path / "npz",
+    result = dmd_here("sample", tmp_path / "run", "--num", 5, "--teacher-steps", 0, "--out", tmp_path / "npz",
                      "--images", "npz")
     assert result.returncode == 0, result.stderr
     import numpy as np
@@ -226,7 +226,7 @@ dataset = "imagefolder:{tmp_path / 'images'}"
     assert labels.tolist() == [0, 1, 2, 3, 4]
     assert (np.asarray(Image.open(pngs[0])) == load_png_expected(tmp_path)).all()
     # export: a dmd-edm/1 folder, said in one line; its card's snippet gives the student's images.
-    result = run_dmd("export", tmp_path / "run", "--out", tmp_path / "export")
+    result = dmd_here("export", tmp_path / "run", "--out", tmp_path / "export")
     assert result.returncode == 0, result.stderr
     assert "note: the edm student is EDM's ADM network, which diffusers has no class for" in result.stderr
     card = (tmp_path / "export" / "README.md").read_text()
@@ -242,12 +242,12 @@ dataset = "imagefolder:{tmp_path / 'images'}"
                                   [999])
     torch.testing.assert_close(scope["x"], expected)
     # sample reads an exported folder as it reads the run: the same images (float16 weights: close).
-    result = run_dmd("export", tmp_path / "run", "--out", tmp_path / "export16", "--float16")
+    result = dmd_here("export", tmp_path / "run", "--out", tmp_path / "export16", "--float16")
     assert result.returncode == 0, result.stderr
     sizes = [(tmp_path / f / "model.safetensors").stat().st_size for f in ("export", "export16")]
     assert sizes[1] < 0.55 * sizes[0]
     for folder, tol in (("export", 0.0), ("export16", 2e-2)):
-        result = run_dmd("sample", tmp_path / folder, "--num", 5, "--teacher-steps", 0, "--out",
+        result = dmd_here("sample", tmp_path / folder, "--num", 5, "--teacher-steps", 0, "--out",
                          tmp_path / f"{folder}-samples")
         assert result.returncode == 0, result.stderr
         got = load_file(str(tmp_path / f"{folder}-samples" / "samples.safetensors"))["x"]
@@ -258,11 +258,11 @@ dataset = "imagefolder:{tmp_path / 'images'}"
     torch.jit.script(torch.nn.Sequential(torch.nn.AdaptiveAvgPool2d(2), torch.nn.Flatten(),
                                          torch.nn.Linear(12, 4))).save(str(features))
     monkeypatch.setenv("DMD_CACHE", str(tmp_path / "cache"))
-    result = run_dmd("fid-ref", tmp_path / "samples" / "teacher.safetensors", "--out",
+    result = dmd_here("fid-ref", tmp_path / "samples" / "teacher.safetensors", "--out",
                      tmp_path / "cache" / "refs" / "imagenet-64x64.npz", "--features", features,
                      "--mode", "legacy_tensorflow")
     assert result.returncode == 0, result.stderr
-    result = run_dmd("fid", tmp_path / "samples", "--ref", "imagenet64", "--features", features,
+    result = dmd_here("fid", tmp_path / "samples", "--ref", "imagenet64", "--features", features,
                      "--json", tmp_path / "fid.json")
     assert result.returncode == 0, result.stderr
     report = json.loads((tmp_path / "fid.json").read_text())

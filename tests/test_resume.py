@@ -10,7 +10,7 @@ import time
 
 from safetensors.torch import load_file
 
-from conftest import ROOT, run_dmd
+from conftest import ROOT, dmd_here
 
 
 def final_weights(run_dir, steps):
@@ -39,7 +39,7 @@ def test_killed_run_resumes_bitwise(tmp_path, tiny_recipe):
     both = "ema_decay = 0.99\ncritic_ema_decay = 0.9\n"
     straight = tiny_recipe("straight", steps=steps, checkpoint_every=25, extra=both)
     killed = tiny_recipe("killed", steps=steps, checkpoint_every=25, extra=both)
-    done = run_dmd("distill", straight)
+    done = dmd_here("distill", straight)   # in this process; the killed run is a process of its own
     assert done.returncode == 0, done.stderr
 
     run_dir = tmp_path / "runs" / "killed"
@@ -54,7 +54,7 @@ def test_killed_run_resumes_bitwise(tmp_path, tiny_recipe):
     assert not (run_dir / "checkpoints" / f"step-{steps:08d}").exists(), "the run finished before the kill"
     assert (run_dir / "checkpoints" / "step-00000050").exists()
 
-    again = run_dmd("distill", killed)
+    again = dmd_here("distill", killed)
     assert again.returncode == 0, again.stderr
     assert "resuming" in again.stderr
     reference = final_weights(tmp_path / "runs" / "straight", steps)
@@ -134,10 +134,10 @@ def test_saved_recipe_reruns_the_same_run(tmp_path, tiny_recipe):
     from dmdcli.recipe import load_recipe, to_dict
 
     path = tiny_recipe(steps=10, checkpoint_every=10)
-    assert run_dmd("distill", path).returncode == 0
+    assert dmd_here("distill", path).returncode == 0
     saved = tmp_path / "runs" / "tiny" / "recipe.toml"
     assert to_dict(load_recipe(saved)) == to_dict(load_recipe(path))
-    dry = run_dmd("distill", path, "--dry-run")
+    dry = dmd_here("distill", path, "--dry-run")
     assert dry.returncode == 0 and dry.stdout.startswith(saved.read_text())
     estimate = dry.stdout[len(saved.read_text()):].strip().splitlines()   # then the cost, as TOML comments
     assert estimate and all(line.startswith("# ") for line in estimate)
