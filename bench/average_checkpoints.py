@@ -3,7 +3,7 @@
 (seed 0, classes i % 10) and measures as `dmd fid` does.
 
 Usage: .venv/bin/python bench/average_checkpoints.py RUN/checkpoints/step-A [RUN/checkpoints/step-B ...]
-           [--num 2000] [--ref fashion-mnist --features fashion]
+           [--num 2000] [--ref fashion-mnist --features fashion] [--ema]
 """
 
 import argparse
@@ -21,9 +21,10 @@ def main():
     ap.add_argument("--num", type=int, default=2000)
     ap.add_argument("--ref", default="fashion-mnist")
     ap.add_argument("--features", default="fashion")
+    ap.add_argument("--ema", action="store_true", help="average the EMA weights (generator_ema.safetensors)")
     a = ap.parse_args()
     recipe, teacher, generator, _ = load_student(a.checkpoints[0], device="cpu", ema=False)
-    weights = [load_file(f"{c}/generator.safetensors") for c in a.checkpoints]
+    weights = [load_file(f"{c}/generator{'_ema' if a.ema else ''}.safetensors") for c in a.checkpoints]
     generator.load_state_dict({k: sum(w[k].float() for w in weights) / len(weights) for k in weights[0]})
     r = fid_report(generator_tensors(generator, teacher, recipe.student.timesteps, a.num, batch_size=500),
                    a.ref, a.features, batch_size=500)
