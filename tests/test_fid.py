@@ -257,3 +257,27 @@ def test_few_samples_and_a_stats_only_reference_are_said_once_without_warnings(t
     assert main(["fid", str(big), "--ref", str(tmp_path / "b.safetensors"), "--features", str(features)]) == 0
     out = capfd.readouterr()
     assert "note:" not in out.out + out.err
+
+
+def test_frechet_of_a_singular_pair_is_a_number_not_a_crash():
+    """Features of 10 samples in 128 dimensions (the shipped classifier's, from a compare test
+    that failed on another thread count): clean-fid's square root of the covariance product has an
+    imaginary part of 5.7 and it raises ValueError, which reached users as a traceback. frechet()
+    retries with clean-fid's own diagonal offset (1e-6) added before the square root."""
+    from pathlib import Path
+
+    import numpy as np
+    import pytest
+    from cleanfid.fid import frechet_distance
+
+    from dmdcli.evaluation.fid import frechet
+
+    case = np.load(Path(__file__).parent / "fixtures" / "frechet-singular.npz")
+    a, b = case["a"].astype(np.float64), case["b"].astype(np.float64)
+    stats = (a.mean(0), np.cov(a, rowvar=False), b.mean(0), np.cov(b, rowvar=False))
+    with pytest.raises(ValueError, match="Imaginary component"):
+        frechet_distance(*stats)
+    fid = frechet(*stats)
+    assert np.isfinite(fid) and fid > 0
+    offset = np.eye(128) * 1e-6
+    assert fid == pytest.approx(frechet_distance(stats[0], stats[1] + offset, stats[2], stats[3] + offset))

@@ -290,7 +290,21 @@ def frechet(mu1, sigma1, mu2, sigma2) -> float:
     with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
         warnings.simplefilter("ignore", LinAlgWarning)
         warnings.filterwarnings("ignore", message="The `disp` argument is deprecated", category=DeprecationWarning)
-        return float(frechet_distance(mu1, sigma1, mu2, sigma2))
+        try:
+            return float(frechet_distance(mu1, sigma1, mu2, sigma2))
+        except ValueError as e:   # "Imaginary component": the square root of a singular product
+            if "Imaginary component" not in str(e):
+                raise
+        # clean-fid's own remedy for a singular product (its offset), applied before the square root
+        # instead of after it failed: both covariances plus 1e-6 on the diagonal.
+        offset = np.eye(len(sigma1)) * 1e-6
+        try:
+            return float(frechet_distance(mu1, sigma1 + offset, mu2, sigma2 + offset))
+        except ValueError as e:
+            if "Imaginary component" not in str(e):
+                raise
+    raise UserError(f"the Frechet distance is undefined here: the square root of the covariance product is complex "
+                    f"(the sets are too small for {len(sigma1)} feature dimensions); measure more samples")
 
 
 def fid_report(tensors: dict, ref: str, features: str = "inception", mode: str = "clean",
