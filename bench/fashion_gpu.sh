@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Issue 7's benchmark (bench/fashion.sh's commands) on one GPU machine inside a short lease.
 # These networks are far too small to fill a GPU, so the distillations run side by side:
-#   fashion           DMD2, recipes/fashion.toml as it stands (2,000 steps, the EDM teacher)
-#   fashion-dmd       DMD v1, bench/fashion.sh's settings (2,000 steps)
+#   fashion           DMD2, recipes/fashion.toml as it stands (3,500 steps, the EDM teacher)
+#   fashion-dmd       DMD v1, bench/fashion.sh's settings (the recipe's 3,500 steps)
 # and, with LONG=N, two more: the same runs with train.steps=N and train.batch_size=LONG_BATCH
 # (fashion-long, fashion-dmd-long), and with VARIANTS="NAME:KEY=VALUE;KEY=VALUE NAME2:..." one
 # DMD2 run per variant, the recipe with those --set overrides (runs/NAME), e.g.
