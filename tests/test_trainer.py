@@ -54,7 +54,7 @@ def test_gan_losses_train_the_generator_and_the_head_each_on_its_turn(tiny_recip
     assert all(p.requires_grad for p in critic.parameters())   # unfrozen after the pass
     logs = tr.critic_step()
     assert "loss_gan_c" in logs and seen_head and max(seen_head) > 0
-    assert all(torch.isfinite(torch.tensor(v)) for v in logs.values())
+    assert all(torch.isfinite(torch.as_tensor(v)) for v in logs.values())
 
 
 def test_gan_passes_stop_at_the_critics_bottleneck(tiny_recipe):
