@@ -31,13 +31,13 @@ def count_syncs(monkeypatch):
     return calls
 
 
-GAN_AND_PAIRS = "\n[gan]\ngenerator_weight = 3e-3\ncritic_weight = 1e-2\n"
+GAN = "\n[gan]\ngenerator_weight = 3e-3\ncritic_weight = 1e-2\n"
 
 
 def test_one_sync_per_update(tiny_recipe, count_syncs):
     """DMD2 with the GAN head: a generator turn holds two updates (generator, critic), a critic
     turn one; each may read one flag from the device."""
-    tr = DMDTrainer(load_recipe(tiny_recipe(extra=GAN_AND_PAIRS)))
+    tr = DMDTrainer(load_recipe(tiny_recipe(extra=GAN)))
     per_step = []
     for _ in range(8):
         turn = tr.is_generator_turn()

@@ -290,19 +290,16 @@ def frechet(mu1, sigma1, mu2, sigma2) -> float:
     with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
         warnings.simplefilter("ignore", LinAlgWarning)
         warnings.filterwarnings("ignore", message="The `disp` argument is deprecated", category=DeprecationWarning)
-        try:
-            return float(frechet_distance(mu1, sigma1, mu2, sigma2))
-        except ValueError as e:   # "Imaginary component": the square root of a singular product
-            if "Imaginary component" not in str(e):
-                raise
-        # clean-fid's own remedy for a singular product (its offset), applied before the square root
-        # instead of after it failed: both covariances plus 1e-6 on the diagonal.
-        offset = np.eye(len(sigma1)) * 1e-6
-        try:
-            return float(frechet_distance(mu1, sigma1 + offset, mu2, sigma2 + offset))
-        except ValueError as e:
-            if "Imaginary component" not in str(e):
-                raise
+        # Where the square root of the covariance product comes out complex ("Imaginary component":
+        # a singular product), clean-fid's own remedy, its 1e-6 diagonal offset, applied before the
+        # square root instead of after it failed.
+        for offset in (0.0, 1e-6):
+            eye = np.eye(len(sigma1)) * offset
+            try:
+                return float(frechet_distance(mu1, sigma1 + eye, mu2, sigma2 + eye))
+            except ValueError as e:
+                if "Imaginary component" not in str(e):
+                    raise
     raise UserError(f"the Frechet distance is undefined here: the square root of the covariance product is complex "
                     f"(the sets are too small for {len(sigma1)} feature dimensions); measure more samples")
 
