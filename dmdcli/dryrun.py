@@ -1,11 +1,19 @@
-"""`dmd distill --dry-run`: what a recipe will cost before it runs (parameters, memory of the
-weights and optimiser state per GPU, network passes per iteration)."""
+"""`dmd distill --dry-run`: what a recipe will cost before it runs (parameters; weights,
+gradients, optimiser state and activations per GPU, and the cards that fits; network passes
+per iteration)."""
 
 from __future__ import annotations
+
+import torch
 
 from .recipe import Recipe
 
 GiB = 1024 ** 3
+
+
+def size(n: int) -> str:
+    """Bytes as GiB, or MiB under one GiB."""
+    return f"{n / GiB:.2f} GiB" if n >= GiB else f"{n / 2 ** 20:.1f} MiB"
 
 
 def _params(module) -> int:
@@ -36,39 +44,125 @@ def passes_per_iteration(r: Recipe, conditional: bool) -> list[str]:
             [f"{f'every {k} iterations' if k > 1 else 'every iteration'} (generator step): {'; '.join(gen)}"])
 
 
-def report(r: Recipe) -> str:
-    """Parameter counts, weight and optimiser memory per process, passes per iteration. The
-    teacher is loaded once; the generator and critic are counted from it, not copied."""
-    from .utils.errors import UserError
-    from .networks import GANHead, bottleneck
-    from .teachers import build_teacher
+def _condition(teacher, n: int):
+    """Meta-device conditions of the networks' shape: labels, text embeddings or None."""
+    if teacher.num_classes:
+        return torch.zeros(n, dtype=torch.long, device="meta")
+    encoder = getattr(teacher, "text_encoder", None)
+    if encoder is not None:
+        return torch.empty(n, encoder.config.max_position_embeddings, encoder.config.hidden_size, device="meta")
+    return None
 
+
+def _inputs(teacher, n: int):
+    return (torch.empty(n, *teacher.sample_shape, device="meta"), torch.zeros(n, dtype=torch.long, device="meta"),
+            _condition(teacher, n))
+
+
+def state_bytes(r: Recipe, generator, critic) -> dict[str, int]:
+    """Bytes of the trainable networks' fp32 weights, their gradients, AdamW's state (two
+    moments and a step per tensor) and the EMA copies, as the trainer holds them."""
+    nets = (generator, critic)
+    trained = [p for net in nets for p in net.parameters() if p.requires_grad]
+    return {"weights": sum(_bytes(net) for net in nets),
+            "gradients": sum(p.numel() * 4 for p in trained),
+            "AdamW state": sum(p.numel() * 8 + 4 for p in trained),
+            "EMA": (_bytes(generator) if r.train.ema_decay > 0 else 0)
+            + (_bytes(critic) if r.train.critic_ema_decay > 0 else 0)}
+
+
+def activation_bytes(r: Recipe, teacher, generator, critic) -> dict[str, int]:
+    """Activations autograd keeps in each turn at the recipe's batch (dmdcli/memory.py): the
+    generator's forward (regression pairs included) plus, with the GAN, the critic's pass to
+    its bottleneck that the generator's GAN loss backpropagates through; the critic's forward
+    on fakes (and reals up to the bottleneck with the GAN)."""
+    from .memory import saved_bytes
+
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(r.train.mixed_precision)
+    b = r.train.batch_size
+    reg = (r.regression.batch_size or b) if r.regression.pairs else 0
+    gan_g = r.gan.generator_weight > 0
+
+    def generator_turn():
+        generator(*_inputs(teacher, b + reg))
+        if gan_g:
+            critic.logits(*_inputs(teacher, b))
+
+    def critic_turn():
+        if hasattr(critic, "head"):
+            critic(*_inputs(teacher, b), real=_inputs(teacher, b))
+        else:
+            critic(*_inputs(teacher, b))
+
+    return {"generator turn": saved_bytes(generator_turn, [generator, critic], dtype),
+            "critic turn": saved_bytes(critic_turn, [critic], dtype)}
+
+
+def _networks(r: Recipe, teacher):
+    """The generator and the critic as the trainer makes them, on the meta device."""
+    from .networks import CriticWithHead, add_lora, enable_gradient_checkpointing
+    from .teachers import make_student
+
+    generator, critic = make_student(teacher, r).to("meta"), teacher.make_critic().to("meta")
+    if r.train.lora_rank:
+        add_lora(critic, r.train.lora_rank)
+    if r.train.gradient_checkpointing:
+        for net in (generator, critic):
+            enable_gradient_checkpointing(net)
+    if r.gan.generator_weight > 0 or r.gan.critic_weight > 0:
+        with torch.device("meta"):
+            critic = CriticWithHead(critic)
+    return generator, critic
+
+
+def _verdict(peak: int, checkpointing: bool) -> str:
+    """Which cards it fits, with a tenth of each kept for the CUDA context, the backward
+    pass's transient buffers and the allocator's slack."""
+    fits = [gb for gb in (40, 80) if peak <= 0.9 * gb * GiB]
+    if fits == [40, 80]:
+        return "fits 40 GB and 80 GB cards"
+    if fits == [80]:
+        return "fits an 80 GB card, not a 40 GB one"
+    return "does not fit an 80 GB card: " + ("set a smaller train.batch_size" if checkpointing else
+                                             "set train.gradient_checkpointing = true or a smaller train.batch_size")
+
+
+def report(r: Recipe) -> str:
+    """Parameter counts; weights, gradients, optimiser state and activations per process; the
+    cards that fits; passes per iteration. A recipe's published teacher that is not on this
+    machine is measured from its architecture alone (teachers/architectures.py)."""
+    from .utils.errors import UserError
+    from .teachers import build_teacher
+    from .teachers.architectures import architecture_only
+
+    note = ""
     try:
         teacher = build_teacher(r.teacher)
     except (UserError, OSError, ValueError, KeyError) as e:   # the recipe still printed; say why no figures
-        return f"# dry run: no estimate, the teacher cannot be loaded: {str(e).splitlines()[0] if str(e) else e!r}\n"
+        teacher = architecture_only(r.teacher)
+        if teacher is None:
+            return f"# dry run: no estimate, the teacher cannot be loaded: {str(e).splitlines()[0] if str(e) else e!r}\n"
+        note = f"# measured on {teacher.what}\n"
+    generator, critic = _networks(r, teacher)
     real = getattr(teacher, "real", None)
-    shape = real if real is not None else teacher.make_generator()   # the exact teacher has no network
-    n_net = _params(shape)
-    gan = r.gan.generator_weight > 0 or r.gan.critic_weight > 0
-    n_head = _params(GANHead(*bottleneck(shape)[1:])) if gan else 0
     extras = {name: getattr(teacher, name, None) for name in ("vae", "text_encoder")}
-    # fp32 weights + fp32 gradients + AdamW's two moments: 16 bytes per trainable parameter.
-    trainable = 16 * (2 * n_net + n_head)
-    frozen = _bytes(real) + sum(_bytes(m) for m in extras.values())
-    ema = 4 * n_net if r.train.ema_decay > 0 else 0
+    n_gen, n_critic = _params(generator), _params(critic)
+    state = state_bytes(r, generator, critic)
+    state["frozen"] = _bytes(real) + sum(_bytes(m) for m in extras.values())
+    acts = activation_bytes(r, teacher, generator, critic)
+    peak = sum(state.values()) + max(acts.values())
+    gan = hasattr(critic, "head")
+    ckpt = "on" if r.train.gradient_checkpointing else "off"
     lines = ["# dry run: nothing was trained",
-             f"# parameters: generator {n_net:,}, critic {n_net + n_head:,}"
-             + (" (GAN head included)" if gan else "")
-             + (f", real score {n_net:,} (frozen)" if real is not None else ", real score exact (no network)")
+             f"# parameters: generator {n_gen:,}, critic {n_critic:,}" + (" (GAN head included)" if gan else "")
+             + (f", real score {_params(real):,} (frozen)" if real is not None else ", real score exact (no network)")
              + "".join(f", {n} {_params(m):,} (frozen)" for n, m in extras.items() if m is not None),
-             f"# memory per process for weights, gradients and AdamW state: {(trainable + frozen + ema) / GiB:.2f} GiB"
-             f" (trainable 16 bytes a parameter{', EMA 4' if ema else ''}; frozen in their dtype);"
-             f" activations come on top and grow with train.batch_size"
-             + ("; gradient checkpointing is on" if r.train.gradient_checkpointing else
-                "; train.gradient_checkpointing = true trades time for activation memory" if real is not None else "")]
+             "# memory per process: " + ", ".join(f"{k} {size(v)}" for k, v in state.items() if v)
+             + " (generator and critic in fp32; frozen networks in their dtype)",
+             f"# activations at batch {r.train.batch_size} (mixed_precision {r.train.mixed_precision}, "
+             f"gradient checkpointing {ckpt}): " + ", ".join(f"{k} {size(v)}" for k, v in acts.items()),
+             f"# peak per process: about {size(peak)}: {_verdict(peak, r.train.gradient_checkpointing)}"]
     if r.train.lora_rank:
-        lines.append("# train.lora_rank: only the adapters train, so the optimiser part of the figure above "
-                     "(12 of its 16 bytes a trainable parameter) shrinks to the adapters' size")
+        lines.append("# train.lora_rank: only the adapters have gradients and AdamW state")
     lines += [f"# {line}" for line in passes_per_iteration(r, bool(teacher.num_classes) or teacher.name == "sd")]
-    return "\n".join(lines) + "\n"
+    return note + "\n".join(lines) + "\n"

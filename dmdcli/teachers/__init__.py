@@ -1,7 +1,8 @@
 """Teacher adapters: the interface (base.py) and one module per family: the exact Gaussian
 mixture (gmm.py), diffusers' Stable Diffusion and pixel UNets (diffusers_unets.py), NVIDIA's
 EDM networks (edm.py, with convert_edm.py reading their pickles safely), and loading models
-offline (hub.py). The registry below imports a family's module only when a recipe names it.
+offline (hub.py); architectures.py holds published architectures without weights, for the dry
+run. The registry below imports a family's module only when a recipe names it.
 """
 
 from __future__ import annotations

@@ -1,0 +1,82 @@
+"""Teachers' architectures without their weights, on PyTorch's meta device: what `distill
+--dry-run` measures when the recipe's teacher is not on this machine (offline, or not yet
+converted). Only the shapes matter there, so only the published configurations are kept.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+
+from .base import resolve_dtype
+
+# Stable Diffusion v1.5's published configurations (859,520,964 / 83,653,863 / 123,060,480 parameters).
+SD15 = {
+    "unet": dict(sample_size=64, in_channels=4, out_channels=4, layers_per_block=2, cross_attention_dim=768,
+                 attention_head_dim=8, block_out_channels=(320, 640, 1280, 1280),
+                 down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+                 up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3),
+    "vae": dict(in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2, sample_size=512,
+                block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
+                up_block_types=("UpDecoderBlock2D",) * 4),
+    "text_encoder": dict(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                         num_attention_heads=12, max_position_embeddings=77, hidden_act="quick_gelu",
+                         projection_dim=768),
+}
+# EDM's ImageNet-64 network as `dmd convert-teacher edm-imagenet-64x64-cond-adm.pkl` writes it
+# (ADMUNet's defaults are that network; 295,899,267 parameters).
+EDM_IMAGENET64 = {"img_resolution": 64, "img_channels": 3, "label_dim": 1000, "model": {}}
+
+
+def _frozen(module, dtype):
+    return module.to(dtype).eval().requires_grad_(False)
+
+
+def _sd15(cfg):
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from ..networks import UNetDenoiser
+
+    dtype = resolve_dtype(cfg.dtype) if cfg.dtype != "auto" else torch.bfloat16   # "auto" on a bf16 GPU
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(**SD15["unet"])
+        vae = _frozen(AutoencoderKL(**SD15["vae"]), dtype)
+        text_encoder = _frozen(CLIPTextModel(CLIPTextConfig(**SD15["text_encoder"])), dtype)
+    size = 64 if not cfg.resolution else cfg.resolution // 8
+    trainable = lambda: UNetDenoiser(copy.deepcopy(unet).float().train().requires_grad_(True), "epsilon")
+    return SimpleNamespace(
+        name="sd", family="vp", num_classes=None, sample_shape=(4, size, size), vae=vae, text_encoder=text_encoder,
+        real=UNetDenoiser(_frozen(copy.deepcopy(unet), dtype), "epsilon"), make_generator=trainable,
+        make_critic=trainable, condition_shape=(77, 768),
+        what="Stable Diffusion v1.5's architecture (its weights are not on this machine)")
+
+
+def _edm_imagenet64(cfg):
+    from ..schedules import EDMSchedule
+    from .edm import EDMDenoiser, build_network
+
+    c = EDM_IMAGENET64
+    with torch.device("meta"):
+        net = build_network(c)
+    sigmas = EDMSchedule().sigmas.to("meta")
+    trainable = lambda: EDMDenoiser(copy.deepcopy(net).float().train().requires_grad_(True), c["label_dim"], sigmas)
+    return SimpleNamespace(
+        name="edm", family="edm", num_classes=c["label_dim"], sample_shape=(3, 64, 64), vae=None, text_encoder=None,
+        real=EDMDenoiser(_frozen(copy.deepcopy(net), resolve_dtype(cfg.dtype)), c["label_dim"], sigmas),
+        make_generator=trainable, make_critic=trainable,
+        what="EDM's ImageNet-64 architecture (the converted teacher is not on this machine)")
+
+
+def architecture_only(teacher_cfg):
+    """A stand-in teacher on the meta device for the recipes' published teachers, or None."""
+    from .hub import ALIASES
+
+    if teacher_cfg.name == "sd" and ALIASES.get(teacher_cfg.sd.model, teacher_cfg.sd.model) == ALIASES["sd15"]:
+        return _sd15(teacher_cfg.sd)
+    if teacher_cfg.name == "edm" and "imagenet64" in Path(teacher_cfg.edm.model).name.replace("-", ""):
+        return _edm_imagenet64(teacher_cfg.edm)
+    return None
