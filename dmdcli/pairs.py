@@ -26,6 +26,7 @@ from safetensors.torch import save_file
 
 from .utils.errors import UserError
 from .utils.io import atomic_path, sha256, write_json
+from .utils.processes import any_process, process_state
 from .recipe import dotted
 from .sampling import SAMPLERS, teacher_ode
 from .teachers import uint8_images
@@ -219,10 +220,11 @@ def read_manifest(folder: Path) -> dict:
         raise UserError(f"{manifest_path} is corrupt; rerun the `dmd make-pairs` command to rebuild it") from None
 
 
-def check_shards(folder: Path, manifest: dict) -> list[str]:
-    """Problems with the shard files (missing, truncated, flipped bits), one line each."""
+def check_shards(folder: Path, manifest: dict, part: tuple[int, int] = (0, 1)) -> list[str]:
+    """Problems with the shard files (missing, truncated, flipped bits), one line each; with
+    part = (k, n), only of every n-th shard from the k-th (process k of n hashes its share)."""
     problems = []
-    for record in manifest.get("shards", []):
+    for record in manifest.get("shards", [])[part[0]::part[1]]:
         path = Path(folder) / record["file"]
         if not path.is_file():
             problems.append(f"pair shard {path} is missing")
@@ -240,10 +242,12 @@ class PairSet(torch.utils.data.Dataset):
         manifest = read_manifest(self.folder)
         if not manifest.get("complete"):
             raise UserError(f"pairs in {folder} are incomplete; rerun the same `dmd make-pairs` command to finish them")
-        if verify:
-            problems = check_shards(self.folder, manifest)
-            if problems:
-                raise UserError(f"{problems[0]}; rerun the `dmd make-pairs` command to rebuild it")
+        if verify:   # each process hashes its share of the shards; all refuse together
+            state = process_state()
+            problems = check_shards(self.folder, manifest, (state.process_index, state.num_processes))
+            if any_process(bool(problems)):
+                raise UserError(f"{problems[0] if problems else 'a pair shard is missing or corrupt (another process names it)'}"
+                                f"; rerun the `dmd make-pairs` command to rebuild it")
         if teacher is not None and manifest["teacher"] != teacher.describe():
             was, now = dotted(manifest["teacher"]), dotted(teacher.describe())
             changed = sorted(k for k in {*was, *now} if was.get(k) != now.get(k))
@@ -289,8 +293,6 @@ class PairSet(torch.utils.data.Dataset):
 def make_pairs_on_all_ranks(teacher, out: Path, num: int, settings: PairSettings, batch_size: int = 256,
                             progress_factory=None) -> dict:
     """make_pairs under `accelerate launch` (or alone): each process its own shards."""
-    from .utils.processes import process_state
-
     state = process_state()
     teacher.to(state.device)
     return make_pairs(teacher, out, num, settings, batch_size, state.process_index, state.num_processes,

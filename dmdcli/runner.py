@@ -60,7 +60,7 @@ def _distill(recipe: Recipe, acc: Accelerator, run_dir: Path, progress_factory, 
     trainer = DMDTrainer(recipe, acc)
     if acc.is_main_process:
         write_text(run_dir / "recipe.toml", to_toml(recipe))
-    last = checkpoint.latest_valid(run_dir)
+    last = checkpoint.newest_for_all(run_dir)
     if last is not None:
         trainer.load(last)
         if console and acc.is_main_process:

@@ -87,7 +87,7 @@ def init_from(trainer, source: Path) -> str:
     whose names and shapes match (a GAN head is new when that run had none). Returns a
     line saying what was read."""
     ckpt = source if (source / "generator.safetensors").is_file() else \
-        checkpoint.latest_valid(source) if source.is_dir() else None
+        checkpoint.newest_for_all(source) if source.is_dir() else None
     if ckpt is None:
         raise UserError(f"train.init_from = {str(source)!r} holds no checkpoint; give a `dmd distill` run "
                         f"folder with checkpoints/ or one of its checkpoints/step-* folders")

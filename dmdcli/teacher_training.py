@@ -160,7 +160,7 @@ def train_teacher(r: TeacherRecipe, progress_factory=None, console=None) -> tupl
     step = 0
     run_dir.mkdir(parents=True, exist_ok=True)
     write_text(run_dir / "recipe.toml", to_toml(r))
-    last = checkpoint.latest_valid(run_dir)
+    last = checkpoint.newest_for_all(run_dir)
     if last is not None:
         acc.unwrap_model(unet).load_state_dict(load_file(str(last / "unet.safetensors")))
         state = checkpoint.load_tree(last, "state")

@@ -52,6 +52,36 @@ def test_two_process_distill_resumes_to_the_uninterrupted_run(tmp_path, tiny_rec
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="gloo DDP on Linux")
+def test_a_run_folder_the_processes_do_not_share_is_refused(tmp_path, tiny_recipe):
+    """Two nodes, each with its own disk at the run folder's path: the two processes are
+    started as a launcher on two nodes would start them, each in its own working directory,
+    with a relative run.out. Both refuse at start-up with one line, instead of failing at the
+    first checkpoint on a folder only one node has; neither leaves a checkpoint."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    recipe = tiny_recipe(steps=4, checkpoint_every=2)
+    procs = []
+    for rank in (0, 1):
+        node = tmp_path / f"node{rank}"
+        node.mkdir()
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1",
+               "PYTHONPATH": str(ROOT), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": "2",
+               "RANK": str(rank), "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1", "NODE_RANK": str(rank)}
+        procs.append(subprocess.Popen([sys.executable, "-m", "dmdcli", "distill", str(recipe), "--set",
+                                       'run.out="runs/tiny"'], cwd=node, env=env, stdout=subprocess.PIPE,
+                                      stderr=subprocess.PIPE, text=True))
+    results = [(p.wait(timeout=300), p.stderr.read()) for p in procs]
+    says = ("runs/tiny is not one folder for all 2 processes: some do not see what process 0 writes there "
+            "(a local disk on each node?); put it on a file system that every node shares")
+    for code, err in results:
+        assert code == 2 and says in err.replace("\n", "") and "Traceback" not in err, err[-2000:]
+    assert not list(tmp_path.glob("node*/runs/tiny/checkpoints/*"))
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="gloo DDP on Linux")
 def test_two_ranks_sample_the_same_set_as_one(tmp_path, tiny_recipe):
     """Labels and noise by global index: 2 processes write the same (label, sample) files as 1,
     and no part file is left behind."""

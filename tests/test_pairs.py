@@ -105,6 +105,13 @@ def test_corrupt_shard_is_named_when_training(tmp_path, capsys):
     (out / "shard-00001.safetensors").write_bytes(data[:-8])
     with pytest.raises(UserError, match=r"pair shard .*shard-00001.safetensors is corrupt \(sha256 mismatch\)"):
         PairSet(out)
+    # Under a launch of n processes, process k hashes shards k, k + n, ...: each shard once.
+    from dmdcli.pairs import check_shards, read_manifest
+
+    manifest = read_manifest(out)
+    assert check_shards(out, manifest, (0, 2)) == []
+    assert check_shards(out, manifest, (1, 2)) == [f"pair shard {out / 'shard-00001.safetensors'} is corrupt "
+                                                   f"(sha256 mismatch)"]
 
 
 @pytest.mark.parametrize("method", ["dmd", "dmd2"])

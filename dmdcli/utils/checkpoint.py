@@ -135,5 +135,15 @@ def latest_valid(run_dir: Path) -> Path | None:
     return None
 
 
+def newest_for_all(run_dir: Path) -> Path | None:
+    """latest_valid, hashed by the main process alone and named to the others: every rank
+    hashing the same checkpoint (about 21 GB for SD1.5) would read it once per process."""
+    from .processes import main_says, process_state
+
+    found = latest_valid(run_dir) if process_state().is_main_process else None
+    name = main_says(found.name if found is not None else "")
+    return Path(run_dir) / "checkpoints" / name if name else None
+
+
 def step_of(ckpt: Path) -> int:
     return int(ckpt.name[len(PREFIX):])

@@ -37,6 +37,53 @@ def any_process(flag: bool) -> bool:
     return bool(reduce(torch.tensor([float(flag)], device=state.device), reduction="sum").item())
 
 
+def main_says(text: str) -> str:
+    """The main process's `text` on every process, sent as bytes (nothing is pickled)."""
+    state = process_state()
+    if state.num_processes == 1:
+        return text
+    from accelerate.utils import broadcast
+
+    raw = text.encode() if state.is_main_process else b""
+    size = broadcast(torch.tensor([len(raw)], device=state.device)).item()
+    data = torch.zeros(size, dtype=torch.uint8, device=state.device)
+    if state.is_main_process and size:
+        data = torch.tensor(list(raw), dtype=torch.uint8, device=state.device)
+    return bytes(broadcast(data).cpu().tolist()).decode() if size else ""
+
+
+def check_shared(folder: Path) -> None:
+    """Refuse, on every process together, a folder that is not one folder for all of them:
+    the main process writes checkpoints (or a manifest) that the others read, and they write
+    files it reads. Several nodes each with its own disk at the same path would fail later,
+    mid-run, with a file not found on one node."""
+    import secrets
+
+    from .errors import UserError
+    from .io import write_text
+
+    state = process_state()
+    if state.num_processes == 1:
+        return
+    probe = Path(folder) / ".shared-check"
+    token = main_says(secrets.token_hex(16) if state.is_main_process else "")
+    if state.is_main_process:
+        write_text(probe, token)
+    state.wait_for_everyone()
+    try:
+        seen = probe.read_text() == token
+    except OSError:
+        seen = False
+    unseen = any_process(not seen)
+    state.wait_for_everyone()
+    if state.is_main_process:
+        probe.unlink(missing_ok=True)
+    if unseen:
+        raise UserError(f"{folder} is not one folder for all {state.num_processes} processes: some do not see what "
+                        f"process 0 writes there (a local disk on each node?); put it on a file system that "
+                        f"every node shares (NFS, Lustre, a mounted bucket)")
+
+
 @contextlib.contextmanager
 def folder_in_use(folder: Path, command: str, fix: str):
     """Hold folder/.lock for the block (the main process takes it; all refuse together): a
@@ -73,6 +120,7 @@ def folder_in_use(folder: Path, command: str, fix: str):
             problem = f"{folder} is in use by another {holder or command} (process {pid}); {fix}"
         raise UserError(problem or f"{folder}: refused by the main process (its message says why)")
     try:
+        check_shared(folder)
         yield
     finally:
         if lock is not None:
