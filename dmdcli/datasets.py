@@ -55,7 +55,8 @@ def _fashion_mnist(train: bool):
     return ds.data.unsqueeze(1), ds.targets.long(), len(ds.classes)
 
 
-def _hf(name: str, split: str, data_dir: str | None = None):
+def _hf_dataset(name: str, split: str, data_dir: str | None = None):
+    """A `datasets` split with its image column named "image" (and a class column "label")."""
     import datasets
 
     try:
@@ -63,8 +64,6 @@ def _hf(name: str, split: str, data_dir: str | None = None):
     except Exception as e:  # datasets raises many types for "not found / offline"
         raise UserError(f"dataset {data_dir or name!r} could not be loaded ({str(e).splitlines()[0][:160]}); "
                         f"give imagefolder:PATH or fashion-mnist") from None
-    import numpy as np
-
     image_columns = [c for c, f in ds.features.items() if type(f).__name__ == "Image"]
     if not image_columns:
         raise UserError(f"dataset {data_dir or name!r} has no image column (columns: {', '.join(ds.column_names)})")
@@ -72,14 +71,56 @@ def _hf(name: str, split: str, data_dir: str | None = None):
     label_columns = [c for c, f in ds.features.items() if type(f).__name__ == "ClassLabel"]
     if label_columns and label_columns[0] != "label":
         ds = ds.rename_column(label_columns[0], "label")
+    return ds
+
+
+def _hf_chunks(ds, chunk: int = 1024):
+    """(uint8 images (n, C, H, W), labels) of `chunk` rows at a time, every image in the first
+    one's mode and size."""
+    import numpy as np
+
     first = ds[0]["image"]
-    mode = "L" if first.mode in ("L", "1", "I", "F") else "RGB"   # one mode and size for all
-    size = first.size
-    images = torch.from_numpy(np.stack([np.asarray(img.convert(mode).resize(size)) for img in ds["image"]]))
-    images = images.unsqueeze(1) if images.ndim == 3 else images.permute(0, 3, 1, 2)
-    labels = (torch.as_tensor(ds["label"]).long() if "label" in ds.column_names
-              else torch.zeros(len(ds), dtype=torch.long))
-    return images, labels, int(labels.max()) + 1
+    mode = "L" if first.mode in ("L", "1", "I", "F") else "RGB"
+    for start in range(0, len(ds), chunk):
+        rows = ds[start:start + chunk]
+        images = torch.from_numpy(np.stack([np.asarray(img.convert(mode).resize(first.size)) for img in rows["image"]]))
+        images = images.unsqueeze(1) if images.ndim == 3 else images.permute(0, 3, 1, 2)
+        labels = torch.as_tensor(rows["label"]).long() if "label" in rows else torch.zeros(len(images), dtype=torch.long)
+        yield images, labels
+
+
+def _hf(name: str, split: str, data_dir: str | None = None):
+    parts = list(_hf_chunks(_hf_dataset(name, split, data_dir)))
+    labels = torch.cat([p[1] for p in parts])
+    return torch.cat([p[0] for p in parts]), labels, int(labels.max()) + 1
+
+
+def image_chunks(spec: str, split: str = "train"):
+    """(uint8 image chunks as stored, number of classes or None where it takes a pass to know)."""
+    if spec == "fashion-mnist":
+        got = _fashion_mnist(split == "train")
+        if got is not None:
+            return iter([got[:2]]), got[2]
+        spec = "zalando-datasets/fashion_mnist"
+    if spec.startswith("imagefolder:"):
+        folder = spec.split(":", 1)[1]
+        if not Path(folder).is_dir():
+            raise UserError(f"image folder not found: {folder}")
+        return _hf_chunks(_hf_dataset("imagefolder", split, data_dir=folder)), None
+    return _hf_chunks(_hf_dataset(spec, split)), None
+
+
+def uint8_at_size(x: torch.Tensor, image_size: int) -> torch.Tensor:
+    """uint8 images at image_size as load_images makes them: padded with background where
+    that centres them, else resized (bilinear, antialiased) and rounded back to uint8."""
+    h = x.shape[-1]
+    if h < image_size and (image_size - h) % 2 == 0:
+        pad = (image_size - h) // 2
+        return F.pad(x, (pad, pad, pad, pad), value=0)
+    if h != image_size:
+        y = F.interpolate(x.float(), size=(image_size, image_size), mode="bilinear", antialias=True, align_corners=False)
+        return y.round().clamp(0, 255).to(torch.uint8)
+    return x
 
 
 def load_images(spec: str, split: str = "train", image_size: int = 32, limit: int = 0):
@@ -124,98 +165,3 @@ def load_text_column(spec: str) -> list[str]:
         raise UserError(f"prompt dataset {name!r} has no column {column!r} (columns: {', '.join(ds.column_names)}); "
                         f"give NAME:COLUMN")
     return list(ds[column])
-
-
-def captioned_latents(teacher, spec: str, split: str = "train", chunk: int = 16):
-    """(VAE latents, captions) of a captioned image dataset (imagefolder:PATH with a
-    metadata.jsonl, or a Hub dataset with an image and a text/caption/prompt column) at the
-    latent teacher's resolution (centre crop, bicubic resize), encoded once and cached."""
-    import hashlib
-    import json
-
-    import datasets
-    import numpy as np
-    from safetensors.torch import load_file, save_file
-
-    from .evaluation.fid import center_crop_resize
-    from .utils.io import atomic_path, write_text
-
-    size = teacher.sample_shape[-1] * teacher.vae_scale_factor
-    key = hashlib.sha256(json.dumps([spec, split, teacher.describe()["model"], teacher.cfg.revision, size])
-                         .encode()).hexdigest()[:16]
-    path, texts = cache_dir() / "latents" / f"{key}.safetensors", cache_dir() / "latents" / f"{key}.json"
-    if path.is_file() and texts.is_file():
-        return load_file(str(path))["latents"], json.loads(texts.read_text())
-    name, data_dir = ("imagefolder", spec.split(":", 1)[1]) if spec.startswith("imagefolder:") else (spec, None)
-    if data_dir is not None and not Path(data_dir).is_dir():
-        raise UserError(f"image folder not found: {data_dir}")
-    try:
-        ds = datasets.load_dataset(name, data_dir=data_dir, split=split, cache_dir=str(cache_dir() / "hf"))
-    except Exception as e:  # datasets raises many types for "not found / offline"
-        raise UserError(f"dataset {data_dir or name!r} could not be loaded ({str(e).splitlines()[0][:160]})") from None
-    image = next((c for c, f in ds.features.items() if type(f).__name__ == "Image"), None)
-    text = next((c for c in ("text", "caption", "prompt") if c in ds.column_names), None)
-    if image is None or text is None:
-        raise UserError(f"gan.dataset {spec!r} needs an image column and a text, caption or prompt column "
-                        f"(has {', '.join(ds.column_names)}); for a folder, add a metadata.jsonl with "
-                        f'{{"file_name": ..., "text": ...}} lines')
-    vae = teacher.vae
-    dtype = next(vae.parameters()).dtype
-    parts = []
-    for start in range(0, len(ds), chunk):
-        rows = ds[start:start + chunk]
-        pixels = np.stack([center_crop_resize(np.asarray(im.convert("RGB")), size) for im in rows[image]])
-        x = torch.from_numpy(pixels).permute(0, 3, 1, 2).float() / 127.5 - 1
-        with torch.no_grad():
-            z = vae.encode(x.to(teacher.device, dtype)).latent_dist.mean * vae.config.scaling_factor
-        parts.append(z.float().cpu())
-    latents, captions = torch.cat(parts), [str(t) for t in ds[text]]
-    write_text(texts, json.dumps(captions))
-    with atomic_path(path) as tmp:   # written last: its presence means both are complete
-        save_file({"latents": latents.contiguous()}, str(tmp))
-    return latents, captions
-
-
-class RealData:
-    """Real samples for DMD2's GAN loss: the exact mixture for the gmm teacher, VAE latents of
-    captioned images for latent (sd) teachers, else images from a dataset at the teacher's
-    sample shape (labels kept for class-conditional teachers)."""
-
-    def __init__(self, teacher, spec: str):
-        self.teacher = teacher
-        self.mixture = getattr(teacher, "mixture", None)
-        self.captions = None
-        if self.mixture is not None and not spec:
-            return
-        if teacher.name == "sd":
-            if not spec:
-                raise UserError("the GAN loss needs real images: set gan.dataset to captioned images "
-                                "(imagefolder:PATH with a metadata.jsonl, or a Hub dataset)")
-            self.images, self.captions = captioned_latents(teacher, spec)
-            return
-        if not spec:
-            raise UserError("the GAN loss needs real images: set gan.dataset (fashion-mnist, imagefolder:PATH "
-                            "or a Hub dataset)")
-        channels, size = teacher.sample_shape[0], teacher.sample_shape[-1]
-        self.images, self.labels, classes = load_images(spec, "train", size)
-        if self.images.shape[1] != channels:
-            raise UserError(f"gan.dataset {spec!r} has {self.images.shape[1]} channel(s); the teacher makes {channels}")
-        if teacher.num_classes and classes > teacher.num_classes:
-            raise UserError(f"gan.dataset {spec!r} has {classes} classes; the teacher knows {teacher.num_classes}")
-
-    def batch(self, n: int, generator: torch.Generator):
-        """(samples, labels or None) drawn with `generator` (a CPU generator); for captioned
-        data the "labels" are caption indices, turned into conditions by `condition`."""
-        if self.mixture is not None:
-            x, labels = self.mixture.sample(n, generator)
-            return x.float(), (labels if self.teacher.num_classes else None)
-        idx = torch.randint(0, len(self.images), (n,), generator=generator)
-        if self.captions is not None:
-            return self.images[idx], idx
-        return self.images[idx], (self.labels[idx] if self.teacher.num_classes else None)
-
-    def condition(self, labels, device):
-        """What the critic takes as `cond` for a real batch."""
-        if self.captions is not None:
-            return self.teacher.encode_text([self.captions[i] for i in labels.tolist()])
-        return self.teacher.encode_condition(labels.to(device) if labels is not None else None)

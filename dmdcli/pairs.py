@@ -21,12 +21,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .utils.errors import UserError
 from .utils.io import atomic_path, sha256, write_json
 from .utils.processes import any_process, process_state
+from .utils.shards import ShardRows
 from .recipe import dotted
 from .sampling import SAMPLERS, teacher_ode
 from .teachers import uint8_images
@@ -255,38 +255,22 @@ class PairSet(torch.utils.data.Dataset):
                             f"({manifest['teacher'].get('name')}; {', '.join(changed)} differ); make pairs with "
                             f"`dmd make-pairs --recipe RECIPE` so they use the recipe's teacher")
         self.manifest = manifest
-        self.shards = sorted(manifest["shards"], key=lambda r: r["start"])
-        self.starts = torch.tensor([r["start"] for r in self.shards])
-        self._handles: dict = {}
+        self.reader = ShardRows(self.folder, manifest["shards"])
 
     def __len__(self) -> int:
         return int(self.manifest["num"])
 
-    def _open(self, k: int):
-        if k not in self._handles:
-            self._handles[k] = safe_open(str(self.folder / self.shards[k]["file"]), framework="pt")
-        return self._handles[k]
-
-    def __getstate__(self):            # DataLoader workers reopen their own handles
-        return {**self.__dict__, "_handles": {}}
-
     def rows(self, indices: torch.Tensor) -> dict:
         """Rows of the given global indices, read from the mapped shards."""
-        shard_of = torch.searchsorted(self.starts, indices, right=True) - 1
-        keys = [k for k in ("noise", "output", "label") if k in self._open(0).keys()]
-        out = {k: [None] * len(indices) for k in keys}
-        for pos, (i, k) in enumerate(zip(indices.tolist(), shard_of.tolist())):
-            row = i - self.shards[k]["start"]
-            for key in keys:
-                out[key][pos] = self._open(k).get_slice(key)[row:row + 1]
-        return {k: torch.cat(v) for k, v in out.items()}
+        return self.reader.rows(indices, ("noise", "output", "label"))
 
     def __getitem__(self, i: int) -> dict:
         return {k: v[0] for k, v in self.rows(torch.tensor([i])).items()}
 
-    def batch(self, n: int, generator: torch.Generator):
-        """n pairs drawn uniformly with replacement by `generator` (resumable by its state)."""
-        rows = self.rows(torch.randint(0, len(self), (n,), generator=generator))
+    def batch(self, n: int, generator: torch.Generator, keep: slice = slice(None)):
+        """n pairs drawn uniformly with replacement by `generator` (resumable by its state), of
+        which only the `keep` rows are read (a process's share of a global batch)."""
+        rows = self.rows(torch.randint(0, len(self), (n,), generator=generator)[keep])
         return rows["noise"], rows["output"], rows.get("label")
 
 

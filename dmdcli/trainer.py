@@ -24,7 +24,7 @@ from safetensors.torch import load_file, save_file
 from .utils import checkpoint
 from . import losses
 from .utils.errors import UserError
-from .datasets import RealData
+from .real_data import RealData
 from .networks import CriticWithHead, add_lora, enable_gradient_checkpointing, frozen
 from .pairs import PairSet
 from .perceptual import load_lpips, lpips_distance
@@ -140,6 +140,12 @@ class DMDTrainer:
         cut = (lambda v: v[rank * n:(rank + 1) * n] if v is not None else None)
         return tuple(cut(v) for v in out) if isinstance(out, tuple) else cut(out)
 
+    def _rows(self, read, n: int):
+        """read(m, keep) draws the indices of m rows and reads only the `keep` ones: this
+        rank's n of the global world x n, read from disk by this rank alone."""
+        world, rank = self.acc.num_processes, self.acc.process_index
+        return read(world * n, slice(rank * n, (rank + 1) * n))
+
     def _randn(self, shape) -> torch.Tensor:
         return self._draw(lambda m: torch.randn(m, *shape[1:], generator=self.rng, device=self.acc.device), shape[0])
 
@@ -196,7 +202,7 @@ class DMDTrainer:
         if self.pairs is not None:
             # DMD v1's regression (or DMD2 given pairs): the regression batch (pair noise at the
             # first timestep) rides in the same forward pass, so DDP sees one forward per backward.
-            z, y, labels = self._draw(lambda m: self.pairs.batch(m, self.data_rng),
+            z, y, labels = self._rows(lambda m, keep: self.pairs.batch(m, self.data_rng, keep),
                                       r.regression.batch_size or r.train.batch_size)
             z, y = z.to(x_in.device) * self.schedule.init_noise_sigma, y.to(x_in.device)
             cond_p = self.teacher.encode_condition(labels.to(x_in.device) if labels is not None else None)
@@ -264,8 +270,7 @@ class DMDTrainer:
         real = None
         if self.gan:
             # Real data, noised at its own t, in the same call as the fakes (to the bottleneck only).
-            images, labels = self._draw(lambda m: self.real.batch(m, self.data_rng), n)
-            images = images.to(x.device)
+            images, labels = self._rows(lambda m, keep: self.real.batch(m, self.data_rng, keep, x.device), n)
             t_r = self._timesteps(losses.critic_timesteps, n)
             real = (self.schedule.add_noise(images, self._randn(images.shape), t_r), t_r,
                     self.real.condition(labels, x.device))

@@ -281,19 +281,19 @@ def test_sd_gan_on_captioned_images(tmp_path, sd_folder, prompts, monkeypatch, c
     assert main(["distill", str(path)]) == 0
     logs = [json.loads(line) for line in (tmp_path / "runs" / "sd" / "metrics.jsonl").read_text().splitlines()]
     assert all(np.isfinite(log["loss_gan_c"]) for log in logs)
-    cached = sorted((tmp_path / "cache" / "latents").iterdir())
-    assert [p.suffix for p in cached] == [".json", ".safetensors"]
-    assert json.loads(cached[0].read_text()) == ["a red square", "a blue circle", "green grass", "a grey cat"]
-    latents = load_file(str(cached[1]))["latents"]
-    assert latents.shape == (4, 4, 8, 8)                      # 16 px (the tiny VAE's 2x) of the 8x8 latents
-    from dmdcli.datasets import RealData
+    (cached,) = (tmp_path / "cache" / "real").iterdir()       # prepared once: bf16 latents in row shards
+    manifest = json.loads((cached / "manifest.json").read_text())
+    assert manifest["captions"] == ["a red square", "a blue circle", "green grass", "a grey cat"]
+    latents = load_file(str(cached / "shard-00000.safetensors"))["x"]
+    assert latents.shape == (4, 4, 8, 8) and latents.dtype == torch.bfloat16   # 16 px (the tiny VAE's 2x)
+    from dmdcli.real_data import RealData
     from dmdcli.recipe import load_recipe
     from dmdcli.teachers import build_teacher
 
     teacher = build_teacher(load_recipe(path).teacher)
     real = RealData(teacher, f"imagefolder:{images}")         # from the cache, the same latents
-    assert torch.equal(real.images, latents)
     x, idx = real.batch(3, torch.Generator().manual_seed(0))
+    assert torch.equal(x, latents[idx].float())
     cond = real.condition(idx, "cpu")
     assert torch.equal(cond, teacher.encode_text([real.captions[i] for i in idx.tolist()]))
     # Without a text column: one line saying what to add.
