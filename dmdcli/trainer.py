@@ -93,6 +93,7 @@ class DMDTrainer:
             if self.pairs is not None and r.regression.distance == "lpips" else None
         torch.manual_seed(r.run.seed)  # network initialisation
         generator, critic = make_student(self.teacher, r), self.teacher.make_critic()
+        self.teacher.release_trainable()
         if r.train.lora_rank:
             add_lora(critic, r.train.lora_rank)
         if r.train.gradient_checkpointing:

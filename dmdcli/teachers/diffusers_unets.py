@@ -47,6 +47,8 @@ class UNetTeacher(Teacher):
         self.device = torch.device("cpu")
 
     def _copy(self) -> UNetDenoiser:
+        if self._trainable is None:
+            raise RuntimeError("the teacher's trainable weights were released (release_trainable)")
         net = UNetDenoiser(copy.deepcopy(self._trainable).float().train().requires_grad_(True),
                            self.prediction_type, self.null_class)
         return net

@@ -297,6 +297,8 @@ class EDMTeacher(Teacher):
         self.device = torch.device("cpu")
 
     def _copy(self) -> EDMDenoiser:
+        if self._trainable is None:
+            raise RuntimeError("the teacher's trainable weights were released (release_trainable)")
         net = copy.deepcopy(self._trainable).float().train().requires_grad_(True)
         for m in net.modules():
             if isinstance(m, UNetBlock):
