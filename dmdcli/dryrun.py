@@ -127,6 +127,18 @@ def _verdict(peak: int, checkpointing: bool) -> str:
                                              "set train.gradient_checkpointing = true or a smaller train.batch_size")
 
 
+def estimate(r: Recipe, teacher, generator=None, critic=None) -> tuple[dict, dict, int]:
+    """(state bytes by kind, frozen networks included; activation bytes by turn; the peak per
+    process: all the state plus the larger turn's activations)."""
+    if generator is None:
+        generator, critic = _networks(r, teacher)
+    state = state_bytes(r, generator, critic)
+    state["frozen"] = _bytes(getattr(teacher, "real", None)) + sum(
+        _bytes(getattr(teacher, name, None)) for name in ("vae", "text_encoder"))
+    acts = activation_bytes(r, teacher, generator, critic)
+    return state, acts, sum(state.values()) + max(acts.values())
+
+
 def report(r: Recipe) -> str:
     """Parameter counts; weights, gradients, optimiser state and activations per process; the
     cards that fits; passes per iteration. A recipe's published teacher that is not on this
@@ -147,10 +159,7 @@ def report(r: Recipe) -> str:
     real = getattr(teacher, "real", None)
     extras = {name: getattr(teacher, name, None) for name in ("vae", "text_encoder")}
     n_gen, n_critic = _params(generator), _params(critic)
-    state = state_bytes(r, generator, critic)
-    state["frozen"] = _bytes(real) + sum(_bytes(m) for m in extras.values())
-    acts = activation_bytes(r, teacher, generator, critic)
-    peak = sum(state.values()) + max(acts.values())
+    state, acts, peak = estimate(r, teacher, generator, critic)
     gan = hasattr(critic, "head")
     ckpt = "on" if r.train.gradient_checkpointing else "off"
     lines = ["# dry run: nothing was trained",

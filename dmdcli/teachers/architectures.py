@@ -12,6 +12,7 @@ from types import SimpleNamespace
 import torch
 
 from .base import resolve_dtype
+from .edm import ADM_IMAGENET64
 
 # Stable Diffusion v1.5's published configurations (859,520,964 / 83,653,863 / 123,060,480 parameters).
 SD15 = {
@@ -27,8 +28,9 @@ SD15 = {
                          projection_dim=768),
 }
 # EDM's ImageNet-64 network as `dmd convert-teacher edm-imagenet-64x64-cond-adm.pkl` writes it
-# (ADMUNet's defaults are that network; 295,899,267 parameters).
-EDM_IMAGENET64 = {"img_resolution": 64, "img_channels": 3, "label_dim": 1000, "model": {}}
+# (295,899,267 parameters).
+EDM_IMAGENET64 = {"format": "dmd-edm/1", "architecture": "adm", "img_resolution": 64, "img_channels": 3,
+                  "label_dim": 1000, "model": ADM_IMAGENET64, "sigma_data": 0.5}
 
 
 def _frozen(module, dtype):
