@@ -56,3 +56,21 @@ def test_the_log_window_is_read_in_one_sync(count_syncs):
     means = runner._window_means(sums, {"loss_dm": 3, "loss_critic": 2, "skipped_critic": 2})
     assert means == {"loss_critic": 0.5, "loss_dm": 1.0, "skipped_critic": 2.0}
     assert len(count_syncs) == 1, count_syncs
+
+
+def test_text_conditions_need_no_sync(tmp_path, count_syncs):
+    """SD: prompts are tokenised once; a batch's conditions are indexed on the device (a
+    `.tolist()` of the labels each turn before), and equal the prompts' own embeddings."""
+    from dmdcli.recipe import SDConfig
+    from dmdcli.teachers.diffusers_unets import SDTeacher
+    from tiny_models import save_tiny_sd
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red shoe\na cat on a mat\nan old bridge at dusk\n")
+    teacher = SDTeacher(SDConfig(model=str(save_tiny_sd(tmp_path / "sd")), prompts=str(prompts)))
+    labels = torch.tensor([2, 0, 2])
+    teacher.prompt_ids()
+    count_syncs.clear()
+    cond = teacher.encode_condition(labels)
+    assert count_syncs == []
+    torch.testing.assert_close(cond, teacher.encode_text(["an old bridge at dusk", "a red shoe", "an old bridge at dusk"]))

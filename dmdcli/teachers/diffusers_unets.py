@@ -115,7 +115,7 @@ class SDTeacher(UNetTeacher):
         self.sample_shape = (unet.config.in_channels, size, size)
         self.num_classes = None
         self.prompts = self._read_prompts(cfg.prompts)
-        self._empty = None
+        self._empty, self._prompt_ids = None, None
 
     @property
     def vae_scale_factor(self) -> int:
@@ -145,7 +145,20 @@ class SDTeacher(UNetTeacher):
         self.vae.to(device)
         self.text_encoder.to(device)
         self._empty = None
+        self._prompt_ids = self._prompt_ids.to(device) if self._prompt_ids is not None else None
         return self
+
+    def _tokenize(self, texts: list[str]) -> torch.Tensor:
+        return self.tokenizer(texts, padding="max_length", max_length=self.tokenizer.model_max_length,
+                              truncation=True, return_tensors="pt").input_ids
+
+    def prompt_ids(self) -> torch.Tensor:
+        """Every prompt's token ids (int32, on the teacher's device), tokenised once: a batch's
+        conditions are then indexed on the device, without the host."""
+        if self._prompt_ids is None:
+            self._prompt_ids = torch.cat([self._tokenize(self.prompts[i:i + 4096]).int()
+                                          for i in range(0, len(self.prompts), 4096)]).to(self.device)
+        return self._prompt_ids
 
     def random_labels(self, n, generator):
         if not self.prompts:
@@ -155,9 +168,7 @@ class SDTeacher(UNetTeacher):
 
     @torch.no_grad()
     def encode_text(self, texts: list[str]) -> torch.Tensor:
-        ids = self.tokenizer(texts, padding="max_length", max_length=self.tokenizer.model_max_length,
-                             truncation=True, return_tensors="pt").input_ids.to(self.device)
-        return self.text_encoder(ids)[0]
+        return self.text_encoder(self._tokenize(texts).to(self.device))[0]
 
     def condition_ids(self, indices):
         if not self.prompts:
@@ -165,9 +176,11 @@ class SDTeacher(UNetTeacher):
                             "with one prompt per line")
         return torch.as_tensor(list(indices), dtype=torch.long) % len(self.prompts)
 
+    @torch.no_grad()
     def encode_condition(self, labels):
         """Prompt indices to text embeddings, computed once per batch for all three networks."""
-        return self.encode_text([self.prompts[i] for i in labels.tolist()])
+        ids = self.prompt_ids()
+        return self.text_encoder(ids[labels.to(ids.device)].long())[0]
 
     def null_condition(self, n: int):
         if self._empty is None:
