@@ -129,14 +129,18 @@ def _verdict(peak: int, checkpointing: bool) -> str:
 
 def estimate(r: Recipe, teacher, generator=None, critic=None) -> tuple[dict, dict, int]:
     """(state bytes by kind, frozen networks included; activation bytes by turn; the peak per
-    process: all the state plus the larger turn's activations)."""
+    process). Each turn holds its own network's gradients only (the other's are freed before),
+    so the peak is the state without gradients plus the larger turn's gradients and activations."""
     if generator is None:
         generator, critic = _networks(r, teacher)
     state = state_bytes(r, generator, critic)
     state["frozen"] = _bytes(getattr(teacher, "real", None)) + sum(
         _bytes(getattr(teacher, name, None)) for name in ("vae", "text_encoder"))
     acts = activation_bytes(r, teacher, generator, critic)
-    return state, acts, sum(state.values()) + max(acts.values())
+    grads = {"generator turn": sum(p.numel() * 4 for p in generator.parameters() if p.requires_grad),
+             "critic turn": sum(p.numel() * 4 for p in critic.parameters() if p.requires_grad)}
+    peak = sum(state.values()) - state["gradients"] + max(grads[k] + acts[k] for k in acts)
+    return state, acts, peak
 
 
 def report(r: Recipe) -> str:

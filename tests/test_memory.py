@@ -129,7 +129,7 @@ def test_gpu_recipes_fit_the_cards_they_name(capsys):
     the authors; each fits an 80 GB card with a tenth to spare."""
     from dmdcli.cli import main
 
-    expected = {"sd15": (32, True, "fits an 80 GB card, not a 40 GB one"),
+    expected = {"sd15": (32, True, "fits 40 GB and 80 GB cards"),
                 "sd15-dmd": (32, True, "fits an 80 GB card, not a 40 GB one"),
                 "imagenet64": (40, False, "fits 40 GB and 80 GB cards"),
                 "imagenet64-dmd": (40, False, "fits an 80 GB card, not a 40 GB one")}
