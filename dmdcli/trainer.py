@@ -249,13 +249,22 @@ class DMDTrainer:
             self.ema.step(self.acc.unwrap_model(self.generator).parameters())
         return logs
 
-    def _regression(self, pred, y) -> torch.Tensor:
-        """DMD eq. 9's d(G(z), y): LPIPS on decoded images (the paper's), or a distance on samples."""
+    def _regression(self, pred, y, chunk: int = 8) -> torch.Tensor:
+        """DMD eq. 9's d(G(z), y): LPIPS on decoded images (the paper's), or a distance on samples.
+        LPIPS runs `chunk` samples at a time under activation checkpointing: the decode and the
+        VGG pass keep only their inputs, and backward recomputes one chunk at a time (decoding
+        a whole SD batch at 512 px with gradients needs tens of GB)."""
         if self.lpips is None:
             return losses.regression_loss(pred, y, self.recipe.regression.distance)
-        with torch.no_grad():   # both sides decoded alike, so d(y, y) = 0
-            target = self.teacher.images_with_grad(y)
-        return lpips_distance(self.lpips, self.teacher.images_with_grad(pred), target)
+        from torch.utils.checkpoint import checkpoint
+
+        def part(p, t):
+            with torch.no_grad():   # both sides decoded alike, so d(y, y) = 0
+                target = self.teacher.images_with_grad(t)
+            return lpips_distance(self.lpips, self.teacher.images_with_grad(p), target) * len(p)
+
+        return sum(checkpoint(part, p, t, use_reentrant=False)
+                   for p, t in zip(pred.split(chunk), y.split(chunk))) / len(pred)
 
     def critic_step(self) -> dict:
         r = self.recipe

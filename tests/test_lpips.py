@@ -91,6 +91,13 @@ def test_dmd_v1_trains_with_lpips_on_decoded_images(tmp_path):
     assert isinstance(trainer.lpips, lpips.LPIPS)
     assert torch.equal(trainer._regression(x, y), lpips_distance(trainer.lpips, x, y))
     assert trainer._regression(x, x).item() == 0
+    # In chunks under activation checkpointing (3 samples, chunks of 2): the same loss and gradient.
+    x3, y3 = (torch.rand(3, 1, 16, 16, device=trainer.acc.device) * 2 - 1 for _ in range(2))
+    a, b = x3.clone().requires_grad_(True), x3.clone().requires_grad_(True)
+    chunked, whole = trainer._regression(a, y3, chunk=2), lpips_distance(trainer.lpips, b, y3)
+    (chunked.backward(), whole.backward())
+    torch.testing.assert_close(chunked, whole)
+    torch.testing.assert_close(a.grad, b.grad)
     assert main(["distill", str(recipe), "--set", "run.log_every=1"]) == 0
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     reg = [r["loss_reg"] for r in rows if "loss_reg" in r]
