@@ -110,16 +110,17 @@ def image_chunks(spec: str, split: str = "train"):
     return _hf_chunks(_hf_dataset(spec, split)), None
 
 
-def uint8_at_size(x: torch.Tensor, image_size: int) -> torch.Tensor:
-    """uint8 images at image_size as load_images makes them: padded with background where
-    that centres them, else resized (bilinear, antialiased) and rounded back to uint8."""
+def at_size(x: torch.Tensor, image_size: int) -> torch.Tensor:
+    """Images (uint8, or floats in [-1, 1]) at image_size: padded with background where that
+    centres them (28 -> 32, as DDPM did for MNIST), else resized (bilinear, antialiased; uint8
+    rounded back to uint8)."""
     h = x.shape[-1]
     if h < image_size and (image_size - h) % 2 == 0:
         pad = (image_size - h) // 2
-        return F.pad(x, (pad, pad, pad, pad), value=0)
+        return F.pad(x, (pad, pad, pad, pad), value=0 if x.dtype == torch.uint8 else -1.0)
     if h != image_size:
         y = F.interpolate(x.float(), size=(image_size, image_size), mode="bilinear", antialias=True, align_corners=False)
-        return y.round().clamp(0, 255).to(torch.uint8)
+        return y.round().clamp(0, 255).to(torch.uint8) if x.dtype == torch.uint8 else y
     return x
 
 
@@ -138,14 +139,8 @@ def load_images(spec: str, split: str = "train", image_size: int = 32, limit: in
     if limit:
         images, labels = images[:limit], labels[:limit]
     x = images.float() / 127.5 - 1
-    h = x.shape[-1]
-    if not image_size:   # 0: as stored
-        return x.contiguous(), labels, classes
-    if h < image_size and (image_size - h) % 2 == 0:
-        pad = (image_size - h) // 2   # 28 -> 32 by a border of background, as DDPM did for MNIST
-        x = F.pad(x, (pad, pad, pad, pad), value=-1.0)
-    elif h != image_size:
-        x = F.interpolate(x, size=(image_size, image_size), mode="bilinear", antialias=True, align_corners=False)
+    if image_size:   # 0: as stored
+        x = at_size(x, image_size)
     return x.contiguous(), labels, classes
 
 

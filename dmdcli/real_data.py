@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from .datasets import cache_dir, image_chunks, uint8_at_size
+from .datasets import at_size, cache_dir, image_chunks
 from .utils.errors import UserError
 from .utils.processes import process_state
 from .utils.shards import ShardRows, write_row_shards
@@ -60,7 +60,7 @@ def prepare_images(spec: str, size: int) -> tuple[Path, dict]:
         it, classes["n"] = image_chunks(spec, "train")
         for images, labels in it:
             classes["max"] = max(classes.get("max", 0), int(labels.max()) + 1 if len(labels) else 0)
-            yield {"x": uint8_at_size(images, size), "label": labels}
+            yield {"x": at_size(images, size), "label": labels}
 
     return _prepared("images", [*_fingerprint(spec), "train", size], chunks,
                      lambda: {"classes": classes.get("n") or classes.get("max", 0)})
