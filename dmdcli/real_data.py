@@ -45,8 +45,11 @@ def _prepared(kind: str, key_parts: list, make_chunks, meta) -> tuple[Path, dict
         write_row_shards(folder, make_chunks(), lambda: {"format": FORMAT, "kind": kind, "source": key_parts[0],
                                                           **meta()})
     state.wait_for_everyone()
-    manifest = json.loads((folder / "manifest.json").read_text())
-    missing = [r["file"] for r in manifest["shards"] if not (folder / r["file"]).is_file()]
+    try:
+        manifest = json.loads((folder / "manifest.json").read_text())
+        missing = [r["file"] for r in manifest["shards"] if not (folder / r["file"]).is_file()]
+    except (OSError, ValueError, KeyError, TypeError):
+        raise UserError(f"the prepared data in {folder} is unreadable; delete {folder} to prepare it again") from None
     if missing:
         raise UserError(f"the prepared data in {folder} lacks {missing[0]}; delete {folder} to prepare it again")
     return folder, manifest

@@ -17,6 +17,7 @@ def test_prepared_fashion_rows_are_the_data_sets_and_each_rank_reads_its_share(t
     from dmdcli.real_data import RealData
     from dmdcli.recipe import EDMConfig, TeacherConfig
     from dmdcli.teachers import build_teacher
+    from dmdcli.utils.errors import UserError
 
     if not DEBIAN_FASHION_MNIST.is_dir():
         pytest.skip("dataset-fashion-mnist is not installed")
@@ -35,6 +36,9 @@ def test_prepared_fashion_rows_are_the_data_sets_and_each_rank_reads_its_share(t
     assert torch.equal(torch.cat([h[0] for h in halves]), x) and torch.equal(torch.cat([h[1] for h in halves]), y)
     RealData(teacher, "fashion-mnist")                 # a second start reads the cache, writes nothing
     assert [p.name for p in (tmp_path / "cache" / "real").iterdir()] == [folder.name]
+    (folder / "manifest.json").write_text("{not json")
+    with pytest.raises(UserError, match=f"the prepared data in {folder} is unreadable; delete {folder} to prepare"):
+        RealData(teacher, "fashion-mnist")
 
 
 BUDGET = """
