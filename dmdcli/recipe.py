@@ -111,6 +111,7 @@ class TrainConfig:
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])   # AdamW betas of both
     weight_decay: float = 0.01          # AdamW weight decay of both
     warmup_steps: int = 500             # linear learning-rate warm-up, in iterations (the generator's from its first turn)
+    lr_decay_steps: int = 0             # > 0: both rates fall linearly to zero over the run's last this many iterations
     grad_clip: float = 10.0             # gradient norm clip of both networks
     dm_weight: float = 1.0              # weight of the distribution-matching loss
     mixed_precision: str = _choices("no", "bf16", "fp16", default="no")   # accelerate's autocast (the authors: bf16)
@@ -304,13 +305,19 @@ def validate(r: Recipe) -> None:
                     r.run.keep_checkpoints, "regression.batch_size": r.regression.batch_size,
                     "regression.weight": r.regression.weight, "gan.generator_weight": r.gan.generator_weight,
                     "gan.critic_weight": r.gan.critic_weight, "train.lora_rank": r.train.lora_rank,
-                    "train.ema_decay": r.train.ema_decay, "train.critic_ema_decay": r.train.critic_ema_decay}
+                    "train.ema_decay": r.train.ema_decay, "train.critic_ema_decay": r.train.critic_ema_decay,
+                    "train.lr_decay_steps": r.train.lr_decay_steps}
     for key, v in not_negative.items():
         if v < 0:
             raise UserError(f"recipe key '{key}' must not be negative, got {v}")
     for key in ("ema_decay", "critic_ema_decay"):
         if getattr(r.train, key) >= 1:
             raise UserError(f"recipe key 'train.{key}' must be below 1 (0: off), got {getattr(r.train, key)}")
+    t = r.train
+    if t.lr_decay_steps and t.warmup_steps + t.lr_decay_steps > t.steps - t.critic_warmup_steps:
+        raise UserError(f"recipe key 'train.lr_decay_steps' ({t.lr_decay_steps}) plus train.warmup_steps "
+                        f"({t.warmup_steps}) must fit in the generator's {t.steps - t.critic_warmup_steps} "
+                        f"iterations (train.steps minus train.critic_warmup_steps)")
     if len(r.train.betas) != 2:
         raise UserError(f"recipe key 'train.betas' must have two numbers, got {r.train.betas}")
     ts = r.student.timesteps

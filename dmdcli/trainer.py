@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator, DistributedDataParallelKwargs, InitProcessGroupKwargs
 from diffusers.optimization import get_scheduler
+from transformers.optimization import get_wsd_schedule
 from diffusers.training_utils import EMAModel
 from safetensors.torch import load_file, save_file
 
@@ -74,6 +75,15 @@ def adamw(params, lr: float, recipe: Recipe, device: torch.device) -> torch.opti
                              fused=device.type == "cuda" or None)
 
 
+
+def lr_schedule(opt, t, iterations: int):
+    """Linear warm-up over t.warmup_steps, then constant; with t.lr_decay_steps, the last that
+    many of `iterations` decay linearly to zero (warm-up, stable, decay: transformers' WSD)."""
+    if not t.lr_decay_steps:
+        return get_scheduler("constant_with_warmup", opt, num_warmup_steps=t.warmup_steps)
+    return get_wsd_schedule(opt, num_warmup_steps=t.warmup_steps, num_decay_steps=t.lr_decay_steps,
+                            num_training_steps=iterations, decay_type="linear")
+
 class DMDTrainer:
     def __init__(self, recipe: Recipe, accelerator: Accelerator | None = None):
         self.recipe = r = recipe
@@ -113,8 +123,9 @@ class DMDTrainer:
         opt_g = adamw([p for p in generator.parameters() if p.requires_grad], r.train.lr_generator, r, device)
         opt_c = adamw([p for p in critic.parameters() if p.requires_grad], r.train.lr_critic, r, device)
         # Schedulers stay unprepared: accelerate would step them once per process.
-        self.sched_g = get_scheduler("constant_with_warmup", opt_g, num_warmup_steps=r.train.warmup_steps)
-        self.sched_c = get_scheduler("constant_with_warmup", opt_c, num_warmup_steps=r.train.warmup_steps)
+        # The generator's counts from its first turn (train_step), the critic's from the first iteration.
+        self.sched_g = lr_schedule(opt_g, r.train, r.train.steps - r.train.critic_warmup_steps)
+        self.sched_c = lr_schedule(opt_c, r.train, r.train.steps)
         self.generator, self.critic, self.opt_g, self.opt_c = self.acc.prepare(generator, critic, opt_g, opt_c)
         # Optional EMA of the generator's weights (SPEC section 7: peers use it; the authors did not).
         # min_decay = decay: diffusers otherwise caps the decay at (1 + n) / (10 + n) after n

@@ -44,6 +44,8 @@ def one_error_line(err: str) -> str:
      "0 <= first <= last <= 999, e.g. [20, 980] (the papers'); got [980, 20]"),
     ("regression.distance", "lpips",
      "regression.distance = 'lpips' needs regression.lpips_weights = FILE, made by `dmd convert-lpips`"),
+    ("train.lr_decay_steps", 32, "recipe key 'train.lr_decay_steps' (32) plus train.warmup_steps (5) must fit "
+     "in the generator's 36 iterations (train.steps minus train.critic_warmup_steps)"),
     ("train.lr_critic", -1e-3, "recipe key 'train.lr_critic' must be positive, got -0.001"),
     ("teacher.gmm.layers", 0, "recipe key 'teacher.gmm.layers' must be positive, got 0"),
     ("run.preview_samples", -5, "recipe key 'run.preview_samples' must not be negative, got -5"),

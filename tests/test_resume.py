@@ -36,7 +36,8 @@ def metrics(run_dir):
 
 def test_killed_run_resumes_bitwise(tmp_path, tiny_recipe):
     steps = 400
-    both = "ema_decay = 0.99\ncritic_ema_decay = 0.9\n"
+    # The rates decay from iteration 20 on, so the kill (at 50 or later) lands mid-decay.
+    both = "ema_decay = 0.99\ncritic_ema_decay = 0.9\nlr_decay_steps = 380\n"
     straight = tiny_recipe("straight", steps=steps, checkpoint_every=25, extra=both)
     killed = tiny_recipe("killed", steps=steps, checkpoint_every=25, extra=both)
     done = dmd_here("distill", straight)   # in this process; the killed run is a process of its own

@@ -36,6 +36,19 @@ def test_generator_moves_only_on_its_turns_and_critic_every_step(tiny_recipe):
     assert [i for i, t in enumerate(turns) if t] == [2, 5, 8]
 
 
+def test_learning_rates_decay_to_zero_together_over_the_last_iterations(tiny_recipe):
+    """Both schedules end at the run's last iteration although the generator's counts from its
+    first turn (iteration 4): at iteration 35 both rates are half, at 40 zero."""
+    tr = trainer_for(tiny_recipe, "train.lr_decay_steps=10")   # steps 40, warm-up 5, critic warm-up 4
+    lrs = {}
+    for _ in range(40):
+        tr.train_step()
+        lrs[tr.step] = (tr.sched_g.get_last_lr()[0], tr.sched_c.get_last_lr()[0])
+    assert lrs[30] == (1e-3, 1e-3)
+    assert lrs[35] == pytest.approx((5e-4, 5e-4))
+    assert lrs[40] == (0.0, 0.0)
+
+
 def test_gan_losses_train_the_generator_and_the_head_each_on_its_turn(tiny_recipe):
     """The generator's GAN term moves the generator (DM weight 0: it alone) and leaves no
     gradient on the critic; the critic's GAN term trains the head."""
