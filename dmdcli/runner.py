@@ -17,7 +17,7 @@ from accelerate import Accelerator
 from .utils import checkpoint
 from .utils.errors import UserError
 from .utils.io import write_text
-from .utils.processes import any_process, folder_in_use
+from .utils.processes import folder_in_use
 from .recipe import Recipe, dotted, from_dict, to_dict, to_toml
 from .runs import init_from
 from .utils.stopping import StopRequest, Stopped
@@ -90,6 +90,7 @@ def _distill(recipe: Recipe, acc: Accelerator, run_dir: Path, progress_factory, 
         with progress or contextlib.nullcontext(), StopRequest() as stop:
             task = progress.add_task("distill", total=total, completed=trainer.step, losses="") if progress else None
             while trainer.step < total:
+                trainer.stop_requested = stop.requested
                 logs = trainer.train_step()
                 for k, v in logs.items():
                     sums[k] = sums.get(k, 0.0) + v
@@ -110,7 +111,7 @@ def _distill(recipe: Recipe, acc: Accelerator, run_dir: Path, progress_factory, 
                     sums, counts = {}, {}
                 if progress:
                     progress.update(task, completed=step)
-                stopping = any_process(stop.requested)
+                stopping = trainer.stopping   # any process's request, read with the finite check
                 if at_checkpoint or stopping:
                     trainer.save()
                     trainer.preview(f"step-{step:08d}")

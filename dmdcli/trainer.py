@@ -139,6 +139,10 @@ class DMDTrainer:
         self.rng = torch.Generator(device=device).manual_seed(seed)       # noise, timesteps, labels
         self.data_rng = torch.Generator().manual_seed(seed + 1)          # pair indices, real data
         self.step = 0
+        # A stop asked of this process (the runner sets it from its signal handler) rides on the
+        # finite check's all-reduce, so every rank learns of it without a collective of its own.
+        self.stop_requested = False
+        self.stopping = False   # some process was asked: all of them stop after this iteration
         self._for_critic = None   # (samples, condition) of this iteration's generator turn
 
     # -- one iteration's pieces -------------------------------------------------------------
@@ -326,11 +330,15 @@ class DMDTrainer:
 
     def _finite(self, loss: torch.Tensor, which: str) -> bool:
         """False to skip this update (train.on_non_finite = "skip"); on "stop", every rank
-        stops together (not one alone, which would hang the others) on NaN or inf."""
-        bad = (~torch.isfinite(loss.detach())).float().reshape(1)
+        stops together (not one alone, which would hang the others) on NaN or inf. The same
+        all-reduce carries stop_requested into `stopping` (the critic checks every iteration)."""
+        flags = torch.cat([(~torch.isfinite(loss.detach())).float().reshape(1),
+                           torch.tensor([float(self.stop_requested)], device=loss.device)])
         if self.acc.num_processes > 1:
-            bad = self.acc.reduce(bad, reduction="sum")
-        if not bad.item():
+            flags = self.acc.reduce(flags, reduction="sum")
+        bad, stop = flags.tolist()   # the update's one host sync
+        self.stopping = self.stopping or stop > 0
+        if not bad:
             return True
         if self.recipe.train.on_non_finite == "skip":
             return False

@@ -3,14 +3,18 @@ checkpoint holds each rank's RNG, the rerun resumes, and two processes at batch 
 one process at batch 2b."""
 
 import os
+import signal
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
 from conftest import ROOT
+from dmdcli.utils import checkpoint
 
 
 def launch(recipe, *extra, command="distill"):
@@ -49,6 +53,53 @@ def test_two_process_distill_resumes_to_the_uninterrupted_run(tmp_path, tiny_rec
     single = run_dmd("distill", recipe, "--set", "train.steps=30")
     assert single.returncode == 2
     assert "was written by 2 process(es) and this run has 1; resume with the same number" in single.stderr
+
+
+def rank_pids(recipe) -> dict[int, int]:
+    """The launched processes running `recipe`, by their RANK (the launcher itself has none)."""
+    pids = {}
+    for proc in Path("/proc").iterdir():
+        try:
+            cmdline = (proc / "cmdline").read_bytes().split(b"\0")
+            env = dict(e.split(b"=", 1) for e in (proc / "environ").read_bytes().split(b"\0") if b"=" in e)
+        except (OSError, ValueError):
+            continue
+        if str(recipe).encode() in cmdline and b"RANK" in env:
+            pids[int(env[b"RANK"])] = int(proc.name)
+    return pids
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="gloo DDP on Linux")
+def test_sigterm_to_one_rank_stops_every_rank_at_one_checkpoint(tmp_path, tiny_recipe):
+    """A scheduler that signals one process only: the request reaches the others with the next
+    finite check, and all of them write one checkpoint at the same step and stop (one rank
+    alone would leave the other waiting in a collective)."""
+    recipe = tiny_recipe(steps=100000, checkpoint_every=10)
+    run_dir = tmp_path / "runs" / "tiny"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu",
+                             "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+                             "--dynamo_backend", "no", "-m", "dmdcli", "distill", str(recipe)],
+                            cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and not (run_dir / "checkpoints" / "step-00000010").exists() \
+            and proc.poll() is None:
+        time.sleep(0.05)
+    pids = rank_pids(recipe)
+    assert sorted(pids) == [0, 1], pids
+    os.kill(pids[1], signal.SIGTERM)
+    try:
+        _, err = proc.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        pytest.fail("a rank kept waiting: the stop did not reach every process")
+    last = checkpoint.latest_valid(run_dir)
+    step = checkpoint.step_of(last)
+    assert step > 10, step   # written for the stop (signalled after the step-10 checkpoint)
+    assert {"rng-rank0.safetensors", "rng-rank1.safetensors"} <= {p.name for p in last.iterdir()}
+    assert f"stopped at step {step} with a checkpoint; run the same command again to resume" in err
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="gloo DDP on Linux")

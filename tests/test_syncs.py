@@ -50,6 +50,19 @@ def test_one_sync_per_update(tiny_recipe, count_syncs):
         assert len(calls) == (2 if turn else 1), calls
 
 
+def test_a_stop_request_rides_on_the_update_sync(tiny_recipe, count_syncs):
+    """The runner's stop flag is read with the critic's finite check, not in a sync (and, under
+    several processes, an all-reduce) of its own."""
+    tr = DMDTrainer(load_recipe(tiny_recipe()))
+    for step in range(6):
+        tr.stop_requested = step == 3
+        turn = tr.is_generator_turn()
+        count_syncs.clear()
+        tr.train_step()
+        assert len(count_syncs) == (2 if turn else 1), count_syncs
+        assert tr.stopping == (step >= 3)
+
+
 def test_the_log_window_is_read_in_one_sync(count_syncs):
     sums = {"loss_dm": torch.tensor(3.0), "loss_critic": torch.tensor(1.0), "skipped_critic": 2}
     count_syncs.clear()
