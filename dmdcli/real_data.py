@@ -2,7 +2,8 @@
 
 A data set is prepared once per machine (the local main process; the others wait) into a
 cache folder of row shards (utils/shards.py): images as uint8 at the teacher's size, or a
-latent teacher's VAE latents of captioned images as bf16 with the captions beside them. Each
+latent teacher's VAE latents of captioned images as bf16 with each caption's token ids (so a
+batch's text needs no tokeniser on the host) and the captions in the manifest. Each
 process then reads only the rows of its share of a batch through the memory map and converts
 them on its device, so host memory does not grow with the data set (63 GB of fp32 per rank
 for ImageNet-64 before). The cache key holds the source, the size and, for a folder, the
@@ -22,7 +23,7 @@ from .utils.errors import UserError
 from .utils.processes import process_state
 from .utils.shards import ShardRows, write_row_shards
 
-FORMAT = "dmd-real/1"
+FORMAT = "dmd-real/2"   # 2: latent rows carry their captions' token ids
 
 
 def _fingerprint(spec: str) -> list:
@@ -70,10 +71,10 @@ def prepare_images(spec: str, size: int) -> tuple[Path, dict]:
 
 
 def prepare_latents(teacher, spec: str, split: str = "train", chunk: int = 16) -> tuple[Path, dict]:
-    """bf16 VAE latents ("x") of a captioned image data set (imagefolder:PATH with a
-    metadata.jsonl, or a Hub dataset with an image and a text/caption/prompt column) at the
-    latent teacher's resolution (centre crop, bicubic resize); the manifest's "captions" holds
-    row i's caption at i."""
+    """bf16 VAE latents ("x") and int32 caption token ids ("ids") of a captioned image data set
+    (imagefolder:PATH with a metadata.jsonl, or a Hub dataset with an image and a
+    text/caption/prompt column) at the latent teacher's resolution (centre crop, bicubic
+    resize); the manifest's "captions" holds row i's caption at i."""
     import datasets
     import numpy as np
 
@@ -103,8 +104,9 @@ def prepare_latents(teacher, spec: str, split: str = "train", chunk: int = 16) -
             x = torch.from_numpy(pixels).permute(0, 3, 1, 2).float() / 127.5 - 1
             with torch.no_grad():
                 z = vae.encode(x.to(teacher.device, dtype)).latent_dist.mean * vae.config.scaling_factor
-            captions.extend(str(t) for t in rows[text])
-            yield {"x": z.to(torch.bfloat16).cpu()}
+            texts = [str(t) for t in rows[text]]
+            captions.extend(texts)
+            yield {"x": z.to(torch.bfloat16).cpu(), "ids": teacher.token_ids(texts)}
 
     return _prepared("latents", [*_fingerprint(spec), split, teacher.describe()["model"], teacher.cfg.revision,
                                  size], chunks, lambda: {"captions": captions})
@@ -144,7 +146,7 @@ class RealData:
     def batch(self, n: int, generator: torch.Generator, keep: slice = slice(None), device="cpu"):
         """(samples as float32 on `device`, labels or None): n rows drawn with `generator` (a CPU
         generator), of which only the `keep` rows are read (a process's share of a global
-        batch). For captioned data the "labels" are caption indices (see `condition`)."""
+        batch). For captioned data the "labels" are the captions' token ids (see `condition`)."""
         if self.mixture is not None:
             x, labels = self.mixture.sample(n, generator)
             return x.float()[keep].to(device), (labels[keep] if self.teacher.num_classes else None)
@@ -153,11 +155,11 @@ class RealData:
         x = rows["x"].to(device)
         x = x.float() / 127.5 - 1 if x.dtype == torch.uint8 else x.float()
         if self.captions is not None:
-            return x, idx
+            return x, rows["ids"].to(device)
         return x, (rows["label"] if self.teacher.num_classes else None)
 
     def condition(self, labels, device):
         """What the critic takes as `cond` for a real batch."""
         if self.captions is not None:
-            return self.teacher.encode_text([self.captions[i] for i in labels.tolist()])
+            return self.teacher.encode_ids(labels)
         return self.teacher.encode_condition(labels.to(device) if labels is not None else None)

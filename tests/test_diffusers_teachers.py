@@ -259,8 +259,8 @@ def test_export_never_overwrites_a_folder_it_did_not_write(tmp_path, unet_folder
 
 
 def test_sd_gan_on_captioned_images(tmp_path, sd_folder, prompts, monkeypatch, capsys):
-    """DMD2's second SD stage: real images with captions, VAE-encoded once and cached, go
-    through the critic with their own caption's text embedding."""
+    """DMD2's second SD stage: real images with captions, VAE-encoded and tokenised once and
+    cached, go through the critic with their own caption's text embedding."""
     import json
 
     import numpy as np
@@ -292,9 +292,12 @@ def test_sd_gan_on_captioned_images(tmp_path, sd_folder, prompts, monkeypatch, c
 
     teacher = build_teacher(load_recipe(path).teacher)
     real = RealData(teacher, f"imagefolder:{images}")         # from the cache, the same latents
-    x, idx = real.batch(3, torch.Generator().manual_seed(0))
+    x, ids = real.batch(3, torch.Generator().manual_seed(0))
+    idx = torch.randint(0, 4, (3,), generator=torch.Generator().manual_seed(0))   # the rows batch() draws
     assert torch.equal(x, latents[idx].float())
-    cond = real.condition(idx, "cpu")
+    stored = load_file(str(cached / "shard-00000.safetensors"))["ids"]   # tokenised once, when prepared
+    assert stored.dtype == torch.int32 and torch.equal(ids, stored[idx])
+    cond = real.condition(ids, "cpu")
     assert torch.equal(cond, teacher.encode_text([real.captions[i] for i in idx.tolist()]))
     # Without a text column: one line saying what to add.
     (images / "metadata.jsonl").unlink()

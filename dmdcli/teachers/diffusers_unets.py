@@ -148,15 +148,16 @@ class SDTeacher(UNetTeacher):
         self._prompt_ids = self._prompt_ids.to(device) if self._prompt_ids is not None else None
         return self
 
-    def _tokenize(self, texts: list[str]) -> torch.Tensor:
+    def token_ids(self, texts: list[str]) -> torch.Tensor:
+        """The texts' CLIP token ids, padded to the tokeniser's length, as int32 on the CPU."""
         return self.tokenizer(texts, padding="max_length", max_length=self.tokenizer.model_max_length,
-                              truncation=True, return_tensors="pt").input_ids
+                              truncation=True, return_tensors="pt").input_ids.int()
 
     def prompt_ids(self) -> torch.Tensor:
         """Every prompt's token ids (int32, on the teacher's device), tokenised once: a batch's
         conditions are then indexed on the device, without the host."""
         if self._prompt_ids is None:
-            self._prompt_ids = torch.cat([self._tokenize(self.prompts[i:i + 4096]).int()
+            self._prompt_ids = torch.cat([self.token_ids(self.prompts[i:i + 4096])
                                           for i in range(0, len(self.prompts), 4096)]).to(self.device)
         return self._prompt_ids
 
@@ -168,7 +169,12 @@ class SDTeacher(UNetTeacher):
 
     @torch.no_grad()
     def encode_text(self, texts: list[str]) -> torch.Tensor:
-        return self.text_encoder(self._tokenize(texts).to(self.device))[0]
+        return self.encode_ids(self.token_ids(texts))
+
+    @torch.no_grad()
+    def encode_ids(self, ids: torch.Tensor) -> torch.Tensor:
+        """Token ids (from token_ids) to the text encoder's embeddings, on the teacher's device."""
+        return self.text_encoder(ids.to(self.device).long())[0]
 
     def condition_ids(self, indices):
         if not self.prompts:
@@ -180,7 +186,7 @@ class SDTeacher(UNetTeacher):
     def encode_condition(self, labels):
         """Prompt indices to text embeddings, computed once per batch for all three networks."""
         ids = self.prompt_ids()
-        return self.text_encoder(ids[labels.to(ids.device)].long())[0]
+        return self.encode_ids(ids[labels.to(ids.device)])
 
     def null_condition(self, n: int):
         if self._empty is None:
