@@ -222,6 +222,7 @@ def sample(run: Optional[Path] = typer.Argument(None, help="run or checkpoint fo
         sampler = sampler or t.default_sampler
         with progress_bar() as bar:
             results = make_samples(out, num, t, generator=generator, timesteps=recipe.student.timesteps,
+                                   precision=recipe.train.mixed_precision,
                                    student_source=f"student {run} step {step}, {len(recipe.student.timesteps)} step(s)",
                                    teacher_steps=teacher_steps, sampler=sampler, seed=seed, batch_size=batch_size,
                                    guidance=recipe.teacher.guidance if guidance is None else guidance, images=images,

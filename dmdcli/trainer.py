@@ -457,11 +457,13 @@ class DMDTrainer:
         if self.ema is not None:   # previews show what `sample` will use; the weights come back exactly
             self.ema.store(params)
             self.ema.copy_to(params)
-        try:
-            x = torch.cat([student_sample(generator, self.schedule, z[i:i + batch],
-                                          self.teacher.encode_condition(labels[i:i + batch] if labels is not None
-                                                                        else None),
-                                          self.recipe.student.timesteps, g).cpu() for i in range(0, n, batch)])
+        try:   # under the run's mixed precision, as `sample` does
+            with self.acc.autocast():
+                x = torch.cat([student_sample(generator, self.schedule, z[i:i + batch],
+                                              self.teacher.encode_condition(labels[i:i + batch] if labels is not None
+                                                                            else None),
+                                              self.recipe.student.timesteps, g).float().cpu()
+                               for i in range(0, n, batch)])
         finally:
             if self.ema is not None:
                 self.ema.restore(params)

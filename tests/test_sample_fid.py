@@ -52,6 +52,23 @@ def test_sample_then_fid(tmp_path, tiny_recipe, capsys):
     assert json.loads((tmp_path / "fly.json").read_text()) == json.loads((tmp_path / "file.json").read_text())
 
 
+def test_a_mixed_precision_run_is_sampled_under_its_precision(tmp_path, tiny_recipe):
+    """A student trained under bf16 autocast is sampled under it too (not in float32): `dmd
+    sample` equals the in-memory bf16 samples, which differ from float32's by rounding only."""
+    from dmdcli.evaluation.generate import generator_tensors
+    from dmdcli.runs import load_student
+
+    assert main(["distill", str(tiny_recipe(steps=4, checkpoint_every=4)), "--set", "train.mixed_precision=bf16"]) == 0
+    run_dir, out = tmp_path / "runs" / "tiny", tmp_path / "samples"
+    assert main(["sample", str(run_dir), "--num", "64", "--out", str(out), "--teacher-steps", "0"]) == 0
+    x = load_file(str(out / "samples.safetensors"))["x"]
+    recipe, teacher, generator, _ = load_student(run_dir)
+    bf16, fp32 = (generator_tensors(generator, teacher, recipe.student.timesteps, 64, precision=p)["x"]
+                  for p in ("bf16", "no"))
+    assert torch.equal(x, bf16) and not torch.equal(x, fp32)
+    assert (x - fp32).abs().max() < 0.05 * fp32.abs().max()
+
+
 def test_a_second_sample_or_compare_into_a_busy_folder_is_refused_and_deletes_nothing(tmp_path, tiny_recipe,
                                                                                         capsys):
     """One call per output folder: a second one (another terminal) would delete the first's

@@ -71,9 +71,10 @@ def _compare(runs, recipes, teacher, out, num, teacher_steps, ref, features, mod
         _, _, generator, step = load_student(run, teacher=teacher)
         source = f"student {run} step {step}"
         key = {**common, "who": "student", "source": source, "timesteps": list(run_recipe.student.timesteps),
-               "weights": weights_digest(generator)}
+               "weights": weights_digest(generator), "precision": run_recipe.train.mixed_precision}
         row, x = _row(out / name, key, ref, features, progress, lambda folder: make_samples(
             folder, num, teacher, generator=generator, timesteps=run_recipe.student.timesteps,
+            precision=run_recipe.train.mixed_precision,
             teacher_steps=0, seed=seed, batch_size=batch_size, student_source=source, progress=progress)["student"])
         rows.append({"who": "student", "steps": len(run_recipe.student.timesteps), "run": str(run),
                      "checkpoint_step": step, **row})

@@ -127,11 +127,17 @@ def _share(num: int, rank: int, world: int) -> range:
     return range(start, start + per + (rank < extra))
 
 
-def _student(generator, teacher, timesteps, seed: int):
-    """fn(noise, cond, idx) of a student; few-step students re-noise with per-index noise too."""
+def _student(generator, teacher, timesteps, seed: int, precision: str = "no"):
+    """fn(noise, cond, idx) of a student; few-step students re-noise with per-index noise too.
+    precision: the run's train.mixed_precision, so a student is sampled as it was trained
+    (autocast; the samples come back as float32)."""
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+
     def run(z, c, idx):
         renoise = [sample_noise(seed, idx, teacher.sample_shape, k + 1) for k in range(len(timesteps) - 1)]
-        return student_sample(generator, teacher.schedule, z, c, list(timesteps), renoise=renoise)
+        with torch.autocast(z.device.type, dtype=dtype, enabled=dtype is not None):
+            x = student_sample(generator, teacher.schedule, z, c, list(timesteps), renoise=renoise)
+        return x.float()
     return run
 
 
@@ -158,7 +164,7 @@ def make_samples(out: Path, num: int, teacher, **settings) -> dict:
 
 
 def _make_samples(out: Path, num: int, teacher, *, generator=None, timesteps=(999,), student_source: str = "",
-                  teacher_steps: int = 50, guidance: float = 1.0, sampler: str = "ddim", seed: int = 0,
+                  precision: str = "no", teacher_steps: int = 50, guidance: float = 1.0, sampler: str = "ddim", seed: int = 0,
                   batch_size: int = 256, images: str = "none", progress=None) -> dict:
     from ..utils.processes import process_state
 
@@ -169,7 +175,7 @@ def _make_samples(out: Path, num: int, teacher, *, generator=None, timesteps=(99
     caches = {}
     if generator is not None:
         caches["student"] = _cache_folder(out, {**common, "who": "student", "timesteps": list(timesteps),
-                                                "weights": weights_digest(generator)})
+                                                "weights": weights_digest(generator), "precision": precision})
     if teacher_steps:
         caches["teacher"] = _cache_folder(out, {**common, "who": "teacher", "steps": teacher_steps,
                                                 "guidance": guidance, "sampler": sampler})
@@ -178,7 +184,7 @@ def _make_samples(out: Path, num: int, teacher, *, generator=None, timesteps=(99
             shutil.rmtree(stale, ignore_errors=True)
     results = {}   # each process decodes its own share
     if generator is not None:
-        x, rate = _batched(_student(generator, teacher, timesteps, seed), mine, batch_size, teacher, seed,
+        x, rate = _batched(_student(generator, teacher, timesteps, seed, precision), mine, batch_size, teacher, seed,
                            progress, f"student, {len(timesteps)} step(s)", cache=caches["student"])
         results["student"] = (x, rate, len(timesteps), _decoded(teacher, x))
     if teacher_steps:
@@ -244,15 +250,15 @@ def student_tensors(run, num: int, seed: int = 0, batch_size: int = 256, progres
     from ..runs import load_student
 
     recipe, teacher, generator, _ = load_student(run)
-    return (generator_tensors(generator, teacher, recipe.student.timesteps, num, seed, batch_size, progress),
-            teacher.describe())
+    return (generator_tensors(generator, teacher, recipe.student.timesteps, num, seed, batch_size, progress,
+                              recipe.train.mixed_precision), teacher.describe())
 
 
 def generator_tensors(generator, teacher, timesteps, num: int, seed: int = 0, batch_size: int = 256,
-                      progress=None) -> dict:
+                      progress=None, precision: str = "no") -> dict:
     """A generator's samples at `timesteps` as a samples file holds them, made in memory with
     `dmd sample`'s per-index noise and classes (for one not saved as a run: bench/)."""
-    x, _ = _batched(_student(generator, teacher, timesteps, seed), range(num), batch_size, teacher, seed,
+    x, _ = _batched(_student(generator, teacher, timesteps, seed, precision), range(num), batch_size, teacher, seed,
                     progress, f"student, {len(timesteps)} step(s)")
     return sample_tensors(x, teacher.condition_ids(range(num)), _decoded(teacher, x))
 
