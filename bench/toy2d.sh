@@ -1,14 +1,16 @@
 #!/usr/bin/env bash
 # The toy2d benchmark: recipes/toy2d.toml as shipped, 10,000 one-step samples, metrics
-# against the exact mixture, beside the teacher's 50-step DDIM from the same noise.
-# Usage: bench/toy2d.sh [SEED]   (run from the repository root after `make test` set up .venv)
+# against the exact mixture, beside the teacher's 50-step ODE from the same noise (DDIM; Euler
+# under the flow schedule).
+# Usage: bench/toy2d.sh [SEED] [vp|flow]   (from the repository root after `make test` set up .venv)
 set -euo pipefail
 seed=${1:-0}
-out=runs/bench-toy2d-seed$seed
+schedule=${2:-vp}
+out=runs/bench-toy2d-$schedule-seed$seed
 rm -rf "$out"
 bin=.venv/bin
 start=$(date +%s.%N)
-$bin/dmd distill recipes/toy2d.toml --set run.out="$out" --set run.seed="$seed"
+$bin/dmd distill recipes/toy2d.toml --set run.out="$out" --set run.seed="$seed" --set teacher.gmm.schedule="$schedule"
 mid=$(date +%s.%N)
 $bin/dmd sample "$out" --num 10000 --out "$out/samples" --teacher-steps 50
 $bin/dmd fid "$out/samples" --ref gmm --json "$out/student.json"
@@ -18,8 +20,10 @@ import json, sys
 out, start, mid = sys.argv[1], float(sys.argv[2]), float(sys.argv[3])
 for who in ("student", "teacher"):
     r = json.load(open(f"{out}/{who}.json"))
-    m = r["mode_mass_ratio"]
+    m, s = r["mode_mass_ratio"], r["mode_spread_ratio"]
     print(f"{who}: precision {r['precision']:.3f}, mode mass {min(m):.2f}..{max(m):.2f}, "
-          f"Frechet (GMM coords) {r['frechet_distance']:.4f}, n={r['num_samples']}")
+          f"spread {min(s):.2f}..{max(s):.2f}, between modes {r['far_share']:.1%}, "
+          f"worst-mode energy {r['mode_energy']:.2f}, Frechet (GMM coords) {r['frechet_distance']:.4f}, "
+          f"n={r['num_samples']}")
 print(f"distill wall time: {mid - start:.0f} s")
 PY

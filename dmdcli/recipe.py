@@ -33,6 +33,10 @@ class GMMConfig:
     stds: list[float] = field(default_factory=list)          # their standard deviations
     weights: list[float] = field(default_factory=list)       # their mixture weights (default: equal)
     conditional: bool = False   # class-conditional: one class per Gaussian
+    # The noise path the exact teacher is defined under: vp (SD's DDPM schedule) or flow
+    # (rectified flow, x_t = (1 - s) x0 + s eps, SD3's FlowMatchEulerDiscreteScheduler).
+    schedule: str = _choices("vp", "flow", default="vp")
+    shift: float = 3.0     # flow only: the scheduler's timestep shift (SD3's 3.0)
     hidden: int = 256      # width of the MLP generator and critic
     layers: int = 3        # hidden layers of the MLP generator and critic
 

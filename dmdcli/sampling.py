@@ -1,5 +1,6 @@
 """Samplers as small functions over tensors: the teacher's deterministic ODE (on diffusers'
-schedulers, fed x0 predictions) and the student's one- or few-step generation."""
+schedulers, fed x0 predictions or, for flow teachers, velocities) and the student's one- or
+few-step generation."""
 
 from __future__ import annotations
 
@@ -31,6 +32,8 @@ def teacher_ode(teacher, noise: torch.Tensor, cond, steps: int, guidance: float 
     """Integrate the teacher's probability-flow ODE from pure noise."""
     if steps < 1:
         raise UserError(f"steps must be at least 1, got {steps}")
+    if teacher.family == "flow":
+        return flow_ode(teacher, noise, cond, steps, guidance, sampler)
     if teacher.family == "edm":
         if sampler not in ("heun", "euler"):
             raise UserError(f"the {teacher.name} teacher samples with heun or euler (EDM's own samplers), "
@@ -52,6 +55,25 @@ def teacher_ode(teacher, noise: torch.Tensor, cond, steps: int, guidance: float 
             # trailing spacing and steps not dividing T steps to t = 0 and leaves noise in.
             return x0
         x = sched.step(x0, t, x).prev_sample
+
+
+def flow_ode(teacher, noise: torch.Tensor, cond, steps: int, guidance: float = 1.0,
+             sampler: str = "euler") -> torch.Tensor:
+    """A flow teacher's own sampler: diffusers' FlowMatchEulerDiscreteScheduler from its config
+    (SD3's pipeline: its sigmas, shifted, from 1 down to 0), fed the velocity (x - x0) / sigma;
+    the last step, into sigma 0, lands on x0."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    if sampler != "euler":
+        raise UserError(f"the {teacher.name} teacher's flow schedule samples with euler "
+                        f"(FlowMatchEulerDiscreteScheduler), not {sampler!r}")
+    sched = FlowMatchEulerDiscreteScheduler.from_config(teacher.scheduler_config)
+    sched.set_timesteps(steps, device=noise.device)
+    x = noise
+    for t, sigma in zip(sched.timesteps, sched.sigmas):
+        x0 = teacher.denoise_sigma(x, sigma, cond, guidance)
+        x = sched.step((x - x0) / sigma, t, x).prev_sample.to(noise.dtype)
+    return x
 
 
 def karras_sigmas(steps: int, schedule) -> torch.Tensor:

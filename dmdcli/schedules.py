@@ -1,7 +1,9 @@
-"""Noise schedules: VP (DDPM / Stable Diffusion) and EDM (VE), conversions between predictions.
+"""Noise schedules: VP (DDPM / Stable Diffusion), EDM (VE) and rectified flow (SD3), conversions
+between predictions.
 
 VP coefficients come from a diffusers scheduler's own `alphas_cumprod`, so any teacher's
-scheduler config is honoured exactly; EDM sigmas from diffusers' EDM scheduler. Only the
+scheduler config is honoured exactly; EDM sigmas from diffusers' EDM scheduler, flow sigmas
+from its FlowMatchEulerDiscreteScheduler. Only the
 conversions (SPEC section 1) are ours, done in float64 and cast back.
 """
 
@@ -119,3 +121,51 @@ class EDMSchedule:
         if prediction_type != "sample":
             raise ValueError(f"EDM networks predict x0 ('sample'), not {prediction_type!r}")
         return pred
+
+
+class FlowSchedule(VPSchedule):
+    """Rectified flow (SD3, Flux): x_t = (1 - s_t) x0 + s_t eps, a linear path like VP's with
+    other coefficients. The sigmas are diffusers' FlowMatchEulerDiscreteScheduler's training
+    sigmas (its `shift` included), ascending by index, 1 at the top: a flow network reads the
+    timestep s_t * 1000 and predicts the velocity v = eps - x0 (prediction type "flow"), so
+    x0 = x_t - s_t v (issue 29)."""
+
+    family = "flow"
+    init_noise_sigma = 1.0
+
+    def __init__(self, scheduler_config: dict):
+        from diffusers import FlowMatchEulerDiscreteScheduler
+
+        sched = FlowMatchEulerDiscreteScheduler.from_config(scheduler_config)
+        self.sigmas = sched.sigmas.double().flip(0).cpu()
+        self.num_train_timesteps = len(self.sigmas)
+        self._cache = {}
+
+    def sigma(self, t: torch.Tensor) -> torch.Tensor:
+        table = self._cache.get(t.device)
+        if table is None:
+            table = self._cache[t.device] = self.sigmas.to(t.device)
+        return table[t.long()]
+
+    def coefficients(self, t: torch.Tensor, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(1 - s_t, s_t) in float64, shaped to broadcast against `like`."""
+        s = _bcast(self.sigma(t), like)
+        return 1 - s, s
+
+    @staticmethod
+    def _check(prediction_type: str) -> None:
+        if prediction_type == "v_prediction":   # VP's v (sqrt(a) eps - sqrt(1 - a) x0) has no flow meaning
+            raise ValueError("flow networks predict 'flow' (eps - x0), 'sample' or 'epsilon', not 'v_prediction'")
+
+    def to_x0(self, pred, x_t, t, prediction_type: str):
+        self._check(prediction_type)
+        if prediction_type != "flow":
+            return super().to_x0(pred, x_t, t, prediction_type)
+        _, s = self.coefficients(t, x_t)
+        return (x_t.double() - s * pred.double()).to(pred.dtype)
+
+    def training_target(self, x0, eps, t, prediction_type: str):
+        self._check(prediction_type)
+        if prediction_type != "flow":
+            return super().training_target(x0, eps, t, prediction_type)
+        return (eps.double() - x0.double()).float()

@@ -302,8 +302,8 @@ class DMDTrainer:
         with self.acc.autocast():
             x0_pred, pred, logits = self._critic(x_t, t, cond, real)
         net = self.acc.unwrap_model(self.critic)
-        if self.schedule.family == "vp":
-            # The teacher's own loss: MSE on its own target (epsilon, v or x0), as it was trained.
+        if self.schedule.family != "edm":
+            # The teacher's own loss: MSE on its own target (epsilon, v, flow velocity or x0), as it was trained.
             loss = losses.critic_loss_vp(pred, self.schedule.training_target(x, eps, t, net.prediction_type))
         else:
             loss = losses.critic_loss_edm(x0_pred, x, self.schedule.sigma(t), self.schedule.sigma_data)

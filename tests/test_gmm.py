@@ -1,13 +1,13 @@
-"""The exact teacher and the VP schedule, against Monte Carlo and diffusers."""
+"""The exact teacher and its VP and flow schedules, against Monte Carlo and diffusers."""
 
 import pytest
 import torch
-from diffusers import DDPMScheduler
+from diffusers import DDPMScheduler, FlowMatchEulerDiscreteScheduler
 
 from dmdcli.teachers.gmm import SCHEDULER_CONFIG, GMMTeacher, Mixture
 from dmdcli.recipe import GMMConfig
 from dmdcli.sampling import teacher_ode
-from dmdcli.schedules import EDMSchedule, VPSchedule
+from dmdcli.schedules import EDMSchedule, FlowSchedule, VPSchedule
 from dmdcli.teachers import real_score
 
 
@@ -20,9 +20,10 @@ def mc_posterior_mean(mixture, x_t, a, b, n=2_000_000, seed=0, labels=None):
     return (w[:, None] * x0).sum(0)
 
 
+@pytest.mark.parametrize("schedule", ["vp", "flow"])
 @pytest.mark.parametrize("t", [50, 300, 600, 900])
-def test_gmm_denoiser_matches_monte_carlo(t):
-    cfg = GMMConfig(weights=[1, 2, 1, 1, 3, 1, 1, 2], std=0.4)  # unequal weights on purpose
+def test_gmm_denoiser_matches_monte_carlo(t, schedule):
+    cfg = GMMConfig(weights=[1, 2, 1, 1, 3, 1, 1, 2], std=0.4, schedule=schedule)  # unequal weights on purpose
     teacher = GMMTeacher(cfg)
     g = torch.Generator().manual_seed(t)
     tt = torch.full((3,), t)
@@ -84,6 +85,27 @@ def test_vp_schedule_matches_diffusers_add_noise_and_conversions():
     assert abs(vp.alphas_cumprod[999].item() - 0.0047) < 2e-4
 
 
+def test_flow_schedule_matches_diffusers_scale_noise_and_conversions():
+    """x_t = (1 - s) x0 + s eps as FlowMatchEulerDiscreteScheduler.scale_noise makes it, at the
+    scheduler's own training sigmas (shifted); x0 back from the velocity, epsilon or x0."""
+    config = {"num_train_timesteps": 1000, "shift": 3.0}
+    sched, flow = FlowMatchEulerDiscreteScheduler.from_config(config), FlowSchedule(config)
+    g = torch.Generator().manual_seed(0)
+    x0, eps = torch.randn(5, 3, generator=g), torch.randn(5, 3, generator=g)
+    t = torch.tensor([0, 20, 500, 980, 999])
+    x_t = flow.add_noise(x0, eps, t)
+    for i in range(5):   # diffusers' timesteps descend: our index t is its T - 1 - t
+        theirs = sched.scale_noise(x0[i:i + 1], sched.timesteps[999 - t[i]].reshape(1), eps[i:i + 1])
+        torch.testing.assert_close(x_t[i:i + 1], theirs)
+    assert flow.sigma(torch.tensor([999])).item() == 1.0 and flow.init_noise_sigma == 1.0
+    v = flow.training_target(x0, eps, t, "flow")
+    torch.testing.assert_close(v, eps - x0)
+    torch.testing.assert_close(flow.to_x0(v, x_t, t, "flow"), x0, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(flow.to_x0(eps[:4], x_t[:4], t[:4], "epsilon"), x0[:4], atol=1e-4, rtol=1e-4)
+    with pytest.raises(ValueError, match="not 'v_prediction'"):
+        flow.to_x0(v, x_t, t, "v_prediction")
+
+
 def test_edm_sigmas_are_karras_ascending():
     s = EDMSchedule().sigmas
     assert len(s) == 1000 and torch.all(s[1:] > s[:-1])
@@ -93,9 +115,10 @@ def test_edm_sigmas_are_karras_ascending():
     torch.testing.assert_close(s, karras)
 
 
-@pytest.mark.parametrize("sampler", ["ddim", "dpmpp-2m", "euler", "heun"])
-def test_teacher_ode_reaches_the_mixture(sampler):
-    teacher = GMMTeacher(GMMConfig())
+@pytest.mark.parametrize("schedule, sampler", [("vp", "ddim"), ("vp", "dpmpp-2m"), ("vp", "euler"), ("vp", "heun"),
+                                               ("flow", "euler")])
+def test_teacher_ode_reaches_the_mixture(schedule, sampler):
+    teacher = GMMTeacher(GMMConfig(schedule=schedule))
     z = torch.randn(4000, 2, generator=torch.Generator().manual_seed(0))
     x = teacher_ode(teacher, z, None, steps=50, sampler=sampler)
     m = teacher.mixture.mode_metrics(x)

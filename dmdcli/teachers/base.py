@@ -20,8 +20,8 @@ from ..losses import classifier_free_guidance
 
 class Teacher(ABC):
     name: str
-    family: str              # "vp" or "edm"
-    schedule: object          # VPSchedule or EDMSchedule
+    family: str              # "vp", "edm" or "flow"
+    schedule: object          # VPSchedule, EDMSchedule or FlowSchedule
     sample_shape: tuple[int, ...]
     num_classes: int | None   # None: unconditional
     device = torch.device("cpu")

@@ -1,7 +1,8 @@
-"""An exact teacher: a Gaussian mixture whose VP denoiser is closed form.
+"""An exact teacher: a Gaussian mixture whose denoiser is closed form, under VP or flow noise.
 
-For x0 ~ sum_k w_k N(mu_k, s_k^2 I) and x_t = a x0 + b eps (a = sqrt(alpha_bar_t),
-b = sqrt(1 - alpha_bar_t)), x_t | k ~ N(a mu_k, (a^2 s_k^2 + b^2) I), so Tweedie's formula
+For x0 ~ sum_k w_k N(mu_k, s_k^2 I) and x_t = a x0 + b eps (VP: a = sqrt(alpha_bar_t),
+b = sqrt(1 - alpha_bar_t); rectified flow: a = 1 - sigma_t, b = sigma_t),
+x_t | k ~ N(a mu_k, (a^2 s_k^2 + b^2) I), so Tweedie's formula
 gives E[x0 | x_t] = sum_k r_k(x_t) [mu_k + a s_k^2 / (a^2 s_k^2 + b^2) (x_t - a mu_k)],
 with responsibilities r_k proportional to w_k N(x_t; a mu_k, (a^2 s_k^2 + b^2) I).
 Class-conditional: class k is component k, and guidance mixes the conditional and
@@ -19,7 +20,7 @@ import torch
 from ..utils.errors import UserError
 from ..losses import classifier_free_guidance
 from ..networks import MLPDenoiser
-from ..schedules import VPSchedule
+from ..schedules import FlowSchedule, VPSchedule
 from .base import Teacher
 
 # The scheduler the exact teacher is defined under: Stable Diffusion's (scaled_linear,
@@ -29,6 +30,8 @@ SCHEDULER_CONFIG = {
     "beta_schedule": "scaled_linear", "clip_sample": False, "set_alpha_to_one": True,
     "timestep_spacing": "trailing", "steps_offset": 0,
 }
+# Under teacher.gmm.schedule = "flow": SD3's scheduler (its shift from teacher.gmm.shift).
+FLOW_SCHEDULER_CONFIG = {"num_train_timesteps": 1000, "shift": 3.0}
 
 
 class Mixture:
@@ -159,19 +162,33 @@ def energy_distance(x: torch.Tensor, y: torch.Tensor, chunk: int = 2000) -> floa
 
 class GMMTeacher(Teacher):
     name = "gmm"
-    family = "vp"
 
     def __init__(self, cfg):
         self.cfg = cfg
         self.mixture = Mixture.from_config(cfg)
-        self.scheduler_config = dict(SCHEDULER_CONFIG)
-        self.schedule = VPSchedule.from_scheduler_config(self.scheduler_config)
+        if cfg.schedule == "flow":
+            if cfg.shift <= 0:
+                raise UserError(f"teacher.gmm.shift must be positive, got {cfg.shift}")
+            self.scheduler_config = {**FLOW_SCHEDULER_CONFIG, "shift": cfg.shift}
+            self.schedule = FlowSchedule(self.scheduler_config)
+            self.default_sampler = "euler"
+        else:
+            self.scheduler_config = dict(SCHEDULER_CONFIG)
+            self.schedule = VPSchedule.from_scheduler_config(self.scheduler_config)
+        self.family = self.schedule.family
         self.sample_shape = (self.mixture.dim,)
         self.num_classes = len(self.mixture.weights) if cfg.conditional else None
 
     def denoise(self, x_t, t, cond, guidance: float = 1.0):
         t = t.expand(x_t.shape[0]) if t.ndim == 0 else t
-        a, b = self.schedule.coefficients(t, x_t[:, :1])
+        return self._denoise(x_t, *self.schedule.coefficients(t, x_t[:, :1]), cond, guidance)
+
+    def denoise_sigma(self, x_t, sigma, cond, guidance: float = 1.0):
+        """Flow: x0 at a sigma off the training table (the Euler sampler's), as denoise at an index."""
+        s = torch.as_tensor(sigma, dtype=torch.float64, device=x_t.device).expand(x_t.shape[0], 1)
+        return self._denoise(x_t, 1 - s, s, cond, guidance)
+
+    def _denoise(self, x_t, a, b, cond, guidance):
         x = x_t.double()
         uncond = self.mixture.posterior_mean(x, a, b)
         if cond is None:
@@ -192,11 +209,14 @@ class GMMTeacher(Teacher):
         return self._mlp("sample")
 
     def make_critic(self):
-        return self._mlp("epsilon")
+        # The fake score in the parametrisation a teacher of this family is trained in.
+        return self._mlp("flow" if self.family == "flow" else "epsilon")
 
     def describe(self) -> dict:
         # The mixture and its schedule define the teacher; the MLP sizes do not.
         mixture = {k: v for k, v in asdict(self.cfg).items() if k not in ("hidden", "layers")}
+        if self.family != "flow":   # the VP teacher's identity as before the flow schedule existed
+            mixture = {k: v for k, v in mixture.items() if k not in ("schedule", "shift")}
         return {"name": self.name, "gmm": mixture, "scheduler": self.scheduler_config}
 
     def save_preview(self, student, teacher, labels, path: Path, title: str = "") -> None:
