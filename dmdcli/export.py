@@ -66,6 +66,20 @@ with torch.no_grad():
         x = scheduler.step(unet(x, t{class_arg}).sample, t, x).prev_sample   # images in [-1, 1]"""
 
 
+# Flow students: FlowMatchLCMScheduler is DMD2's few-step rule for flow (x0 = x - sigma v, then
+# re-noise to the next sigma); its shift is 1 because the sigmas given are already shifted.
+FLOW_USAGE = """import torch
+from diffusers import FlowMatchLCMScheduler, UNet2DModel
+
+unet = UNet2DModel.from_pretrained("{out}", subfolder="unet")
+scheduler = FlowMatchLCMScheduler.from_pretrained("{out}", subfolder="scheduler")
+scheduler.set_timesteps(sigmas={sigmas})
+x = torch.randn(16, *{shape}){labels}
+with torch.no_grad():
+    for t in scheduler.timesteps:
+        x = scheduler.step(unet(x, t{class_arg}).sample, t, x).prev_sample   # images in [-1, 1]"""
+
+
 EDM_USAGE = """import torch
 from dmdcli.teachers.edm import EDMDenoiser, build_network, load_edm_folder
 
@@ -110,11 +124,21 @@ def export(run: str | Path, out: Path, fid: str = "not measured", float16: bool 
                                  label_arg="labels" if conditional else "None")
         _finish(tmp, out, recipe, teacher, step, fid, usage)
         return out, EDM_NOTE
-    # The student's x0 is used as it is (never clipped), so the exported scheduler must not clip.
-    known = inspect.signature(LCMScheduler.__init__).parameters
-    config = {k: v for k, v in teacher.scheduler_config.items() if k in known}
-    scheduler = LCMScheduler.from_config({**config, "timestep_spacing": "trailing", "clip_sample": False,
-                                          "thresholding": False, "prediction_type": generator.prediction_type})
+    if teacher.family == "flow":
+        if teacher.name != "unet2d" or generator.prediction_type != "flow":
+            raise UserError(f"export writes flow students of unet2d teachers that predict the velocity "
+                            f"(student.prediction_type = 'teacher'); this run's student is in {run}/checkpoints")
+        from diffusers import FlowMatchLCMScheduler
+
+        known = inspect.signature(FlowMatchLCMScheduler.__init__).parameters
+        config = {k: v for k, v in teacher.scheduler_config.items() if k in known}
+        scheduler = FlowMatchLCMScheduler.from_config({**config, "shift": 1.0})
+    else:
+        # The student's x0 is used as it is (never clipped), so the exported scheduler must not clip.
+        known = inspect.signature(LCMScheduler.__init__).parameters
+        config = {k: v for k, v in teacher.scheduler_config.items() if k in known}
+        scheduler = LCMScheduler.from_config({**config, "timestep_spacing": "trailing", "clip_sample": False,
+                                              "thresholding": False, "prediction_type": generator.prediction_type})
     unet = generator.unet.to(torch.float16 if float16 else torch.float32)
     merge_lora(unet)   # LoRA students ship as plain UNets, adapters merged
     if teacher.name == "sd":
@@ -135,9 +159,11 @@ def export(run: str | Path, out: Path, fid: str = "not measured", float16: bool 
         unet.save_pretrained(tmp / "unet", safe_serialization=True)
         scheduler.save_pretrained(tmp / "scheduler")
         conditional = teacher.num_classes is not None
-        usage = UNET_USAGE.format(out=out, timesteps=ts, shape=tuple(teacher.sample_shape),
-                                  labels=f"\nlabels = torch.arange(16) % {teacher.num_classes}" if conditional else "",
-                                  class_arg=", class_labels=labels" if conditional else "")
+        usage = (FLOW_USAGE if teacher.family == "flow" else UNET_USAGE).format(
+            out=out, timesteps=ts, sigmas=[float(teacher.schedule.sigmas[t]) for t in ts] if teacher.family == "flow"
+            else None, shape=tuple(teacher.sample_shape),
+            labels=f"\nlabels = torch.arange(16) % {teacher.num_classes}" if conditional else "",
+            class_arg=", class_labels=labels" if conditional else "")
     _finish(tmp, out, recipe, teacher, step, fid, usage)
     return out, None
 

@@ -52,20 +52,28 @@ class UNetDenoiser(nn.Module):
     class-conditional UNet2DModel, None for an unconditional one.
     """
 
-    def __init__(self, unet: nn.Module, prediction_type: str, null_class: int | None = None):
+    def __init__(self, unet: nn.Module, prediction_type: str, null_class: int | None = None,
+                 timesteps: torch.Tensor | None = None):
         super().__init__()
         self.unet = unet
         self.prediction_type = prediction_type
         self.null_class = null_class
         self.text_conditioned = hasattr(unet.config, "cross_attention_dim") and unet.config.cross_attention_dim
+        # Flow models take the timestep sigma * 1000, not the index: the table, per index, moves
+        # with the module and stays out of its state dict.
+        self.register_buffer("timesteps", timesteps.float() if timesteps is not None else None, persistent=False)
 
     def forward(self, x_t: torch.Tensor, t: torch.Tensor, cond=None) -> torch.Tensor:
+        return self.call(x_t, self.timesteps[t.long()] if self.timesteps is not None else t, cond)
+
+    def call(self, x_t: torch.Tensor, model_t: torch.Tensor, cond=None) -> torch.Tensor:
+        """The network at the timestep it reads (an index, or a flow model's sigma * 1000)."""
         dtype = self.unet.dtype
         if self.text_conditioned:
-            return self.unet(x_t.to(dtype), t, encoder_hidden_states=cond.to(dtype)).sample
+            return self.unet(x_t.to(dtype), model_t, encoder_hidden_states=cond.to(dtype)).sample
         if self.null_class is not None and cond is None:
             cond = torch.full((x_t.shape[0],), self.null_class, device=x_t.device, dtype=torch.long)
-        return self.unet(x_t.to(dtype), t, class_labels=cond).sample
+        return self.unet(x_t.to(dtype), model_t, class_labels=cond).sample
 
 
 class GANHead(nn.Module):

@@ -19,6 +19,11 @@ def unet_folder(tmp_path_factory):
     return save_tiny_unet2d(tmp_path_factory.mktemp("unet") / "tiny-unet")
 
 
+@pytest.fixture(scope="module")
+def flow_unet_folder(tmp_path_factory):
+    return save_tiny_unet2d(tmp_path_factory.mktemp("flow") / "tiny-flow-unet", flow_shift=3.0)
+
+
 @pytest.fixture
 def prompts(tmp_path):
     path = tmp_path / "prompts.txt"
@@ -234,6 +239,65 @@ def test_export_unet2d_student_snippet_reproduces_samples(tmp_path, unet_folder,
     torch.testing.assert_close(x, student_sample(generator, teacher.schedule, z, labels, [t]), atol=1e-4, rtol=1e-4)
     card = (out / "README.md").read_text()
     assert "class_labels=labels" in card and f"scheduler.set_timesteps(timesteps=[{t}])" in card
+
+
+def test_flow_unet2d_teacher_by_hand(flow_unet_folder):
+    """A UNet2DModel beside a FlowMatchEulerDiscreteScheduler is a flow teacher: at index t it
+    reads the timestep sigma_t * 1000 and predicts the velocity (x0 = x_t - sigma_t v, CFG on v);
+    its ODE is diffusers' own Euler loop on the UNet."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, UNet2DModel
+
+    from dmdcli.sampling import teacher_ode
+    from dmdcli.teachers.diffusers_unets import UNet2DTeacher
+
+    teacher = UNet2DTeacher(UNet2DConfig(model=str(flow_unet_folder)))
+    assert (teacher.family, teacher.prediction_type, teacher.default_sampler) == ("flow", "flow", "euler")
+    unet = UNet2DModel.from_pretrained(flow_unet_folder, subfolder="unet")
+    g = torch.Generator().manual_seed(0)
+    x, z = torch.randn(3, 1, 16, 16, generator=g), torch.randn(3, 1, 16, 16, generator=g)
+    t, labels, null = torch.tensor([999, 500, 20]), torch.tensor([0, 1, 2]), torch.full((3,), 3)
+    sigma = FlowMatchEulerDiscreteScheduler.from_pretrained(flow_unet_folder, subfolder="scheduler").sigmas.flip(0)[t]
+    with torch.no_grad():
+        v_c, v_u = (unet(x, sigma * 1000, class_labels=c).sample for c in (labels, null))
+    expected = x - sigma.view(-1, 1, 1, 1) * (v_u + 2.0 * (v_c - v_u))
+    torch.testing.assert_close(teacher.denoise(x, t, labels, guidance=2.0), expected, atol=1e-5, rtol=1e-5)
+    sched = FlowMatchEulerDiscreteScheduler.from_pretrained(flow_unet_folder, subfolder="scheduler")
+    sched.set_timesteps(4)
+    y = z
+    with torch.no_grad():
+        for s in sched.timesteps:
+            y = sched.step(unet(y, s.expand(3), class_labels=labels).sample, s, y).prev_sample
+    torch.testing.assert_close(teacher_ode(teacher, z, labels, 4, 1.0, "euler"), y, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("t", [999, 600])
+def test_flow_unet2d_distill_sample_and_export(tmp_path, flow_unet_folder, t):
+    """DMD2 on a flow teacher end to end; the export's FlowMatchLCMScheduler snippet reproduces
+    the one-step student at its timestep."""
+    from diffusers import FlowMatchLCMScheduler, UNet2DModel
+
+    from dmdcli.runs import load_student
+    from dmdcli.sampling import student_sample
+
+    recipe = unet2d_recipe(tmp_path / "f.toml", flow_unet_folder, tmp_path / "runs" / "f", steps=2,
+                           extra=f"[student]\ntimesteps = [{t}]\n")
+    assert main(["distill", str(recipe)]) == 0
+    out = tmp_path / "samples"
+    assert main(["sample", str(tmp_path / "runs" / "f"), "--num", "4", "--out", str(out), "--teacher-steps", "2"]) == 0
+    assert load_file(str(out / "teacher.safetensors"))["x"].shape == (4, 1, 16, 16)
+    export = tmp_path / "export"
+    assert main(["export", str(tmp_path / "runs" / "f"), "--out", str(export)]) == 0
+    unet = UNet2DModel.from_pretrained(export, subfolder="unet")
+    _, teacher, generator, _ = load_student(tmp_path / "runs" / "f")
+    scheduler = FlowMatchLCMScheduler.from_pretrained(export, subfolder="scheduler")
+    scheduler.set_timesteps(sigmas=[float(teacher.schedule.sigmas[t])])
+    x = z = torch.randn(4, 1, 16, 16, generator=torch.Generator().manual_seed(0))
+    labels = torch.arange(4) % 3
+    with torch.no_grad():
+        for s in scheduler.timesteps:
+            x = scheduler.step(unet(x, s, class_labels=labels).sample, s, x).prev_sample
+    torch.testing.assert_close(x, student_sample(generator, teacher.schedule, z, labels, [t]), atol=1e-4, rtol=1e-4)
+    assert "FlowMatchLCMScheduler" in (export / "README.md").read_text()
 
 
 def test_export_refuses_vector_students(tmp_path, tiny_recipe, capsys):

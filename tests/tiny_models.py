@@ -48,10 +48,11 @@ def save_tiny_sd(folder: Path, prediction_type: str = "epsilon", seed: int = 0) 
 
 
 def save_tiny_unet2d(folder: Path, num_classes: int | None = 3, channels: int = 1, seed: int = 0,
-                     prediction_type: str = "epsilon") -> Path:
+                     prediction_type: str = "epsilon", flow_shift: float | None = None) -> Path:
     """A class-conditional UNet2DModel (num_classes + 1 embeddings, the last the null class)
-    and its DDPM scheduler, as a DDPMPipeline-style folder (unet/, scheduler/)."""
-    from diffusers import DDPMScheduler, UNet2DModel
+    and its DDPM scheduler (with flow_shift: a FlowMatchEulerDiscreteScheduler of that shift),
+    as a DDPMPipeline-style folder (unet/, scheduler/)."""
+    from diffusers import DDPMScheduler, FlowMatchEulerDiscreteScheduler, UNet2DModel
 
     torch.manual_seed(seed)
     unet = UNet2DModel(sample_size=16, in_channels=channels, out_channels=channels, layers_per_block=1,
@@ -59,7 +60,9 @@ def save_tiny_unet2d(folder: Path, num_classes: int | None = 3, channels: int = 
                        down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"),
                        num_class_embeds=(num_classes + 1) if num_classes else None)
     unet.save_pretrained(folder / "unet")
-    DDPMScheduler(beta_schedule="linear", prediction_type=prediction_type).save_pretrained(folder / "scheduler")
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=flow_shift) if flow_shift else \
+        DDPMScheduler(beta_schedule="linear", prediction_type=prediction_type)
+    scheduler.save_pretrained(folder / "scheduler")
     return folder
 
 

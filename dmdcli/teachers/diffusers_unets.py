@@ -1,5 +1,6 @@
 """Teachers from diffusers models: Stable Diffusion (`sd`, text-conditioned latents) and
-pixel-space UNet2DModel (`unet2d`, optionally class-conditional with a null class).
+pixel-space UNet2DModel (`unet2d`, optionally class-conditional with a null class; DDPM-style
+or, with a FlowMatchEulerDiscreteScheduler beside it, a rectified-flow model).
 
 The real score is the frozen teacher UNet; the generator and the critic start as trainable
 fp32 copies of it (SPEC section 6), the generator fed at the conditioning timestep.
@@ -19,8 +20,21 @@ from . import hub
 from ..utils.errors import UserError
 from ..losses import classifier_free_guidance
 from ..networks import UNetDenoiser
-from ..schedules import VPSchedule
+from ..schedules import FlowSchedule, VPSchedule
 from .base import Teacher, resolve_dtype
+
+
+FLOW_SCHEDULER = "FlowMatchEulerDiscreteScheduler"
+
+
+class _SchedulerConfig:
+    """hub.load's way to a scheduler folder's raw config (its _class_name included)."""
+
+    @staticmethod
+    def from_pretrained(path, subfolder=None, **kwargs):
+        from diffusers import DDPMScheduler
+
+        return DDPMScheduler.load_config(path, subfolder=subfolder, **kwargs)
 
 
 class UNetTeacher(Teacher):
@@ -33,15 +47,25 @@ class UNetTeacher(Teacher):
 
     def _setup(self, unet, scheduler_config: dict, dtype: torch.dtype, null_class: int | None = None):
         self.scheduler_config = dict(scheduler_config)
-        self.prediction_type = self.scheduler_config.get("prediction_type", "epsilon")
-        if self.prediction_type not in ("epsilon", "v_prediction", "sample"):
-            raise UserError(f"teacher scheduler has prediction_type {self.prediction_type!r}; "
-                            f"supported: epsilon, v_prediction, sample")
-        self.schedule = VPSchedule.from_scheduler_config(self.scheduler_config)
+        if self.scheduler_config.get("_class_name") == FLOW_SCHEDULER:
+            if self.scheduler_config.get("use_dynamic_shifting"):
+                raise UserError("the teacher's FlowMatchEulerDiscreteScheduler uses dynamic shifting (its shift "
+                                "depends on the image size); give it a fixed shift (use_dynamic_shifting = false)")
+            self.schedule = FlowSchedule(self.scheduler_config)
+            self.prediction_type, self.family, self.default_sampler = "flow", "flow", "euler"
+        else:
+            self.prediction_type = self.scheduler_config.get("prediction_type", "epsilon")
+            if self.prediction_type not in ("epsilon", "v_prediction", "sample"):
+                raise UserError(f"teacher scheduler has prediction_type {self.prediction_type!r}; "
+                                f"supported: epsilon, v_prediction, sample")
+            self.schedule = VPSchedule.from_scheduler_config(self.scheduler_config)
+        # Flow networks read sigma * T: every copy carries the table (UNetDenoiser).
+        self._model_timesteps = self.schedule.sigmas * self.schedule.num_train_timesteps \
+            if self.family == "flow" else None
         self._trainable = unet.float()   # kept for copies; the frozen real score is cast below
         real = copy.deepcopy(unet)
         self.real = UNetDenoiser((real.to(dtype) if dtype != torch.float32 else real).eval().requires_grad_(False),
-                                 self.prediction_type, null_class)
+                                 self.prediction_type, null_class, self._model_timesteps)
         self.null_class = null_class
         self.dtype = dtype
         self.device = torch.device("cpu")
@@ -50,7 +74,7 @@ class UNetTeacher(Teacher):
         if self._trainable is None:
             raise RuntimeError("the teacher's trainable weights were released (release_trainable)")
         net = UNetDenoiser(copy.deepcopy(self._trainable).float().train().requires_grad_(True),
-                           self.prediction_type, self.null_class)
+                           self.prediction_type, self.null_class, self._model_timesteps)
         return net
 
     make_generator = _copy
@@ -59,19 +83,29 @@ class UNetTeacher(Teacher):
     def null_condition(self, n: int):
         raise NotImplementedError
 
-    @torch.no_grad()
-    def denoise(self, x_t, t, cond, guidance: float = 1.0):
-        t = t.expand(x_t.shape[0]) if t.ndim == 0 else t
+    def _guided(self, net, x_t, t, cond, guidance: float):
+        """net's prediction (the teacher's own parametrisation) under standard CFG."""
         if cond is None and self.conditional:
             cond = self.null_condition(len(x_t))
         if guidance == 1.0 or not self.conditional:
-            pred = self.real(x_t, t, cond).float()
-        else:
-            uncond = self.null_condition(len(x_t))
-            both = self.real(torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([uncond, cond])).float()
-            pred_u, pred_c = both.chunk(2)
-            pred = classifier_free_guidance(pred_u, pred_c, guidance)
+            return net(x_t, t, cond).float()
+        uncond = self.null_condition(len(x_t))
+        both = net(torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([uncond, cond])).float()
+        pred_u, pred_c = both.chunk(2)
+        return classifier_free_guidance(pred_u, pred_c, guidance)
+
+    @torch.no_grad()
+    def denoise(self, x_t, t, cond, guidance: float = 1.0):
+        t = t.expand(x_t.shape[0]) if t.ndim == 0 else t
+        pred = self._guided(self.real, x_t, t, cond, guidance)
         return self.schedule.to_x0(pred, x_t.float(), t, self.prediction_type)
+
+    @torch.no_grad()
+    def denoise_sigma(self, x_t, sigma, cond, guidance: float = 1.0):
+        """Flow teachers: x0 at a sigma of their Euler sampler, off the training table."""
+        model_t = torch.full((len(x_t),), float(sigma) * self.schedule.num_train_timesteps, device=x_t.device)
+        v = self._guided(self.real.call, x_t, model_t, cond, guidance)
+        return x_t.float() - float(sigma) * v
 
     def to(self, device):
         self.device = torch.device(device)
@@ -227,7 +261,9 @@ class UNet2DTeacher(UNetTeacher):
         folder = Path(hub.resolve(cfg.model))
         pipeline_style = (folder / "unet").is_dir()
         unet = hub.load(UNet2DModel, cfg.model, "unet" if pipeline_style else None, cfg.revision)
-        scheduler_config = dict(hub.load(DDPMScheduler, cfg.model, "scheduler", cfg.revision).config)
+        raw = hub.load(_SchedulerConfig, cfg.model, "scheduler", cfg.revision)
+        scheduler_config = dict(raw) if raw.get("_class_name") == FLOW_SCHEDULER else \
+            dict(hub.load(DDPMScheduler, cfg.model, "scheduler", cfg.revision).config)
         embeds = unet.config.num_class_embeds
         self.num_classes = (embeds - 1) if embeds else None
         self.conditional = bool(embeds)
