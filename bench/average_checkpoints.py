@@ -26,7 +26,8 @@ def main():
     recipe, teacher, generator, _ = load_student(a.checkpoints[0], device="cpu", ema=False)
     weights = [load_file(f"{c}/generator{'_ema' if a.ema else ''}.safetensors") for c in a.checkpoints]
     generator.load_state_dict({k: sum(w[k].float() for w in weights) / len(weights) for k in weights[0]})
-    r = fid_report(generator_tensors(generator, teacher, recipe.student.timesteps, a.num, batch_size=500),
+    r = fid_report(generator_tensors(generator, teacher, recipe.student.timesteps, a.num, batch_size=500,
+                                   precision=recipe.train.mixed_precision),
                    a.ref, a.features, batch_size=500)
     num = lambda v: "-" if v is None else f"{v:.3f}"   # noqa: E731
     print(f"average of {len(weights)}: FID {r['fid']:.1f}  class accuracy {num(r.get('class_accuracy'))}  "

@@ -64,7 +64,8 @@ def errors(x, labels, teacher, critic, gan: bool, t: int, seed: int = 0):
 def refit(critic, gan, teacher, generator, recipe, x_eval, y_eval, steps: int, lr: float, decay: float):
     net = critic.critic if gan else critic
     ema = [p.detach().clone() for p in net.parameters()]
-    made = generator_tensors(generator, teacher, recipe.student.timesteps, 4000, seed=1, batch_size=500)
+    made = generator_tensors(generator, teacher, recipe.student.timesteps, 4000, seed=1, batch_size=500,
+                             precision=recipe.train.mixed_precision)
     x, y = made["x"], made.get("label")
     opt = torch.optim.AdamW(net.parameters(), lr=lr, betas=(0.9, 0.999), weight_decay=0.0)
     g, s = torch.Generator().manual_seed(1), teacher.schedule
@@ -111,7 +112,8 @@ def main():
     torch.set_grad_enabled(False)
     recipe, teacher, generator, step = load_student(a.checkpoint, device="cpu", ema=False)
     critic, gan = load_critic(a.checkpoint, recipe, teacher, a.ema)
-    made = generator_tensors(generator, teacher, recipe.student.timesteps, a.num, batch_size=500)
+    made = generator_tensors(generator, teacher, recipe.student.timesteps, a.num, batch_size=500,
+                                   precision=recipe.train.mixed_precision)
     images, labels, _ = load_images(a.dataset, "test", teacher.sample_shape[-1], limit=a.num)
     sets = {"generator": (made["x"], made.get("label")), "test images": (images, labels)}
     print(f"{a.checkpoint} (step {step}), critic{' EMA' if a.ema else ''}, {a.num} samples a set; "

@@ -40,7 +40,8 @@ def main():
         teacher = build_teacher(r.teacher)
         torch.manual_seed(r.run.seed)   # as distill initialises its networks
         generator = make_student(teacher, r).eval()
-        samples = generator_tensors(generator, teacher, [t], a.num, r.run.seed, batch_size=250)
+        samples = generator_tensors(generator, teacher, [t], a.num, r.run.seed, batch_size=250,
+                                    precision=r.train.mixed_precision)
         rep = fid_report(samples, a.ref, a.features, batch_size=250)
         num = lambda v: "-" if v is None else f"{v:.3f}"   # noqa: E731
         print(f"| {t} | {'x0' if pred == 'sample' else 'as the teacher'} | "

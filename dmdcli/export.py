@@ -130,9 +130,9 @@ def export(run: str | Path, out: Path, fid: str = "not measured", float16: bool 
                             f"(student.prediction_type = 'teacher'); this run's student is in {run}/checkpoints")
         from diffusers import FlowMatchLCMScheduler
 
-        known = inspect.signature(FlowMatchLCMScheduler.__init__).parameters
-        config = {k: v for k, v in teacher.scheduler_config.items() if k in known}
-        scheduler = FlowMatchLCMScheduler.from_config({**config, "shift": 1.0})
+        # Only the length: the sigmas given are the student's own (already shifted), and keys
+        # such as shift_terminal or use_karras_sigmas would alter them in set_timesteps.
+        scheduler = FlowMatchLCMScheduler(num_train_timesteps=teacher.schedule.num_train_timesteps, shift=1.0)
     else:
         # The student's x0 is used as it is (never clipped), so the exported scheduler must not clip.
         known = inspect.signature(LCMScheduler.__init__).parameters

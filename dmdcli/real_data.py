@@ -23,7 +23,9 @@ from .utils.errors import UserError
 from .utils.processes import process_state
 from .utils.shards import ShardRows, write_row_shards
 
-FORMAT = "dmd-real/2"   # 2: latent rows carry their captions' token ids
+# Per kind, so that a change to one does not prepare the other again. latents/2: each row
+# carries its caption's token ids.
+FORMATS = {"images": "dmd-real/1", "latents": "dmd-real/2"}
 
 
 def _fingerprint(spec: str) -> list:
@@ -39,11 +41,11 @@ def _fingerprint(spec: str) -> list:
 
 def _prepared(kind: str, key_parts: list, make_chunks, meta) -> tuple[Path, dict]:
     """The cache folder for these parts, made by the local main process where missing."""
-    key = hashlib.sha256(json.dumps([FORMAT, kind, *key_parts]).encode()).hexdigest()[:16]
+    key = hashlib.sha256(json.dumps([FORMATS[kind], kind, *key_parts]).encode()).hexdigest()[:16]
     folder = cache_dir() / "real" / key
     state = process_state()
     if state.is_local_main_process and not (folder / "manifest.json").is_file():
-        write_row_shards(folder, make_chunks(), lambda: {"format": FORMAT, "kind": kind, "source": key_parts[0],
+        write_row_shards(folder, make_chunks(), lambda: {"format": FORMATS[kind], "kind": kind, "source": key_parts[0],
                                                           **meta()})
     state.wait_for_everyone()
     try:

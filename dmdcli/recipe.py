@@ -100,7 +100,7 @@ class StudentConfig:
     # What the generator's network outputs: the teacher's own parametrisation (the papers'),
     # or "sample" (x0 directly) for teachers whose last alpha_bar is tiny (DDPM's linear
     # schedule: sqrt(alpha_bar_999) = 0.006, so an epsilon output's error is amplified 160x).
-    prediction_type: str = _choices("teacher", "sample", "epsilon", "v_prediction", default="teacher")
+    prediction_type: str = _choices("teacher", "sample", "epsilon", "v_prediction", "flow", default="teacher")
 
 
 @dataclass

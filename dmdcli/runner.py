@@ -39,7 +39,10 @@ def check_same_run(run_dir: Path, recipe) -> None:
     old, new = to_dict(from_dict(tomllib.loads(saved.read_text()), type(recipe))), to_dict(recipe)
     for section in new:
         for key in new[section]:
-            if (section, key) not in RESUMABLE_CHANGES and old[section][key] != new[section][key]:
+            # Under a decay the schedule's length is train.steps: another length bends the curve.
+            resumable = (section, key) in RESUMABLE_CHANGES and not (
+                (section, key) == ("train", "steps") and new["train"]["lr_decay_steps"])
+            if not resumable and old[section][key] != new[section][key]:
                 raise UserError(f"{run_dir} holds a run with a different recipe ({section}.{key}: "
                                 f"{old[section][key]!r} there, {new[section][key]!r} now); to start a new "
                                 f"run use another folder, e.g. --set run.out={run_dir}-2")

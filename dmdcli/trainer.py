@@ -314,6 +314,7 @@ class DMDTrainer:
             logs["loss_gan_c"] = loss_gan.detach()
         if not self._finite(loss, "critic"):
             self.opt_c.zero_grad(set_to_none=True)
+            self.sched_c.step()   # the schedule counts iterations, skipped or not (as the generator's)
             return {"skipped_critic": 1}
         self.acc.backward(loss)
         self.acc.clip_grad_norm_(self.critic.parameters(), r.train.grad_clip)
@@ -457,13 +458,13 @@ class DMDTrainer:
         if self.ema is not None:   # previews show what `sample` will use; the weights come back exactly
             self.ema.store(params)
             self.ema.copy_to(params)
-        try:   # under the run's mixed precision, as `sample` does
+        try:   # the conditions as training makes them, the student under the run's mixed precision
+            conds = [self.teacher.encode_condition(labels[i:i + batch] if labels is not None else None)
+                     for i in range(0, n, batch)]
             with self.acc.autocast():
-                x = torch.cat([student_sample(generator, self.schedule, z[i:i + batch],
-                                              self.teacher.encode_condition(labels[i:i + batch] if labels is not None
-                                                                            else None),
+                x = torch.cat([student_sample(generator, self.schedule, z[i:i + batch], c,
                                               self.recipe.student.timesteps, g).float().cpu()
-                               for i in range(0, n, batch)])
+                               for i, c in zip(range(0, n, batch), conds)])
         finally:
             if self.ema is not None:
                 self.ema.restore(params)

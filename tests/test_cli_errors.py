@@ -68,6 +68,20 @@ def test_bad_recipe_key(capsys, tiny_recipe, key, value, message):
     assert message in one_error_line(err)
 
 
+@pytest.mark.parametrize("schedule, prediction, message", [
+    ("flow", "epsilon", "student.prediction_type = 'epsilon': a flow teacher's student predicts the velocity "
+                        "('teacher' or 'flow') or x0 ('sample')"),
+    ("flow", "v_prediction", "student.prediction_type = 'v_prediction': a flow teacher's student"),
+    ("vp", "flow", "student.prediction_type = 'flow' needs a flow-matching teacher; the gmm teacher's noise is vp"),
+])
+def test_student_prediction_type_must_suit_the_noise(capsys, tiny_recipe, schedule, prediction, message):
+    path = tiny_recipe(extra=f'\n[student]\nprediction_type = "{prediction}"\n')
+    path.write_text(path.read_text().replace("[teacher.gmm]\n", f'[teacher.gmm]\nschedule = "{schedule}"\n'))
+    code, _, err = run(capsys, "distill", path)
+    assert code == 2
+    assert message in one_error_line(err)
+
+
 def test_missing_pairs_folder(tmp_path, capsys, tiny_recipe):
     path = tiny_recipe(method="dmd", extra=f'\n[regression]\npairs = "{tmp_path}/nope"\n')
     code, _, err = run(capsys, "distill", path)

@@ -298,6 +298,9 @@ def test_flow_unet2d_distill_sample_and_export(tmp_path, flow_unet_folder, t):
             x = scheduler.step(unet(x, s, class_labels=labels).sample, s, x).prev_sample
     torch.testing.assert_close(x, student_sample(generator, teacher.schedule, z, labels, [t]), atol=1e-4, rtol=1e-4)
     assert "FlowMatchLCMScheduler" in (export / "README.md").read_text()
+    from dmdcli.teachers.diffusers_unets import UNet2DTeacher
+
+    assert UNet2DTeacher(UNet2DConfig(model=str(export))).family == "flow"   # an export is a flow teacher too
 
 
 def test_export_refuses_vector_students(tmp_path, tiny_recipe, capsys):

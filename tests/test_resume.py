@@ -130,6 +130,18 @@ def test_changed_recipe_is_refused(tmp_path, tiny_recipe, capsys):
     assert f"--set run.out={tmp_path / 'runs' / 'tiny'}-2" in err.replace("\n", "")
 
 
+def test_a_decaying_run_keeps_its_length(tmp_path, tiny_recipe, capsys):
+    """train.steps may grow on resume, except under train.lr_decay_steps: the decay ends at
+    train.steps, so another length would send a finished rate from zero back to its peak."""
+    from dmdcli.cli import main
+
+    path = tiny_recipe(steps=20, checkpoint_every=10, extra="lr_decay_steps = 4\n")
+    assert main(["distill", str(path)]) == 0
+    capsys.readouterr()
+    assert main(["distill", str(path), "--set", "train.steps=30"]) == 2
+    assert "holds a run with a different recipe (train.steps: 20 there, 30 now)" in capsys.readouterr().err
+
+
 def test_saved_recipe_reruns_the_same_run(tmp_path, tiny_recipe):
     """recipe.toml in the run folder is the resolved recipe and itself a valid recipe."""
     from dmdcli.recipe import load_recipe, to_dict

@@ -199,6 +199,10 @@ def test_non_finite_loss_stops_or_is_skipped(tiny_recipe, tmp_path, monkeypatch,
 
         weights = load_file(str(run / "checkpoints" / "step-00000030" / "generator.safetensors"))
         assert all(torch.isfinite(v).all() for v in weights.values())
+        from dmdcli.utils import checkpoint
+
+        state = checkpoint.load_tree(run / "checkpoints" / "step-00000030", "state")
+        assert state["sched_c"]["last_epoch"] == 30   # skipped updates still count as iterations
 
 
 def test_tensorboard_logs_what_metrics_jsonl_holds(tiny_recipe, tmp_path):

@@ -126,11 +126,18 @@ def make_student(teacher: Teacher, recipe) -> nn.Module:
         from ..networks import add_lora
 
         add_lora(generator, recipe.train.lora_rank)
-    if teacher.family == "edm" and student_cfg.prediction_type not in ("teacher", "sample"):
-        from ..utils.errors import UserError
+    from ..utils.errors import UserError
 
+    if teacher.family == "edm" and student_cfg.prediction_type not in ("teacher", "sample"):
         raise UserError(f"student.prediction_type = {student_cfg.prediction_type!r}: EDM networks output x0 "
                         f"through their preconditioning; use 'teacher' (or 'sample')")
+    # Flow: epsilon divides by 1 - sigma, infinite at the top timestep; v is VP's.
+    if teacher.family == "flow" and student_cfg.prediction_type not in ("teacher", "sample", "flow"):
+        raise UserError(f"student.prediction_type = {student_cfg.prediction_type!r}: a flow teacher's student "
+                        f"predicts the velocity ('teacher' or 'flow') or x0 ('sample')")
+    if teacher.family != "flow" and student_cfg.prediction_type == "flow":
+        raise UserError(f"student.prediction_type = 'flow' needs a flow-matching teacher; the {teacher.name} "
+                        f"teacher's noise is {teacher.family}")
     if student_cfg.prediction_type != "teacher":
         generator.prediction_type = student_cfg.prediction_type
     return generator

@@ -24,7 +24,10 @@ from ..schedules import FlowSchedule, VPSchedule
 from .base import Teacher, resolve_dtype
 
 
-FLOW_SCHEDULER = "FlowMatchEulerDiscreteScheduler"
+def is_flow(scheduler_config) -> bool:
+    """A flow-matching scheduler's config (FlowMatchEulerDiscreteScheduler, or the
+    FlowMatchLCMScheduler of an exported flow student): the model predicts the velocity."""
+    return str(scheduler_config.get("_class_name", "")).startswith("FlowMatch")
 
 
 class _SchedulerConfig:
@@ -47,7 +50,7 @@ class UNetTeacher(Teacher):
 
     def _setup(self, unet, scheduler_config: dict, dtype: torch.dtype, null_class: int | None = None):
         self.scheduler_config = dict(scheduler_config)
-        if self.scheduler_config.get("_class_name") == FLOW_SCHEDULER:
+        if is_flow(self.scheduler_config):
             if self.scheduler_config.get("use_dynamic_shifting"):
                 raise UserError("the teacher's FlowMatchEulerDiscreteScheduler uses dynamic shifting (its shift "
                                 "depends on the image size); give it a fixed shift (use_dynamic_shifting = false)")
@@ -262,7 +265,7 @@ class UNet2DTeacher(UNetTeacher):
         pipeline_style = (folder / "unet").is_dir()
         unet = hub.load(UNet2DModel, cfg.model, "unet" if pipeline_style else None, cfg.revision)
         raw = hub.load(_SchedulerConfig, cfg.model, "scheduler", cfg.revision)
-        scheduler_config = dict(raw) if raw.get("_class_name") == FLOW_SCHEDULER else \
+        scheduler_config = dict(raw) if is_flow(raw) else \
             dict(hub.load(DDPMScheduler, cfg.model, "scheduler", cfg.revision).config)
         embeds = unet.config.num_class_embeds
         self.num_classes = (embeds - 1) if embeds else None
