@@ -41,7 +41,7 @@ def check_same_run(run_dir: Path, recipe) -> None:
         for key in new[section]:
             # Under a decay the schedule's length is train.steps: another length bends the curve.
             resumable = (section, key) in RESUMABLE_CHANGES and not (
-                (section, key) == ("train", "steps") and new["train"]["lr_decay_steps"])
+                (section, key) == ("train", "steps") and new["train"].get("lr_decay_steps"))   # (teacher recipes have none)
             if not resumable and old[section][key] != new[section][key]:
                 raise UserError(f"{run_dir} holds a run with a different recipe ({section}.{key}: "
                                 f"{old[section][key]!r} there, {new[section][key]!r} now); to start a new "
