@@ -54,26 +54,15 @@ from diffusers import StableDiffusionPipeline
 pipe = StableDiffusionPipeline.from_pretrained("{out}")
 image = pipe("a photo of a cat", num_inference_steps={steps}, timesteps={timesteps}, guidance_scale=1.0).images[0]"""
 
+# Pixel UNet students: LCMScheduler, or for flow students FlowMatchLCMScheduler, DMD2's
+# few-step rule for flow (x0 = x - sigma v, then re-noise to the next sigma) given the student's
+# own sigmas (already shifted, so the exported scheduler's shift is 1).
 UNET_USAGE = """import torch
-from diffusers import LCMScheduler, UNet2DModel
+from diffusers import {scheduler}, UNet2DModel
 
 unet = UNet2DModel.from_pretrained("{out}", subfolder="unet")
-scheduler = LCMScheduler.from_pretrained("{out}", subfolder="scheduler")
-scheduler.set_timesteps(timesteps={timesteps})
-x = torch.randn(16, *{shape}){labels}
-with torch.no_grad():
-    for t in scheduler.timesteps:
-        x = scheduler.step(unet(x, t{class_arg}).sample, t, x).prev_sample   # images in [-1, 1]"""
-
-
-# Flow students: FlowMatchLCMScheduler is DMD2's few-step rule for flow (x0 = x - sigma v, then
-# re-noise to the next sigma); its shift is 1 because the sigmas given are already shifted.
-FLOW_USAGE = """import torch
-from diffusers import FlowMatchLCMScheduler, UNet2DModel
-
-unet = UNet2DModel.from_pretrained("{out}", subfolder="unet")
-scheduler = FlowMatchLCMScheduler.from_pretrained("{out}", subfolder="scheduler")
-scheduler.set_timesteps(sigmas={sigmas})
+scheduler = {scheduler}.from_pretrained("{out}", subfolder="scheduler")
+scheduler.set_timesteps({schedule})
 x = torch.randn(16, *{shape}){labels}
 with torch.no_grad():
     for t in scheduler.timesteps:
@@ -159,11 +148,12 @@ def export(run: str | Path, out: Path, fid: str = "not measured", float16: bool 
         unet.save_pretrained(tmp / "unet", safe_serialization=True)
         scheduler.save_pretrained(tmp / "scheduler")
         conditional = teacher.num_classes is not None
-        usage = (FLOW_USAGE if teacher.family == "flow" else UNET_USAGE).format(
-            out=out, timesteps=ts, sigmas=[float(teacher.schedule.sigmas[t]) for t in ts] if teacher.family == "flow"
-            else None, shape=tuple(teacher.sample_shape),
-            labels=f"\nlabels = torch.arange(16) % {teacher.num_classes}" if conditional else "",
-            class_arg=", class_labels=labels" if conditional else "")
+        schedule = f"sigmas={[float(teacher.schedule.sigmas[t]) for t in ts]}" if teacher.family == "flow" \
+            else f"timesteps={ts}"
+        usage = UNET_USAGE.format(out=out, scheduler=type(scheduler).__name__, schedule=schedule,
+                                  shape=tuple(teacher.sample_shape),
+                                  labels=f"\nlabels = torch.arange(16) % {teacher.num_classes}" if conditional else "",
+                                  class_arg=", class_labels=labels" if conditional else "")
     _finish(tmp, out, recipe, teacher, step, fid, usage)
     return out, None
 

@@ -16,6 +16,14 @@ def _bcast(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return v.view(-1, *([1] * (like.ndim - 1)))
 
 
+def _lookup(cache: dict, table: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """table[t], with one copy of the table per device (not one per call)."""
+    on_device = cache.get(t.device)
+    if on_device is None:
+        on_device = cache[t.device] = table.to(t.device)
+    return on_device[t.long()]
+
+
 class VPSchedule:
     """x_t = sqrt(a_t) x0 + sqrt(1 - a_t) eps with integer t in [0, T)."""
 
@@ -34,10 +42,7 @@ class VPSchedule:
         return cls(DDPMScheduler.from_config(config).alphas_cumprod)
 
     def _alpha_bar(self, t: torch.Tensor) -> torch.Tensor:
-        table = self._cache.get(t.device)
-        if table is None:
-            table = self._cache[t.device] = self.alphas_cumprod.to(t.device)
-        return table[t.long()]
+        return _lookup(self._cache, self.alphas_cumprod, t)
 
     def coefficients(self, t: torch.Tensor, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(sqrt(a_t), sqrt(1 - a_t)) in float64, shaped to broadcast against `like`."""
@@ -108,10 +113,7 @@ class EDMSchedule:
         self._cache: dict[torch.device, torch.Tensor] = {}
 
     def sigma(self, t: torch.Tensor) -> torch.Tensor:
-        table = self._cache.get(t.device)
-        if table is None:   # one copy per device, not one per call
-            table = self._cache[t.device] = self.sigmas.to(t.device)
-        return table[t.long()]
+        return _lookup(self._cache, self.sigmas, t)
 
     def add_noise(self, x0: torch.Tensor, eps: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         return (x0.double() + _bcast(self.sigma(t), x0) * eps.double()).to(x0.dtype)
@@ -142,10 +144,7 @@ class FlowSchedule(VPSchedule):
         self._cache = {}
 
     def sigma(self, t: torch.Tensor) -> torch.Tensor:
-        table = self._cache.get(t.device)
-        if table is None:
-            table = self._cache[t.device] = self.sigmas.to(t.device)
-        return table[t.long()]
+        return _lookup(self._cache, self.sigmas, t)
 
     def coefficients(self, t: torch.Tensor, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(1 - s_t, s_t) in float64, shaped to broadcast against `like`."""

@@ -75,7 +75,6 @@ def adamw(params, lr: float, recipe: Recipe, device: torch.device) -> torch.opti
                              fused=device.type == "cuda" or None)
 
 
-
 def lr_schedule(opt, t, iterations: int):
     """Linear warm-up over t.warmup_steps, then constant; with t.lr_decay_steps, the last that
     many of `iterations` decay linearly to zero (warm-up, stable, decay: transformers' WSD)."""
@@ -83,6 +82,7 @@ def lr_schedule(opt, t, iterations: int):
         return get_scheduler("constant_with_warmup", opt, num_warmup_steps=t.warmup_steps)
     return get_wsd_schedule(opt, num_warmup_steps=t.warmup_steps, num_decay_steps=t.lr_decay_steps,
                             num_training_steps=iterations, decay_type="linear")
+
 
 class DMDTrainer:
     def __init__(self, recipe: Recipe, accelerator: Accelerator | None = None):
