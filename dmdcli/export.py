@@ -1,7 +1,7 @@
 """`dmd export`: a student as an ordinary diffusers folder.
 
 SD students become a StableDiffusionPipeline whose UNet is the student and whose scheduler
-is LCMScheduler, which returns x0 at the conditioning timestep (SPEC section 10: a one-step
+is LCMScheduler (SD3 students: a StableDiffusion3Pipeline with FlowMatchLCMScheduler), which returns x0 at the conditioning timestep (SPEC section 10: a one-step
 checkpoint beside a many-step scheduler produces noise). For several steps LCMScheduler
 re-noises x0 to the next timestep, which is DMD2's few-step sampling. Pixel students become
 unet/ + scheduler/. EDM students are ADM networks, not diffusers models: they become a
@@ -53,6 +53,13 @@ from diffusers import StableDiffusionPipeline
 
 pipe = StableDiffusionPipeline.from_pretrained("{out}")
 image = pipe("a photo of a cat", num_inference_steps={steps}, timesteps={timesteps}, guidance_scale=1.0).images[0]"""
+
+# SD3 students: FlowMatchLCMScheduler given the student's own sigmas (see UNET_USAGE).
+SD3_USAGE = """import torch
+from diffusers import StableDiffusion3Pipeline
+
+pipe = StableDiffusion3Pipeline.from_pretrained("{out}")
+image = pipe("a photo of a cat", sigmas={sigmas}, guidance_scale=1.0).images[0]"""
 
 # Pixel UNet students: LCMScheduler, or for flow students FlowMatchLCMScheduler, DMD2's
 # few-step rule for flow (x0 = x - sigma v, then re-noise to the next sigma) given the student's
@@ -114,9 +121,9 @@ def export(run: str | Path, out: Path, fid: str = "not measured", float16: bool 
         _finish(tmp, out, recipe, teacher, step, fid, usage)
         return out, EDM_NOTE
     if teacher.family == "flow":
-        if teacher.name != "unet2d" or generator.prediction_type != "flow":
-            raise UserError(f"export writes flow students of unet2d teachers that predict the velocity "
-                            f"(student.prediction_type = 'teacher'); this run's student is in {run}/checkpoints")
+        if generator.prediction_type != "flow":
+            raise UserError(f"export writes flow students that predict the velocity (student.prediction_type = "
+                            f"'teacher'); this run's student is in {run}/checkpoints")
         from diffusers import FlowMatchLCMScheduler
 
         # Only the length: the sigmas given are the student's own (already shifted), and keys
@@ -130,7 +137,10 @@ def export(run: str | Path, out: Path, fid: str = "not measured", float16: bool 
                                               "thresholding": False, "prediction_type": generator.prediction_type})
     unet = generator.unet.to(torch.float16 if float16 else torch.float32)
     merge_lora(unet)   # LoRA students ship as plain UNets, adapters merged
-    if teacher.name == "sd":
+    if teacher.name == "sd" and teacher.family == "flow":
+        _write_sd3(tmp, recipe.teacher.sd, unet, scheduler)
+        usage = SD3_USAGE.format(out=out, sigmas=[float(teacher.schedule.sigmas[t]) for t in ts])
+    elif teacher.name == "sd":
         from diffusers import AutoencoderKL, StableDiffusionPipeline
         from transformers import CLIPTextModel, CLIPTokenizer
 
@@ -156,6 +166,24 @@ def export(run: str | Path, out: Path, fid: str = "not measured", float16: bool 
                                   class_arg=", class_labels=labels" if conditional else "")
     _finish(tmp, out, recipe, teacher, step, fid, usage)
     return out, None
+
+
+def _write_sd3(tmp: Path, cfg, transformer, scheduler) -> None:
+    """A StableDiffusion3Pipeline: the student transformer with the teacher's VAE, encoders and tokenisers."""
+    from diffusers import AutoencoderKL, StableDiffusion3Pipeline
+    from transformers import CLIPTextModelWithProjection, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
+
+    from .teachers import hub
+
+    m, rev = cfg.model, cfg.revision
+    has_t5 = not (Path(hub.resolve(m)).expanduser().exists() and not (Path(hub.resolve(m)) / "text_encoder_3").is_dir())
+    parts = {f"text_encoder{s}": hub.load(CLIPTextModelWithProjection, m, f"text_encoder{s}", rev) for s in ("", "_2")}
+    parts |= {f"tokenizer{s}": hub.load(CLIPTokenizer, m, f"tokenizer{s}", rev) for s in ("", "_2")}
+    parts |= {"text_encoder_3": hub.load(T5EncoderModel, m, "text_encoder_3", rev) if has_t5 else None,
+              "tokenizer_3": hub.load(T5TokenizerFast, m, "tokenizer_3", rev) if has_t5 else None}
+    pipe = StableDiffusion3Pipeline(transformer=transformer, scheduler=scheduler,
+                                    vae=hub.load(AutoencoderKL, m, "vae", rev), **parts)
+    pipe.save_pretrained(tmp, safe_serialization=True)
 
 
 def _write_edm(tmp: Path, teacher, generator, timesteps: list[int], step: int, dtype) -> None:

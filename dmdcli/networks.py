@@ -76,6 +76,39 @@ class UNetDenoiser(nn.Module):
         return self.unet(x_t.to(dtype), model_t, class_labels=cond).sample
 
 
+class TransformerDenoiser(UNetDenoiser):
+    """SD3's MMDiT (SD3Transformer2DModel) in the same convention. Its text condition is two
+    tensors, the token embeddings (B, L, D) and the pooled embedding (B, P); `cond` carries
+    both as one (B, L + 1, D) tensor, the pooled one zero-padded as the last token (see
+    pack_text), so that batching, CFG's concatenation and indexing treat it as any other.
+    (The attribute keeps the name `unet`, which its state dict's keys carry.)"""
+
+    def call(self, x_t: torch.Tensor, model_t: torch.Tensor, cond=None) -> torch.Tensor:
+        dtype, pooled = self.unet.dtype, self.unet.config.pooled_projection_dim
+        patch = self.unet.config.patch_size
+        self._grid = (x_t.shape[-2] // patch, x_t.shape[-1] // patch)   # for bottleneck_output
+        return self.unet(hidden_states=x_t.to(dtype), timestep=model_t, encoder_hidden_states=cond[:, :-1].to(dtype),
+                         pooled_projections=cond[:, -1, :pooled].to(dtype)).sample
+
+    def bottleneck(self) -> tuple[nn.Module, int]:
+        """The middle joint block (the GAN head reads its image tokens)."""
+        blocks = self.unet.transformer_blocks
+        return blocks[(len(blocks) - 1) // 2], self.unet.inner_dim
+
+    def bottleneck_output(self, output) -> torch.Tensor:
+        """A joint block's (text tokens, image tokens) to the image tokens as a feature map."""
+        tokens = output[1]
+        return tokens.transpose(1, 2).reshape(tokens.shape[0], tokens.shape[2], *self._grid)
+
+
+def pack_text(embeds: torch.Tensor, pooled: torch.Tensor) -> torch.Tensor:
+    """TransformerDenoiser's `cond`: the pooled embedding as one more, zero-padded, token."""
+    if pooled.shape[-1] > embeds.shape[-1]:
+        raise ValueError(f"pooled embedding ({pooled.shape[-1]}) wider than the tokens ({embeds.shape[-1]})")
+    last = torch.nn.functional.pad(pooled, (0, embeds.shape[-1] - pooled.shape[-1])).unsqueeze(1)
+    return torch.cat([embeds, last.to(embeds.dtype)], dim=1)
+
+
 class GANHead(nn.Module):
     """DMD2's classifier on the critic's bottleneck features: real (> 0) or generated (< 0).
     Feature maps (B, C, h, w) go through two strided convolutions and a pooled linear layer;
@@ -98,12 +131,13 @@ class GANHead(nn.Module):
 
 def bottleneck(net: nn.Module) -> tuple[nn.Module, int, bool]:
     """(module whose output is the bottleneck, its channels, whether it is a feature map):
-    the UNet's mid-block (SD: 1280 channels at 8x8), or the MLP's last hidden layer."""
-    if isinstance(net, UNetDenoiser):
-        return net.unet.mid_block, net.unet.config.block_out_channels[-1], True
-    if hasattr(net, "bottleneck"):   # networks that name their own (EDM's ADM)
+    the UNet's mid-block (SD: 1280 channels at 8x8), the network's own choice, or the MLP's
+    last hidden layer."""
+    if hasattr(net, "bottleneck"):   # networks that name their own (EDM's ADM, SD3's transformer)
         module, channels = net.bottleneck()
         return module, channels, True
+    if isinstance(net, UNetDenoiser):
+        return net.unet.mid_block, net.unet.config.block_out_channels[-1], True
     if isinstance(net, MLPDenoiser):
         return net.body[-2], net.body[-1].in_features, False
     raise TypeError(f"no known bottleneck in {type(net).__name__}")
@@ -184,7 +218,8 @@ class CriticWithHead(nn.Module):
     def _keep(self, module, inputs, output):
         if self._mode is None:   # e.g. gradient checkpointing's recomputation in backward
             return
-        self._features = output[0] if isinstance(output, tuple) else output
+        select = getattr(self.critic, "bottleneck_output", None)
+        self._features = select(output) if select else output[0] if isinstance(output, tuple) else output
         if self._mode == "stop":
             raise _AtBottleneck
 

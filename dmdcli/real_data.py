@@ -98,14 +98,11 @@ def prepare_latents(teacher, spec: str, split: str = "train", chunk: int = 16) -
             raise UserError(f"gan.dataset {spec!r} needs an image column and a text, caption or prompt column "
                             f"(has {', '.join(ds.column_names)}); for a folder, add a metadata.jsonl with "
                             f'{{"file_name": ..., "text": ...}} lines')
-        vae = teacher.vae
-        dtype = next(vae.parameters()).dtype
         for start in range(0, len(ds), chunk):
             rows = ds[start:start + chunk]
             pixels = np.stack([center_crop_resize(np.asarray(im.convert("RGB")), size) for im in rows[image]])
             x = torch.from_numpy(pixels).permute(0, 3, 1, 2).float() / 127.5 - 1
-            with torch.no_grad():
-                z = vae.encode(x.to(teacher.device, dtype)).latent_dist.mean * vae.config.scaling_factor
+            z = teacher.encode_images(x)
             texts = [str(t) for t in rows[text]]
             captions.extend(texts)
             yield {"x": z.to(torch.bfloat16).cpu(), "ids": teacher.token_ids(texts)}

@@ -47,6 +47,49 @@ def save_tiny_sd(folder: Path, prediction_type: str = "epsilon", seed: int = 0) 
     return folder
 
 
+def byte_level_t5_tokenizer(max_length: int = 12):
+    """A T5TokenizerFast over a few letters (a Unigram vocabulary, no download)."""
+    from transformers import T5TokenizerFast
+
+    pieces = ["<pad>", "</s>", "<unk>", "\u2581", *"abcdefghijklmnopqrstuvwxyz"]
+    return T5TokenizerFast(vocab=[(p, 0.0) for p in pieces], pad_token="<pad>", eos_token="</s>", unk_token="<unk>",
+                           extra_ids=0, model_max_length=max_length)
+
+
+def save_tiny_sd3(folder: Path, seed: int = 0, t5: bool = True) -> Path:
+    """A StableDiffusion3Pipeline: an SD3Transformer2DModel (2 joint blocks, patch 2, 16x16 latents),
+    two CLIPTextModelWithProjection (width 16, so that side by side they match T5's 32), a T5
+    encoder (or none, as SD3 allows), a VAE with SD3's shift and scale, FlowMatchEulerDiscreteScheduler
+    at SD3's shift 3."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
+
+    torch.manual_seed(seed)
+    transformer = SD3Transformer2DModel(sample_size=16, patch_size=2, in_channels=4, out_channels=4, num_layers=2,
+                                        attention_head_dim=8, num_attention_heads=4, caption_projection_dim=32,
+                                        joint_attention_dim=32, pooled_projection_dim=32)
+
+    def clip():
+        return CLIPTextModelWithProjection(CLIPTextConfig(
+            hidden_size=16, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2, vocab_size=len(tokenizer),
+            bos_token_id=0, eos_token_id=1, pad_token_id=1, max_position_embeddings=16, projection_dim=16))
+
+    tokenizer = byte_level_clip_tokenizer()
+    t5_tokenizer = byte_level_t5_tokenizer()
+    vae = AutoencoderKL(block_out_channels=(32, 64), in_channels=3, out_channels=3, latent_channels=4,
+                        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+                        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"), norm_num_groups=32, sample_size=16,
+                        shift_factor=0.0609, scaling_factor=1.5035, use_quant_conv=False, use_post_quant_conv=False)
+    pipe = StableDiffusion3Pipeline(
+        transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=vae,
+        text_encoder=clip(), tokenizer=tokenizer, text_encoder_2=clip(), tokenizer_2=byte_level_clip_tokenizer(),
+        text_encoder_3=T5EncoderModel(T5Config(vocab_size=len(t5_tokenizer), d_model=32, d_kv=8, d_ff=37, num_layers=2,
+                                               num_heads=4)) if t5 else None,
+        tokenizer_3=t5_tokenizer if t5 else None)
+    pipe.save_pretrained(folder)
+    return folder
+
+
 def save_tiny_unet2d(folder: Path, num_classes: int | None = 3, channels: int = 1, seed: int = 0,
                      prediction_type: str = "epsilon", flow_shift: float | None = None) -> Path:
     """A class-conditional UNet2DModel (num_classes + 1 embeddings, the last the null class)

@@ -45,6 +45,7 @@ class UNetTeacher(Teacher):
 
     family = "vp"
     conditional = False
+    denoiser = UNetDenoiser   # the wrapper of the diffusers network (SD3: TransformerDenoiser)
     preview_limit = 64
     preview_batch = 16
 
@@ -67,7 +68,7 @@ class UNetTeacher(Teacher):
             if self.family == "flow" else None
         self._trainable = unet.float()   # kept for copies; the frozen real score is cast below
         real = copy.deepcopy(unet)
-        self.real = UNetDenoiser((real.to(dtype) if dtype != torch.float32 else real).eval().requires_grad_(False),
+        self.real = self.denoiser((real.to(dtype) if dtype != torch.float32 else real).eval().requires_grad_(False),
                                  self.prediction_type, null_class, self._model_timesteps)
         self.null_class = null_class
         self.dtype = dtype
@@ -76,7 +77,7 @@ class UNetTeacher(Teacher):
     def _copy(self) -> UNetDenoiser:
         if self._trainable is None:
             raise RuntimeError("the teacher's trainable weights were released (release_trainable)")
-        net = UNetDenoiser(copy.deepcopy(self._trainable).float().train().requires_grad_(True),
+        net = self.denoiser(copy.deepcopy(self._trainable).float().train().requires_grad_(True),
                            self.prediction_type, self.null_class, self._model_timesteps)
         return net
 
@@ -230,16 +231,24 @@ class SDTeacher(UNetTeacher):
             self._empty = self.encode_text([""])   # SD's unconditional: the empty prompt
         return self._empty.expand(n, -1, -1)
 
+    def _vae_shift(self) -> float:
+        return self.vae.config.get("shift_factor") or 0.0   # SD3's VAE has one; SD 1.x/2.x's none
+
+    @torch.no_grad()
+    def encode_images(self, x: torch.Tensor) -> torch.Tensor:
+        """Images in [-1, 1] to the latents the teacher denoises (the VAE's mean, shifted and scaled)."""
+        vae_dtype = next(self.vae.parameters()).dtype
+        z = self.vae.encode(x.to(self.device, vae_dtype)).latent_dist.mean
+        return (z - self._vae_shift()) * self.vae.config.scaling_factor
+
     @torch.no_grad()
     def to_images(self, x, chunk: int = 8):
         """Decode latents in chunks (a 512-px decode of many latents at once needs tens of GB)."""
-        vae_dtype = next(self.vae.parameters()).dtype
-        return torch.cat([self.vae.decode(part.to(self.device, vae_dtype) / self.vae.config.scaling_factor)
-                          .sample.float().clamp(-1, 1).cpu() for part in x.split(chunk)])
+        return torch.cat([self.images_with_grad(part.to(self.device)).clamp(-1, 1).cpu() for part in x.split(chunk)])
 
     def images_with_grad(self, x):
         vae_dtype = next(self.vae.parameters()).dtype
-        return self.vae.decode(x.to(vae_dtype) / self.vae.config.scaling_factor).sample.float()
+        return self.vae.decode(x.to(vae_dtype) / self.vae.config.scaling_factor + self._vae_shift()).sample.float()
 
     def describe(self) -> dict:
         import hashlib

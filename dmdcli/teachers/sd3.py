@@ -1,0 +1,120 @@
+"""Stable Diffusion 3 and 3.5 (the `sd` teacher on an SD3 folder): a rectified-flow MMDiT
+(SD3Transformer2DModel) on VAE latents, with three text encoders (CLIP-L and CLIP-G, whose
+pooled outputs make the pooled embedding, and T5, optional as in diffusers).
+
+Everything an SD teacher does (prompts, CFG with the empty prompt, grids, the GAN's
+captioned latents) carries over; what differs is the network (TransformerDenoiser), the
+flow schedule (FlowSchedule on the folder's FlowMatchEulerDiscreteScheduler, its shift
+included) and the text condition, which packs the token embeddings and the pooled one into
+one tensor (networks.pack_text). The encoders are run as StableDiffusion3Pipeline.encode_prompt
+runs them (a test holds the two equal); the token ids of all three tokenisers travel as one
+int32 row, so captions are still tokenised once.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import hub
+from ..networks import TransformerDenoiser, pack_text
+from ..utils.errors import UserError
+from .base import resolve_dtype
+from .diffusers_unets import SDTeacher, _SchedulerConfig, is_flow
+
+T5_MAX_LENGTH = 256   # StableDiffusion3Pipeline's default max_sequence_length
+
+
+def is_sd3(model: str, revision: str = "") -> bool:
+    """Whether a diffusers folder or Hub id (from the local cache when offline) is an SD3 pipeline."""
+    from diffusers import DiffusionPipeline
+
+    try:
+        config = DiffusionPipeline.load_config(hub.resolve(model), revision=revision or None)
+    except (OSError, ValueError, EnvironmentError):
+        return False   # the SD loader then says what is missing
+    return "transformer" in config and "text_encoder_3" in config
+
+
+class SD3Teacher(SDTeacher):
+    """SD3: the `sd` teacher's prompts, CFG and latents around an SD3 transformer."""
+
+    denoiser = TransformerDenoiser
+
+    def __init__(self, cfg):
+        from diffusers import AutoencoderKL, SD3Transformer2DModel
+        from transformers import CLIPTextModelWithProjection, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
+
+        self.cfg = cfg
+        self.model = hub.resolve(cfg.model)
+        dtype = resolve_dtype(cfg.dtype)
+        transformer = hub.load(SD3Transformer2DModel, cfg.model, "transformer", cfg.revision)
+        scheduler_config = dict(hub.load(_SchedulerConfig, cfg.model, "scheduler", cfg.revision))
+        if not is_flow(scheduler_config):
+            raise UserError(f"{cfg.model}: an SD3 transformer with a {scheduler_config.get('_class_name')}; SD3 "
+                            f"teachers need their FlowMatchEulerDiscreteScheduler")
+        self.vae = hub.load(AutoencoderKL, cfg.model, "vae", cfg.revision, torch_dtype=dtype).eval().requires_grad_(False)
+
+        def encoder(cls, sub):
+            return hub.load(cls, cfg.model, sub, cfg.revision, torch_dtype=dtype).eval().requires_grad_(False)
+
+        self.text_encoders = [encoder(CLIPTextModelWithProjection, "text_encoder"),
+                              encoder(CLIPTextModelWithProjection, "text_encoder_2")]
+        self.tokenizers = [hub.load(CLIPTokenizer, cfg.model, sub, cfg.revision) for sub in ("tokenizer", "tokenizer_2")]
+        # SD3 runs without T5 (its tokens are then zeros): a folder saved without text_encoder_3.
+        from pathlib import Path
+
+        local = Path(self.model).expanduser()
+        if local.exists() and not (local / "text_encoder_3").is_dir():
+            self.t5, self.t5_tokenizer = None, None
+        else:
+            self.t5 = encoder(T5EncoderModel, "text_encoder_3")
+            self.t5_tokenizer = hub.load(T5TokenizerFast, cfg.model, "tokenizer_3", cfg.revision)
+        self.joint_dim = transformer.config.joint_attention_dim
+        self.t5_length = min(T5_MAX_LENGTH, self.t5_tokenizer.model_max_length) if self.t5 is not None else T5_MAX_LENGTH
+        if transformer.config.in_channels != self.vae.config.latent_channels:
+            raise UserError(f"{cfg.model}: the transformer takes {transformer.config.in_channels} channels, the VAE "
+                            f"makes {self.vae.config.latent_channels}; give a text-to-image SD3 model")
+        self._setup(transformer, scheduler_config, dtype)
+        size = transformer.config.sample_size if not cfg.resolution else cfg.resolution // self.vae_scale_factor
+        self.sample_shape = (transformer.config.in_channels, size, size)
+        self.num_classes = None
+        self.prompts = self._read_prompts(cfg.prompts)
+        self._empty, self._prompt_ids = None, None
+
+    def to(self, device):
+        super(SDTeacher, self).to(device)
+        for net in (self.vae, *self.text_encoders, self.t5):
+            if net is not None:
+                net.to(device)
+        self._empty = None
+        self._prompt_ids = self._prompt_ids.to(device) if self._prompt_ids is not None else None
+        return self
+
+    def _lengths(self) -> list[int]:
+        return [t.model_max_length for t in self.tokenizers] + ([self.t5_length] if self.t5 is not None else [])
+
+    def token_ids(self, texts: list[str]) -> torch.Tensor:
+        """The ids of the three tokenisers side by side (CLIP-L, CLIP-G, T5), int32 on the CPU."""
+        parts = [tok(texts, padding="max_length", max_length=n, truncation=True, return_tensors="pt").input_ids
+                 for tok, n in zip([*self.tokenizers, self.t5_tokenizer], self._lengths())]
+        return torch.cat(parts, dim=1).int()
+
+    @torch.no_grad()
+    def encode_ids(self, ids: torch.Tensor) -> torch.Tensor:
+        """Token ids (token_ids) to the packed condition, as StableDiffusion3Pipeline.encode_prompt
+        makes it: CLIP penultimate states side by side, zero-padded to T5's width, T5's states
+        after them; the pooled embedding the two CLIP projections."""
+        parts = ids.to(self.device).long().split(self._lengths(), dim=1)
+        states, pooled = [], []
+        for encoder, part in zip(self.text_encoders, parts):
+            out = encoder(part, output_hidden_states=True)
+            states.append(out.hidden_states[-2])
+            pooled.append(out[0])
+        clip = torch.cat(states, dim=-1)
+        t5 = self.t5(parts[2])[0] if self.t5 is not None else \
+            torch.zeros(len(ids), self.t5_length, self.joint_dim, device=clip.device, dtype=clip.dtype)
+        clip = torch.nn.functional.pad(clip, (0, t5.shape[-1] - clip.shape[-1]))
+        return pack_text(torch.cat([clip, t5.to(clip.dtype)], dim=-2), torch.cat(pooled, dim=-1))
+
+    def describe(self) -> dict:
+        return {**super().describe(), "kind": "sd3"}
