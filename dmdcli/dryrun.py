@@ -9,6 +9,7 @@ import torch
 from .recipe import Recipe
 
 GiB = 1024 ** 3
+FROZEN_PARTS = ("vae", "text_encoder", "text_encoder_2", "text_encoder_3")   # besides the real score
 
 
 def size(n: int) -> str:
@@ -48,7 +49,10 @@ def _condition(teacher, n: int):
     """Meta-device conditions of the networks' shape: labels, text embeddings or None."""
     if teacher.num_classes:
         return torch.zeros(n, dtype=torch.long, device="meta")
+    shape = getattr(teacher, "condition_shape", None)   # SD3: its packed text condition
     encoder = getattr(teacher, "text_encoder", None)
+    if shape is not None:
+        return torch.empty(n, *shape, device="meta")
     if encoder is not None:
         return torch.empty(n, encoder.config.max_position_embeddings, encoder.config.hidden_size, device="meta")
     return None
@@ -115,16 +119,20 @@ def _networks(r: Recipe, teacher):
     return generator, critic
 
 
-def _verdict(peak: int, checkpointing: bool) -> str:
-    """Which cards it fits, with a tenth of each kept for the CUDA context, the backward
-    pass's transient buffers and the allocator's slack."""
-    fits = [gb for gb in (40, 80) if peak <= 0.9 * gb * GiB]
-    if fits == [40, 80]:
+def _verdict(peak: int, r: Recipe) -> str:
+    """Which cards it fits (40, 80 and 141 GB), with a tenth of each kept for the CUDA context,
+    the backward pass's transient buffers and the allocator's slack; what to change where it fits none."""
+    fits = [gb for gb in (40, 80, 141) if peak <= 0.9 * gb * GiB]
+    if fits[:2] == [40, 80]:
         return "fits 40 GB and 80 GB cards"
-    if fits == [80]:
+    if fits[:1] == [80]:
         return "fits an 80 GB card, not a 40 GB one"
-    return "does not fit an 80 GB card: " + ("set a smaller train.batch_size" if checkpointing else
-                                             "set train.gradient_checkpointing = true or a smaller train.batch_size")
+    fix = "set train.gradient_checkpointing = true" if not r.train.gradient_checkpointing else \
+        "set a smaller train.batch_size" if r.train.batch_size > 1 else \
+        "train LoRA adapters (train.lora_rank)" if not r.train.lora_rank else "shard it across GPUs"
+    if fits == [141]:
+        return f"fits a 141 GB card (H200), not an 80 GB one: for 80 GB cards, {fix}"
+    return f"does not fit a 141 GB card: {fix}"
 
 
 def estimate(r: Recipe, teacher, generator=None, critic=None) -> tuple[dict, dict, int]:
@@ -135,7 +143,7 @@ def estimate(r: Recipe, teacher, generator=None, critic=None) -> tuple[dict, dic
         generator, critic = _networks(r, teacher)
     state = state_bytes(r, generator, critic)
     state["frozen"] = _bytes(getattr(teacher, "real", None)) + sum(
-        _bytes(getattr(teacher, name, None)) for name in ("vae", "text_encoder"))
+        _bytes(getattr(teacher, name, None)) for name in FROZEN_PARTS)
     acts = activation_bytes(r, teacher, generator, critic)
     grads = {"generator turn": sum(p.numel() * 4 for p in generator.parameters() if p.requires_grad),
              "critic turn": sum(p.numel() * 4 for p in critic.parameters() if p.requires_grad)}
@@ -161,7 +169,7 @@ def report(r: Recipe) -> str:
         note = f"# measured on {teacher.what}\n"
     generator, critic = _networks(r, teacher)
     real = getattr(teacher, "real", None)
-    extras = {name: getattr(teacher, name, None) for name in ("vae", "text_encoder")}
+    extras = {name: getattr(teacher, name, None) for name in FROZEN_PARTS}
     n_gen, n_critic = _params(generator), _params(critic)
     state, acts, peak = estimate(r, teacher, generator, critic)
     gan = hasattr(critic, "head")
@@ -174,7 +182,7 @@ def report(r: Recipe) -> str:
              + " (generator and critic in fp32; frozen networks in their dtype)",
              f"# activations at batch {r.train.batch_size} (mixed_precision {r.train.mixed_precision}, "
              f"gradient checkpointing {ckpt}): " + ", ".join(f"{k} {size(v)}" for k, v in acts.items()),
-             f"# peak per process: about {size(peak)}: {_verdict(peak, r.train.gradient_checkpointing)}"]
+             f"# peak per process: about {size(peak)}: {_verdict(peak, r)}"]
     if r.train.lora_rank:
         lines.append("# train.lora_rank: only the adapters have gradients and AdamW state")
     lines += [f"# {line}" for line in passes_per_iteration(r, bool(teacher.num_classes) or teacher.name == "sd")]

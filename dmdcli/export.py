@@ -175,12 +175,14 @@ def _write_sd3(tmp: Path, cfg, transformer, scheduler) -> None:
 
     from .teachers import hub
 
+    from .teachers.sd3 import has_t5
+
     m, rev = cfg.model, cfg.revision
-    has_t5 = not (Path(hub.resolve(m)).expanduser().exists() and not (Path(hub.resolve(m)) / "text_encoder_3").is_dir())
+    t5 = has_t5(m)
     parts = {f"text_encoder{s}": hub.load(CLIPTextModelWithProjection, m, f"text_encoder{s}", rev) for s in ("", "_2")}
     parts |= {f"tokenizer{s}": hub.load(CLIPTokenizer, m, f"tokenizer{s}", rev) for s in ("", "_2")}
-    parts |= {"text_encoder_3": hub.load(T5EncoderModel, m, "text_encoder_3", rev) if has_t5 else None,
-              "tokenizer_3": hub.load(T5TokenizerFast, m, "tokenizer_3", rev) if has_t5 else None}
+    parts |= {"text_encoder_3": hub.load(T5EncoderModel, m, "text_encoder_3", rev) if t5 else None,
+              "tokenizer_3": hub.load(T5TokenizerFast, m, "tokenizer_3", rev) if t5 else None}
     pipe = StableDiffusion3Pipeline(transformer=transformer, scheduler=scheduler,
                                     vae=hub.load(AutoencoderKL, m, "vae", rev), **parts)
     pipe.save_pretrained(tmp, safe_serialization=True)

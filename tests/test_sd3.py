@@ -157,3 +157,14 @@ def test_sd3_four_step_student_with_backward_simulation(tmp_path, sd3_folder, pr
                  "--teacher-steps", "0"]) == 0
     x = load_file(str(tmp_path / "s" / "samples.safetensors"))["x"]
     assert x.shape == (2, 4, 16, 16) and torch.isfinite(x).all()   # latents (the PNG is decoded)
+
+
+def test_flux_folder_is_refused_in_one_line(tmp_path, capsys):
+    folder = tmp_path / "flux"
+    folder.mkdir()
+    (folder / "model_index.json").write_text(json.dumps({"_class_name": "FluxPipeline", "transformer": [
+        "diffusers", "FluxTransformer2DModel"]}))
+    assert main(["sample", "--teacher", "sd", "--set", f"teacher.sd.model={folder}", "--num", "1",
+                 "--out", str(tmp_path / "s")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "is a Flux pipeline: Flux teachers are not supported" in err

@@ -27,6 +27,25 @@ SD15 = {
                          num_attention_heads=12, max_position_embeddings=77, hidden_act="quick_gelu",
                          projection_dim=768),
 }
+# Stable Diffusion 3.5 Medium's published configurations (its transformer 2,243,171,520 parameters;
+# CLIP-L, CLIP-G and T5-XXL's encoder; the 16-channel VAE).
+SD35_MEDIUM = {
+    "transformer": dict(sample_size=128, patch_size=2, in_channels=16, out_channels=16, num_layers=24,
+                        attention_head_dim=64, num_attention_heads=24, joint_attention_dim=4096,
+                        caption_projection_dim=1536, pooled_projection_dim=2048, pos_embed_max_size=384,
+                        dual_attention_layers=tuple(range(13)), qk_norm="rms_norm"),
+    "vae": dict(in_channels=3, out_channels=3, latent_channels=16, layers_per_block=2, sample_size=1024,
+                block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
+                up_block_types=("UpDecoderBlock2D",) * 4, shift_factor=0.0609, scaling_factor=1.5305,
+                use_quant_conv=False, use_post_quant_conv=False),
+    "text_encoder": dict(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                         num_attention_heads=12, max_position_embeddings=77, hidden_act="quick_gelu",
+                         projection_dim=768),
+    "text_encoder_2": dict(vocab_size=49408, hidden_size=1280, intermediate_size=5120, num_hidden_layers=32,
+                           num_attention_heads=20, max_position_embeddings=77, hidden_act="gelu", projection_dim=1280),
+    "text_encoder_3": dict(vocab_size=32128, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64,
+                           feed_forward_proj="gated-gelu"),
+}
 # EDM's ImageNet-64 network as `dmd convert-teacher edm-imagenet-64x64-cond-adm.pkl` writes it
 # (295,899,267 parameters).
 EDM_IMAGENET64 = {"format": "dmd-edm/1", "architecture": "adm", "img_resolution": 64, "img_channels": 3,
@@ -57,6 +76,31 @@ def _sd15(cfg):
         what="Stable Diffusion v1.5's architecture (its weights are not on this machine)")
 
 
+def _sd35_medium(cfg):
+    from diffusers import AutoencoderKL, SD3Transformer2DModel
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
+
+    from ..networks import TransformerDenoiser
+    from .sd3 import T5_MAX_LENGTH
+
+    c = SD35_MEDIUM
+    dtype = resolve_dtype(cfg.dtype) if cfg.dtype != "auto" else torch.bfloat16
+    with torch.device("meta"):
+        net = SD3Transformer2DModel(**c["transformer"])
+        parts = {"vae": AutoencoderKL(**c["vae"]),
+                 "text_encoder": CLIPTextModelWithProjection(CLIPTextConfig(**c["text_encoder"])),
+                 "text_encoder_2": CLIPTextModelWithProjection(CLIPTextConfig(**c["text_encoder_2"])),
+                 "text_encoder_3": T5EncoderModel(T5Config(**c["text_encoder_3"]))}
+    size = 128 if not cfg.resolution else cfg.resolution // 8
+    trainable = lambda: TransformerDenoiser(copy.deepcopy(net).float().train().requires_grad_(True), "flow")
+    return SimpleNamespace(
+        name="sd", family="flow", num_classes=None, sample_shape=(16, size, size),
+        **{k: _frozen(m, dtype) for k, m in parts.items()},
+        real=TransformerDenoiser(_frozen(copy.deepcopy(net), dtype), "flow"), make_generator=trainable,
+        make_critic=trainable, condition_shape=(77 + T5_MAX_LENGTH + 1, 4096),
+        what="Stable Diffusion 3.5 Medium's architecture (its weights are not on this machine)")
+
+
 def _edm_imagenet64(cfg):
     from ..schedules import EDMSchedule
     from .edm import EDMDenoiser, build_network
@@ -79,6 +123,8 @@ def architecture_only(teacher_cfg):
 
     if teacher_cfg.name == "sd" and ALIASES.get(teacher_cfg.sd.model, teacher_cfg.sd.model) == ALIASES["sd15"]:
         return _sd15(teacher_cfg.sd)
+    if teacher_cfg.name == "sd" and ALIASES.get(teacher_cfg.sd.model, teacher_cfg.sd.model) == ALIASES["sd35-medium"]:
+        return _sd35_medium(teacher_cfg.sd)
     if teacher_cfg.name == "edm" and "imagenet64" in Path(teacher_cfg.edm.model).name.replace("-", ""):
         return _edm_imagenet64(teacher_cfg.edm)
     return None

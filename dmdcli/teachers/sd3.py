@@ -24,15 +24,32 @@ from .diffusers_unets import SDTeacher, _SchedulerConfig, is_flow
 T5_MAX_LENGTH = 256   # StableDiffusion3Pipeline's default max_sequence_length
 
 
-def is_sd3(model: str, revision: str = "") -> bool:
-    """Whether a diffusers folder or Hub id (from the local cache when offline) is an SD3 pipeline."""
+def pipeline_config(model: str, revision: str = "") -> dict:
+    """A diffusers folder's or Hub id's model_index.json (from the local cache when offline), or {}."""
     from diffusers import DiffusionPipeline
 
     try:
-        config = DiffusionPipeline.load_config(hub.resolve(model), revision=revision or None)
+        return dict(DiffusionPipeline.load_config(hub.resolve(model), revision=revision or None))
     except (OSError, ValueError, EnvironmentError):
-        return False   # the SD loader then says what is missing
+        return {}   # the SD loader then says what is missing
+
+
+def is_sd3(model: str, revision: str = "") -> bool:
+    """Whether a diffusers folder or Hub id is an SD3 pipeline; Flux's is refused in one line."""
+    config = pipeline_config(model, revision)
+    if str(config.get("_class_name", "")).startswith("Flux"):
+        raise UserError(f"{model} is a Flux pipeline: Flux teachers are not supported (FLUX.1-dev is "
+                        f"guidance-distilled, with no unconditional prediction for the real score's CFG; "
+                        f"FLUX.1-schnell is already a few-step model); SD3 and SD3.5 folders are")
     return "transformer" in config and "text_encoder_3" in config
+
+
+def has_t5(model: str) -> bool:
+    """False for a local SD3 folder saved without T5 (text_encoder_3=None, as SD3 allows)."""
+    from pathlib import Path
+
+    local = Path(hub.resolve(model)).expanduser()
+    return not (local.exists() and not (local / "text_encoder_3").is_dir())
 
 
 class SD3Teacher(SDTeacher):
@@ -57,20 +74,16 @@ class SD3Teacher(SDTeacher):
         def encoder(cls, sub):
             return hub.load(cls, cfg.model, sub, cfg.revision, torch_dtype=dtype).eval().requires_grad_(False)
 
-        self.text_encoders = [encoder(CLIPTextModelWithProjection, "text_encoder"),
-                              encoder(CLIPTextModelWithProjection, "text_encoder_2")]
+        # diffusers' names: CLIP-L, CLIP-G, T5 (None: SD3 without T5, a folder saved without it)
+        self.text_encoder = encoder(CLIPTextModelWithProjection, "text_encoder")
+        self.text_encoder_2 = encoder(CLIPTextModelWithProjection, "text_encoder_2")
         self.tokenizers = [hub.load(CLIPTokenizer, cfg.model, sub, cfg.revision) for sub in ("tokenizer", "tokenizer_2")]
-        # SD3 runs without T5 (its tokens are then zeros): a folder saved without text_encoder_3.
-        from pathlib import Path
-
-        local = Path(self.model).expanduser()
-        if local.exists() and not (local / "text_encoder_3").is_dir():
-            self.t5, self.t5_tokenizer = None, None
-        else:
-            self.t5 = encoder(T5EncoderModel, "text_encoder_3")
+        self.text_encoder_3, self.t5_tokenizer = None, None
+        if has_t5(cfg.model):
+            self.text_encoder_3 = encoder(T5EncoderModel, "text_encoder_3")
             self.t5_tokenizer = hub.load(T5TokenizerFast, cfg.model, "tokenizer_3", cfg.revision)
         self.joint_dim = transformer.config.joint_attention_dim
-        self.t5_length = min(T5_MAX_LENGTH, self.t5_tokenizer.model_max_length) if self.t5 is not None else T5_MAX_LENGTH
+        self.t5_length = min(T5_MAX_LENGTH, self.t5_tokenizer.model_max_length) if self.t5_tokenizer else T5_MAX_LENGTH
         if transformer.config.in_channels != self.vae.config.latent_channels:
             raise UserError(f"{cfg.model}: the transformer takes {transformer.config.in_channels} channels, the VAE "
                             f"makes {self.vae.config.latent_channels}; give a text-to-image SD3 model")
@@ -83,7 +96,7 @@ class SD3Teacher(SDTeacher):
 
     def to(self, device):
         super(SDTeacher, self).to(device)
-        for net in (self.vae, *self.text_encoders, self.t5):
+        for net in (self.vae, self.text_encoder, self.text_encoder_2, self.text_encoder_3):
             if net is not None:
                 net.to(device)
         self._empty = None
@@ -91,7 +104,12 @@ class SD3Teacher(SDTeacher):
         return self
 
     def _lengths(self) -> list[int]:
-        return [t.model_max_length for t in self.tokenizers] + ([self.t5_length] if self.t5 is not None else [])
+        return [t.model_max_length for t in self.tokenizers] + ([self.t5_length] if self.text_encoder_3 else [])
+
+    @property
+    def condition_shape(self) -> tuple[int, int]:
+        """The packed condition's (tokens, width): CLIP's tokens, T5's, the pooled one."""
+        return self.tokenizers[0].model_max_length + self.t5_length + 1, self.joint_dim
 
     def token_ids(self, texts: list[str]) -> torch.Tensor:
         """The ids of the three tokenisers side by side (CLIP-L, CLIP-G, T5), int32 on the CPU."""
@@ -106,12 +124,12 @@ class SD3Teacher(SDTeacher):
         after them; the pooled embedding the two CLIP projections."""
         parts = ids.to(self.device).long().split(self._lengths(), dim=1)
         states, pooled = [], []
-        for encoder, part in zip(self.text_encoders, parts):
+        for encoder, part in zip((self.text_encoder, self.text_encoder_2), parts):
             out = encoder(part, output_hidden_states=True)
             states.append(out.hidden_states[-2])
             pooled.append(out[0])
         clip = torch.cat(states, dim=-1)
-        t5 = self.t5(parts[2])[0] if self.t5 is not None else \
+        t5 = self.text_encoder_3(parts[2])[0] if self.text_encoder_3 is not None else \
             torch.zeros(len(ids), self.t5_length, self.joint_dim, device=clip.device, dtype=clip.dtype)
         clip = torch.nn.functional.pad(clip, (0, t5.shape[-1] - clip.shape[-1]))
         return pack_text(torch.cat([clip, t5.to(clip.dtype)], dim=-2), torch.cat(pooled, dim=-1))
