@@ -202,7 +202,9 @@ def sample(run: Optional[Path] = typer.Argument(None, help="run or checkpoint fo
                                                             "(default: heun for edm, else ddim)"),
            seed: int = typer.Option(0), batch_size: int = typer.Option(256),
            ema: bool = typer.Option(True, "--ema/--no-ema", help="use the generator's EMA weights if the run kept them"),
-           images: str = typer.Option("none", help="also write the images: png (one file each) or npz (uint8)")):
+           images: str = typer.Option("none", help="also write the images: png (one file each) or npz (uint8)"),
+           prompts: Optional[str] = typer.Option(None, help="text teachers: these prompts (FILE, one a line, or "
+                                                            "HF_DATASET[:column]) instead of the recipe's")):
     """Sample a student (and its teacher, same noise and conditions), or a teacher alone."""
     from .evaluation.samples import SAMPLES_FILE
     from .evaluation.generate import make_samples
@@ -219,6 +221,10 @@ def sample(run: Optional[Path] = typer.Argument(None, help="run or checkpoint fo
         raise UserError("give a run folder to sample a student, or --teacher NAME to sample a teacher alone")
     if run is not None:
         recipe, t, generator, step = load_student(run, ema=ema)
+        if prompts is not None:
+            from .evaluation.generate import use_prompts
+
+            use_prompts(t, prompts)
         sampler = sampler or t.default_sampler
         with progress_bar() as bar:
             results = make_samples(out, num, t, generator=generator, timesteps=recipe.student.timesteps,
@@ -232,6 +238,8 @@ def sample(run: Optional[Path] = typer.Argument(None, help="run or checkpoint fo
             raise UserError("--teacher-steps must be at least 1 when sampling a teacher alone")
         from .utils.processes import process_state
 
+        if prompts is not None:
+            set_ = [*set_, f"teacher.sd.prompts={json.dumps(prompts)}"]
         t, guidance = _teacher_from(teacher, None, set_, guidance, {})
         t.to(process_state().device)
         sampler = sampler or t.default_sampler
@@ -261,14 +269,21 @@ def fid(samples: Optional[Path] = typer.Argument(None, help="samples file or fol
         json_out: Optional[Path] = typer.Option(None, "--json", help="also write the report as JSON"),
         crop: int = typer.Option(0, help="centre-crop and resize samples and reference images to this size "
                                          "first (COCO-30K protocol: 256); 0: off"),
-        seed: int = typer.Option(0, help="seed for drawing exact reference samples (gmm)")):
+        seed: int = typer.Option(0, help="seed for drawing exact reference samples (gmm)"),
+        prompts: Optional[str] = typer.Option(None, help="with --from, text teachers: sample these captions (FILE, "
+                                                          "one a line, or HF_DATASET[:column]), e.g. COCO-2014's"),
+        clip: Optional[str] = typer.Option(None, help="also the CLIP score of text-to-image samples against their "
+                                                       "captions, with this CLIP model (folder or Hub id)")):
     """FID (and KID) of samples against a reference; for the gmm teacher, the Frechet
-    distance in its own coordinates with mode metrics."""
+    distance in its own coordinates with mode metrics. Text-to-image: `--from RUN --prompts
+    CAPTIONS --ref REF --crop 256 --clip MODEL` samples the captions and measures, in one command."""
     from .evaluation.samples import gmm_report, load_samples
     from .utils.io import write_json
 
     if (samples is None) == (from_ is None):
         raise UserError("give a samples file or folder, or --from RUN to generate samples on the fly")
+    if prompts is not None and from_ is None:
+        raise UserError("--prompts goes with --from RUN (a samples folder keeps the prompts it was made with)")
     from .evaluation.fid import check_reference_features
 
     check_reference_features(ref, features)
@@ -281,10 +296,11 @@ def fid(samples: Optional[Path] = typer.Argument(None, help="samples file or fol
 
         one_process_only("fid --from", "run `dmd sample` and then `dmd fid` on its folder")
         with progress_bar() as bar:
-            tensors, desc = student_tensors(from_, num, seed=seed, batch_size=max(batch_size, 1), progress=bar)
+            tensors, meta = student_tensors(from_, num, seed=seed, batch_size=max(batch_size, 1), progress=bar,
+                                            prompts=prompts)
     else:
         tensors, meta = load_samples(samples)
-        desc = json.loads(meta.get("teacher", "{}"))
+    desc = json.loads(meta.get("teacher", "{}"))
     table = Table()
     table.add_column("metric")
     table.add_column("value", justify="right")
@@ -318,6 +334,15 @@ def fid(samples: Optional[Path] = typer.Argument(None, help="samples file or fol
             table.add_row("class accuracy (by the feature network)", f"{report['class_accuracy']:.3f}")
         if report["within_class_spread"] is not None:
             table.add_row("within-class spread (per-pixel std)", f"{report['within_class_spread']:.3f}")
+        if clip:
+            from .evaluation.clip_score import captions_of, clip_score
+            from .evaluation.fid import to_uint8_images
+
+            captions = captions_of(tensors, meta)
+            with progress_bar() as bar:
+                report["clip_score"] = clip_score(to_uint8_images(tensors), captions, clip, batch_size, progress=bar)
+            report["clip_model"] = clip
+            table.add_row(f"CLIP score ({clip})", f"{report['clip_score']:.2f}")
         table.add_row("reference", report["reference"])
     Console().print(table)
     for note in report.get("notes", []):
@@ -334,7 +359,9 @@ def compare(runs: List[Path] = typer.Argument(..., help="run or checkpoint folde
             teacher_steps: str = typer.Option("1,4,50", help="teacher step counts, comma-separated"),
             features: str = typer.Option("inception", help="'inception', 'fashion' or a TorchScript file"),
             mode: str = typer.Option("clean"), seed: int = typer.Option(0), batch_size: int = typer.Option(256),
-            sampler: Optional[str] = typer.Option(None, help="teacher sampler (default: the teacher's own)")):
+            sampler: Optional[str] = typer.Option(None, help="teacher sampler (default: the teacher's own)"),
+            clip: Optional[str] = typer.Option(None, help="text teachers: also the CLIP score, with this CLIP "
+                                                           "model (folder or Hub id)")):
     """Students against their teacher at several step counts: FID, KID, class accuracy,
     within-class spread (0: the noise is ignored, mode collapse) and images per second on the
     same noise and conditions, plus a grid of each student over the teacher. Several runs of
@@ -347,10 +374,11 @@ def compare(runs: List[Path] = typer.Argument(..., help="run or checkpoint folde
     except ValueError:
         raise UserError(f"--teacher-steps must be comma-separated integers, got {teacher_steps!r}") from None
     with progress_bar() as bar:
-        rows = run_compare(runs, out, num, steps, ref, features, mode, seed, batch_size, sampler, progress=bar)
+        rows = run_compare(runs, out, num, steps, ref, features, mode, seed, batch_size, sampler, progress=bar,
+                           clip=clip)
     table = Table(title=f"{rows[0]['num_samples']} samples a row, {rows[0]['features']} features, "
                         f"reference {rows[0]['reference']}")
-    for column in ("sampler", "FID", "KID", "class accuracy", "spread", "images/s"):
+    for column in ("sampler", "FID", "KID", "class accuracy", "spread", *(["CLIP score"] if clip else []), "images/s"):
         table.add_column(column, justify="left" if column == "sampler" else "right")
     for row in rows_for_table(rows):
         table.add_row(*row)

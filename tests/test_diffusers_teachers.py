@@ -122,7 +122,7 @@ def test_hub_id_offline_is_one_line(capsys, monkeypatch, tmp_path):
     assert main(["make-pairs", "--teacher", "sd15", "--num", "2", "--out", str(tmp_path / "p")]) == 2
     err = capsys.readouterr().err
     assert "teacher model 'stable-diffusion-v1-5/stable-diffusion-v1-5' is not available offline" in err
-    assert "point the recipe at a local folder" in err and "Traceback" not in err
+    assert "give a local folder made by save_pretrained" in err and "Traceback" not in err
 
 
 def test_missing_local_folder_is_one_line(capsys, tmp_path):

@@ -90,6 +90,24 @@ def save_tiny_sd3(folder: Path, seed: int = 0, t5: bool = True) -> Path:
     return folder
 
 
+def save_tiny_clip(folder: Path, seed: int = 0) -> Path:
+    """A CLIPModel (text and vision towers, width 16, 32-px images) with its CLIPProcessor."""
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
+
+    torch.manual_seed(seed)
+    tokenizer = byte_level_clip_tokenizer()
+    model = CLIPModel(CLIPConfig(
+        text_config=dict(hidden_size=16, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2,
+                         vocab_size=len(tokenizer), bos_token_id=0, eos_token_id=1, pad_token_id=1,
+                         max_position_embeddings=16),
+        vision_config=dict(hidden_size=16, image_size=32, patch_size=8, num_hidden_layers=2, num_attention_heads=2,
+                           intermediate_size=37), projection_dim=16))
+    model.save_pretrained(folder)
+    CLIPProcessor(image_processor=CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}),
+                  tokenizer=tokenizer).save_pretrained(folder)
+    return folder
+
+
 def save_tiny_unet2d(folder: Path, num_classes: int | None = 3, channels: int = 1, seed: int = 0,
                      prediction_type: str = "epsilon", flow_shift: float | None = None) -> Path:
     """A class-conditional UNet2DModel (num_classes + 1 embeddings, the last the null class)

@@ -22,9 +22,9 @@ ROW_FILE = "row.json"
 
 def compare(runs, out: Path, num: int, teacher_steps: list[int], ref: str, features: str = "inception",
             mode: str = "clean", seed: int = 0, batch_size: int = 256, sampler: str | None = None,
-            progress=None) -> list[dict]:
+            progress=None, clip: str | None = None) -> list[dict]:
     """One row per student, then one per teacher step count. Each row: who, steps, images per
-    second, FID (+ KID, class accuracy where available). `progress` (a rich Progress) shows
+    second, FID (+ KID, class accuracy where available; CLIP score with a CLIP model). `progress` (a rich Progress) shows
     each row's sampling. The teacher is built once; each student is loaded for its row."""
     from .fid import check_reference_features
     from ..utils.processes import folder_in_use, one_process_only, process_state
@@ -50,22 +50,25 @@ def compare(runs, out: Path, num: int, teacher_steps: list[int], ref: str, featu
     if len(teacher.sample_shape) != 3:
         raise UserError(f"compare measures image students; {runs[0]}'s teacher ({teacher.name}) makes vectors: "
                         f"use `dmd sample` and `dmd fid --ref gmm`")
+    if clip and not getattr(teacher, "prompts", None):
+        raise UserError(f"--clip measures text-to-image students against their captions; {runs[0]}'s teacher "
+                        f"({teacher.name}) has no prompts")
     sampler = sampler or teacher.default_sampler
     out = Path(out)
     with folder_in_use(out, "`dmd compare`", "let it finish, or choose another --out"):
         return _compare(runs, recipes, teacher, out, num, teacher_steps, ref, features, mode, seed, batch_size,
-                        sampler, progress)
+                        sampler, progress, clip)
 
 
 def _compare(runs, recipes, teacher, out, num, teacher_steps, ref, features, mode, seed, batch_size, sampler,
-             progress) -> list[dict]:
+             progress, clip) -> list[dict]:
     from .generate import make_samples, teacher_identity, weights_digest
     from .plots import class_grid
     from ..runs import load_student
 
     guidance = recipes[0].teacher.guidance
     common = {"num": num, "seed": seed, "batch_size": batch_size, "mode": mode, "teacher": teacher_identity(teacher),
-              "ref": _identity(ref), "features": _identity(features)}
+              "ref": _identity(ref), "features": _identity(features), **({"clip": clip} if clip else {})}
     rows, students_x, teacher_x = [], [], None
     for name, run, run_recipe in zip(_folder_names(runs), runs, recipes):
         _, _, generator, step = load_student(run, teacher=teacher)
@@ -121,13 +124,19 @@ def _row(folder: Path, key: dict, ref: str, features: str, progress, sample) -> 
         (folder / ROW_FILE).unlink(missing_ok=True)   # its samples are about to be replaced
         x, rate, _ = sample(folder)
         write_json(folder / ROW_FILE, {"key": key, "images_per_second": rate})
-        tensors, _ = load_samples(folder)
+    tensors, meta = load_samples(folder)
     report = fid_report(tensors, ref, features, key["mode"], batch_size=min(key["batch_size"], 256),
                         progress=progress)
     row = {"images_per_second": rate, "fid": report["fid"], "kid": report.get("kid"),
            "class_accuracy": report.get("class_accuracy"), "within_class_spread": report["within_class_spread"],
            "num_samples": report["num_samples"], "reference": report["reference"], "features": report["features"],
            "sampler": None, "guidance": None, "notes": report.get("notes", [])}
+    if "clip" in key:
+        from .clip_score import captions_of, clip_score
+        from .fid import to_uint8_images
+
+        row["clip_score"] = clip_score(to_uint8_images(tensors), captions_of(tensors, meta),
+                                       key["clip"], min(key["batch_size"], 256), progress)
     write_json(folder / ROW_FILE, {"key": key, "images_per_second": rate, "row": row})
     return {**row, "resumed": earlier}, x   # resumed: its samples and images/s come from an earlier call
 
@@ -161,6 +170,7 @@ def rows_for_table(rows: list[dict]) -> list[list[str]]:
         name = Path(r["run"]).name
         return f"student{'' if name == 'student' else ' ' + name} ({r['steps']} step{'s' if r['steps'] > 1 else ''})"
 
+    clip = any("clip_score" in r for r in rows)
     return [[who(r) + (" *" if r.get("resumed") else ""), num(r["fid"], ".3f"), num(r["kid"], ".5f"),
              num(r["class_accuracy"], ".3f"), num(r.get("within_class_spread"), ".3f"),
-             num(r["images_per_second"], ",.1f")] for r in rows]
+             *([num(r.get("clip_score"), ".2f")] if clip else []), num(r["images_per_second"], ",.1f")] for r in rows]

@@ -205,7 +205,8 @@ def _make_samples(out: Path, num: int, teacher, *, generator=None, timesteps=(99
     teacher_source = f"teacher {sampler} {teacher_steps} steps, guidance {guidance}"
     sources = {"student": student_source, "teacher": teacher_source}
     for who, (x, _, _, img) in results.items():
-        save_samples(out / f"{names[who]}.safetensors", x, labels, teacher.describe(), sources[who], img)
+        save_samples(out / f"{names[who]}.safetensors", x, labels, teacher.describe(), sources[who], img,
+                     getattr(teacher, "prompts", None))
         if images == "npz":
             _write_npz(out / f"{names[who]}.npz", x, img, labels)
     main = results.get("student", results.get("teacher"))[0]
@@ -244,14 +245,31 @@ def _write_npz(path: Path, x, img, labels) -> None:
         np.savez(f, **arrays)
 
 
-def student_tensors(run, num: int, seed: int = 0, batch_size: int = 256, progress=None) -> tuple[dict, dict]:
-    """(tensors as a samples file holds them, teacher description) of a run's student, made in
-    memory: the same samples `dmd sample RUN --num N --seed S` would write."""
+def student_tensors(run, num: int, seed: int = 0, batch_size: int = 256, progress=None,
+                    prompts: str | None = None) -> tuple[dict, dict]:
+    """(tensors, metadata) as a samples file holds them, of a run's student, made in memory:
+    the same samples `dmd sample RUN --num N --seed S [--prompts P]` would write."""
     from ..runs import load_student
 
     recipe, teacher, generator, _ = load_student(run)
-    return (generator_tensors(generator, teacher, recipe.student.timesteps, num, seed, batch_size, progress,
-                              recipe.train.mixed_precision), teacher.describe())
+    if prompts is not None:
+        use_prompts(teacher, prompts)
+    tensors = generator_tensors(generator, teacher, recipe.student.timesteps, num, seed, batch_size, progress,
+                                recipe.train.mixed_precision)
+    meta = {"teacher": json.dumps(teacher.describe())}
+    if getattr(teacher, "prompts", None):
+        meta["prompts"] = json.dumps(teacher.prompts)
+    return tensors, meta
+
+
+def use_prompts(teacher, spec: str) -> None:
+    """Sample a text teacher (or its student) on these prompts (a file or DATASET[:column])
+    instead of its recipe's: the captions of an evaluation set, such as COCO-2014's 30K."""
+    from ..utils.errors import UserError
+
+    if not hasattr(teacher, "prompts"):
+        raise UserError(f"--prompts is for text-to-image teachers (sd); this one is {teacher.name!r}")
+    teacher.prompts, teacher._prompt_ids = teacher._read_prompts(spec), None
 
 
 def generator_tensors(generator, teacher, timesteps, num: int, seed: int = 0, batch_size: int = 256,

@@ -33,11 +33,15 @@ def sample_tensors(x: torch.Tensor, labels: torch.Tensor | None, images: torch.T
 
 
 def save_samples(path: Path, x: torch.Tensor, labels: torch.Tensor | None, teacher_desc: dict, source: str,
-                 images: torch.Tensor | None = None) -> None:
-    """x as made; for latent teachers also `image`, the decoded uint8 images (for FID)."""
+                 images: torch.Tensor | None = None, prompts: list[str] | None = None) -> None:
+    """x as made; for latent teachers also `image`, the decoded uint8 images (for FID); for
+    text teachers the prompts, which the labels index (each sample's caption, for CLIP score)."""
     tensors = sample_tensors(x, labels, images)
+    meta = {"teacher": json.dumps(teacher_desc), "source": source}
+    if prompts:
+        meta["prompts"] = json.dumps(prompts)
     with atomic_path(Path(path)) as tmp:
-        save_file(tensors, str(tmp), metadata={"teacher": json.dumps(teacher_desc), "source": source})
+        save_file(tensors, str(tmp), metadata=meta)
 
 
 def load_samples(path: str | Path) -> tuple[dict, dict]:

@@ -25,9 +25,10 @@ def resolve(model: str) -> str:
     return ALIASES.get(model, model)
 
 
-def load(cls, model: str, subfolder: str | None = None, revision: str = "", **kwargs):
-    """cls.from_pretrained(model, subfolder) or a UserError naming the model and the fix."""
+def load(cls, model: str, subfolder: str | None = None, revision: str = "", what: str = "teacher model", **kwargs):
+    """cls.from_pretrained(model, subfolder) or a UserError naming the model (`what` it is) and the fix."""
     repo = resolve(model)
+    where_kw = {"subfolder": subfolder} if subfolder else {}   # transformers refuses subfolder=None
     local = Path(repo).expanduser()
     if local.exists():
         where = local / subfolder if subfolder else local
@@ -35,18 +36,17 @@ def load(cls, model: str, subfolder: str | None = None, revision: str = "", **kw
             raise UserError(f"{local} has no '{subfolder}' folder; give a diffusers model folder "
                             f"(as written by save_pretrained)")
         try:
-            return cls.from_pretrained(str(local), subfolder=subfolder, **kwargs)
+            return cls.from_pretrained(str(local), **where_kw, **kwargs)
         except (OSError, ValueError, KeyError) as e:
             raise UserError(f"cannot load {cls.__name__} from {where}: {str(e).splitlines()[0][:200]}; "
                             f"is it the right kind of model folder, with its weights?") from None
     if not _HUB_ID.match(repo):
         raise UserError(f"model folder not found: {model}; give a local diffusers folder or a Hub id (owner/name)")
     try:
-        return cls.from_pretrained(repo, subfolder=subfolder, revision=revision or None, **kwargs)
+        return cls.from_pretrained(repo, revision=revision or None, **where_kw, **kwargs)
     except (OSError, ValueError) as e:
         offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0", "false", "False")
         why = "is not available offline (HF_HUB_OFFLINE is set and it is not in the Hugging Face cache)" if offline \
             else f"could not be loaded ({str(e).splitlines()[0][:200]})"
-        raise UserError(f"teacher model '{repo}' {why}; download it where there is a network "
-                        f"(huggingface-cli download {repo}) or point the recipe at a local folder "
-                        f"made by save_pretrained") from None
+        raise UserError(f"{what} '{repo}' {why}; download it where there is a network "
+                        f"(huggingface-cli download {repo}) or give a local folder made by save_pretrained") from None
