@@ -1,7 +1,8 @@
 """`dmd export`: a student as an ordinary diffusers folder.
 
 SD students become a StableDiffusionPipeline whose UNet is the student and whose scheduler
-is LCMScheduler (SD3 students: a StableDiffusion3Pipeline with FlowMatchLCMScheduler), which returns x0 at the conditioning timestep (SPEC section 10: a one-step
+is LCMScheduler (SDXL students: a StableDiffusionXLPipeline; SD3 students: a
+StableDiffusion3Pipeline with FlowMatchLCMScheduler), which returns x0 at the conditioning timestep (SPEC section 10: a one-step
 checkpoint beside a many-step scheduler produces noise). For several steps LCMScheduler
 re-noises x0 to the next timestep, which is DMD2's few-step sampling. Pixel students become
 unet/ + scheduler/. EDM students are ADM networks, not diffusers models: they become a
@@ -49,9 +50,9 @@ tags: [dmd, distribution-matching-distillation, one-step]
 """
 
 SD_USAGE = """import torch
-from diffusers import StableDiffusionPipeline
+from diffusers import {pipeline}
 
-pipe = StableDiffusionPipeline.from_pretrained("{out}")
+pipe = {pipeline}.from_pretrained("{out}")
 image = pipe("a photo of a cat", num_inference_steps={steps}, timesteps={timesteps}, guidance_scale=1.0).images[0]"""
 
 # SD3 students: FlowMatchLCMScheduler given the student's own sigmas (see UNET_USAGE).
@@ -140,6 +141,9 @@ def export(run: str | Path, out: Path, fid: str = "not measured", float16: bool 
     if teacher.name == "sd" and teacher.family == "flow":
         _write_sd3(tmp, recipe.teacher.sd, unet, scheduler)
         usage = SD3_USAGE.format(out=out, sigmas=[float(teacher.schedule.sigmas[t]) for t in ts])
+    elif teacher.name == "sd" and teacher.describe().get("kind") == "sdxl":
+        _write_sdxl(tmp, recipe.teacher.sd, unet, scheduler, teacher.zero_unconditional)
+        usage = SD_USAGE.format(out=out, steps=len(ts), timesteps=ts, pipeline="StableDiffusionXLPipeline")
     elif teacher.name == "sd":
         from diffusers import AutoencoderKL, StableDiffusionPipeline
         from transformers import CLIPTextModel, CLIPTokenizer
@@ -153,7 +157,7 @@ def export(run: str | Path, out: Path, fid: str = "not measured", float16: bool 
             tokenizer=hub.load(CLIPTokenizer, m, "tokenizer", rev),
             safety_checker=None, feature_extractor=None, requires_safety_checker=False)
         pipe.save_pretrained(tmp, safe_serialization=True)
-        usage = SD_USAGE.format(out=out, steps=len(ts), timesteps=ts)
+        usage = SD_USAGE.format(out=out, steps=len(ts), timesteps=ts, pipeline="StableDiffusionPipeline")
     else:
         unet.save_pretrained(tmp / "unet", safe_serialization=True)
         scheduler.save_pretrained(tmp / "scheduler")
@@ -166,6 +170,23 @@ def export(run: str | Path, out: Path, fid: str = "not measured", float16: bool 
                                   class_arg=", class_labels=labels" if conditional else "")
     _finish(tmp, out, recipe, teacher, step, fid, usage)
     return out, None
+
+
+def _write_sdxl(tmp: Path, cfg, unet, scheduler, zero_unconditional: bool) -> None:
+    """A StableDiffusionXLPipeline: the student UNet with the teacher's VAE, encoders and tokenisers."""
+    from diffusers import AutoencoderKL, StableDiffusionXLPipeline
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    from .teachers import hub
+
+    m, rev = cfg.model, cfg.revision
+    pipe = StableDiffusionXLPipeline(
+        unet=unet, scheduler=scheduler, vae=hub.load(AutoencoderKL, m, "vae", rev),
+        text_encoder=hub.load(CLIPTextModel, m, "text_encoder", rev),
+        text_encoder_2=hub.load(CLIPTextModelWithProjection, m, "text_encoder_2", rev),
+        tokenizer=hub.load(CLIPTokenizer, m, "tokenizer", rev), tokenizer_2=hub.load(CLIPTokenizer, m, "tokenizer_2", rev),
+        force_zeros_for_empty_prompt=zero_unconditional)
+    pipe.save_pretrained(tmp, safe_serialization=True)
 
 
 def _write_sd3(tmp: Path, cfg, transformer, scheduler) -> None:

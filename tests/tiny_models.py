@@ -90,6 +90,38 @@ def save_tiny_sd3(folder: Path, seed: int = 0, t5: bool = True) -> Path:
     return folder
 
 
+def save_tiny_sdxl(folder: Path, seed: int = 0, force_zeros: bool = True) -> Path:
+    """A StableDiffusionXLPipeline: a UNet with text_time conditions (8x8 latents), CLIPTextModel and
+    CLIPTextModelWithProjection (width 16 each: 32 side by side; pooled 16), a VAE, DDPM's scaled-linear
+    schedule (EulerDiscreteScheduler as SDXL ships it)."""
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(block_out_channels=(32, 64), layers_per_block=1, sample_size=8, in_channels=4,
+                                out_channels=4, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                                up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), attention_head_dim=(2, 4),
+                                use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=8,
+                                projection_class_embeddings_input_dim=16 + 6 * 8, cross_attention_dim=32,
+                                norm_num_groups=32)
+    vae = AutoencoderKL(block_out_channels=(32, 64), in_channels=3, out_channels=3, latent_channels=4,
+                        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+                        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"), norm_num_groups=32, sample_size=16,
+                        scaling_factor=0.13025)
+    tokenizer = byte_level_clip_tokenizer()
+    config = dict(hidden_size=16, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2,
+                  vocab_size=len(tokenizer), bos_token_id=0, eos_token_id=1, pad_token_id=1, max_position_embeddings=16,
+                  projection_dim=16)
+    scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                       timestep_spacing="leading", steps_offset=1)
+    pipe = StableDiffusionXLPipeline(unet=unet, vae=vae, text_encoder=CLIPTextModel(CLIPTextConfig(**config)),
+                                     text_encoder_2=CLIPTextModelWithProjection(CLIPTextConfig(**config)),
+                                     tokenizer=tokenizer, tokenizer_2=byte_level_clip_tokenizer(), scheduler=scheduler,
+                                     force_zeros_for_empty_prompt=force_zeros)
+    pipe.save_pretrained(folder)
+    return folder
+
+
 def save_tiny_clip(folder: Path, seed: int = 0) -> Path:
     """A CLIPModel (text and vision towers, width 16, 32-px images) with its CLIPProcessor."""
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor

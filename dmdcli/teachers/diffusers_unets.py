@@ -137,8 +137,8 @@ class SDTeacher(UNetTeacher):
         dtype = resolve_dtype(cfg.dtype)
         unet = hub.load(UNet2DConditionModel, cfg.model, "unet", cfg.revision)
         if unet.config.addition_embed_type is not None:
-            raise UserError(f"{cfg.model} looks like SDXL (its UNet needs added conditions); the sd teacher "
-                            f"supports SD 1.x/2.x UNets")
+            raise UserError(f"{cfg.model} looks like SDXL (its UNet needs added conditions) but is not an SDXL "
+                            f"pipeline folder (no model_index.json naming text_encoder_2); give the whole pipeline")
         scheduler_config = dict(hub.load(DDPMScheduler, cfg.model, "scheduler", cfg.revision).config)
         self.vae = hub.load(AutoencoderKL, cfg.model, "vae", cfg.revision, torch_dtype=dtype).eval()
         self.vae.requires_grad_(False)
