@@ -119,17 +119,21 @@ def _networks(r: Recipe, teacher):
     return generator, critic
 
 
-def _verdict(peak: int, r: Recipe) -> str:
+def _verdict(peak: int, r: Recipe, floor: int) -> str:
     """Which cards it fits (40, 80 and 141 GB), with a tenth of each kept for the CUDA context,
-    the backward pass's transient buffers and the allocator's slack; what to change where it fits none."""
+    the backward pass's transient buffers and the allocator's slack; what to change where it
+    fits none. floor: the bytes no batch size changes (weights, gradients, optimiser state)."""
     fits = [gb for gb in (40, 80, 141) if peak <= 0.9 * gb * GiB]
     if fits[:2] == [40, 80]:
         return "fits 40 GB and 80 GB cards"
     if fits[:1] == [80]:
         return "fits an 80 GB card, not a 40 GB one"
-    fix = "set train.gradient_checkpointing = true" if not r.train.gradient_checkpointing else \
-        "set a smaller train.batch_size" if r.train.batch_size > 1 else \
-        "train LoRA adapters (train.lora_rank)" if not r.train.lora_rank else "shard it across GPUs"
+    if not r.train.gradient_checkpointing:
+        fix = "set train.gradient_checkpointing = true"
+    elif r.train.batch_size > 1 and floor <= 0.8 * 80 * GiB:
+        fix = "set a smaller train.batch_size"
+    else:   # the weights, gradients and AdamW state alone fill the card
+        fix = "train LoRA adapters (train.lora_rank)" if not r.train.lora_rank else "shard it across GPUs"
     if fits == [141]:
         return f"fits a 141 GB card (H200), not an 80 GB one: for 80 GB cards, {fix}"
     return f"does not fit a 141 GB card: {fix}"
@@ -182,7 +186,7 @@ def report(r: Recipe) -> str:
              + " (generator and critic in fp32; frozen networks in their dtype)",
              f"# activations at batch {r.train.batch_size} (mixed_precision {r.train.mixed_precision}, "
              f"gradient checkpointing {ckpt}): " + ", ".join(f"{k} {size(v)}" for k, v in acts.items()),
-             f"# peak per process: about {size(peak)}: {_verdict(peak, r)}"]
+             f"# peak per process: about {size(peak)}: {_verdict(peak, r, peak - max(acts.values()))}"]
     if r.train.lora_rank:
         lines.append("# train.lora_rank: only the adapters have gradients and AdamW state")
     lines += [f"# {line}" for line in passes_per_iteration(r, bool(teacher.num_classes) or teacher.name == "sd")]

@@ -126,8 +126,8 @@ def test_checkpointing_keeps_the_inputs_and_one_segment(plain):
 def test_gpu_recipes_fit_the_cards_they_name(capsys):
     """The SD1.5 and ImageNet-64 recipes at the authors' batch per GPU, measured from their
     published architectures (their weights are not here): gradient checkpointing on SD1.5 as
-    the authors; each fits an 80 GB card with a tenth to spare. SD3.5 Medium trained whole
-    (FastVideo's way, sharded over 64 GPUs there) needs an H200 on one card, or LoRA."""
+    the authors; each fits an 80 GB card with a tenth to spare. SD3.5 Medium and SDXL trained
+    whole (sharded over 64 GPUs by FastVideo and the authors) need an H200 on one card, or LoRA."""
     from dmdcli.cli import main
 
     expected = {"sd15": (32, True, "fits 40 GB and 80 GB cards"),
@@ -135,7 +135,9 @@ def test_gpu_recipes_fit_the_cards_they_name(capsys):
                 "imagenet64": (40, False, "fits 40 GB and 80 GB cards"),
                 "imagenet64-dmd": (40, False, "fits an 80 GB card, not a 40 GB one"),
                 "sd3": (1, True, "fits a 141 GB card (H200), not an 80 GB one: for 80 GB cards, train LoRA "
-                                 "adapters (train.lora_rank)")}
+                                 "adapters (train.lora_rank)"),
+                "sdxl": (2, True, "fits a 141 GB card (H200), not an 80 GB one: for 80 GB cards, train LoRA "
+                                  "adapters (train.lora_rank)")}
     for name, (batch, checkpointing, verdict) in expected.items():
         r = load_recipe(f"recipes/{name}.toml")
         assert (r.train.batch_size, r.train.gradient_checkpointing, r.train.mixed_precision) == \

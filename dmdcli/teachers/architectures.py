@@ -27,6 +27,18 @@ SD15 = {
                          num_attention_heads=12, max_position_embeddings=77, hidden_act="quick_gelu",
                          projection_dim=768),
 }
+# Stable Diffusion XL base 1.0's published configurations (its UNet and the second text
+# encoder, OpenCLIP bigG with its projection; the first text encoder and the VAE are SD1.5's).
+SDXL = {
+    "unet": dict(sample_size=128, in_channels=4, out_channels=4, layers_per_block=2, cross_attention_dim=2048,
+                 attention_head_dim=(5, 10, 20), block_out_channels=(320, 640, 1280),
+                 down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+                 up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+                 transformer_layers_per_block=(1, 2, 10), use_linear_projection=True, addition_embed_type="text_time",
+                 addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816),
+    "text_encoder_2": dict(vocab_size=49408, hidden_size=1280, intermediate_size=5120, num_hidden_layers=32,
+                           num_attention_heads=20, max_position_embeddings=77, hidden_act="gelu", projection_dim=1280),
+}
 # Stable Diffusion 3.5 Medium's published configurations (its transformer 2,243,171,520 parameters;
 # CLIP-L, CLIP-G and T5-XXL's encoder; the 16-channel VAE).
 SD35_MEDIUM = {
@@ -76,6 +88,28 @@ def _sd15(cfg):
         what="Stable Diffusion v1.5's architecture (its weights are not on this machine)")
 
 
+def _sdxl(cfg):
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    from .sdxl import SDXLDenoiser
+
+    dtype = resolve_dtype(cfg.dtype) if cfg.dtype != "auto" else torch.bfloat16
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(**SDXL["unet"])
+        parts = {"vae": AutoencoderKL(**{**SD15["vae"], "sample_size": 1024, "scaling_factor": 0.13025}),
+                 "text_encoder": CLIPTextModel(CLIPTextConfig(**SD15["text_encoder"])),
+                 "text_encoder_2": CLIPTextModelWithProjection(CLIPTextConfig(**SDXL["text_encoder_2"]))}
+    size = 128 if not cfg.resolution else cfg.resolution // 8
+    trainable = lambda: SDXLDenoiser(copy.deepcopy(unet).float().train().requires_grad_(True), "epsilon")
+    return SimpleNamespace(
+        name="sd", family="vp", num_classes=None, sample_shape=(4, size, size),
+        **{k: _frozen(m, dtype) for k, m in parts.items()},
+        real=SDXLDenoiser(_frozen(copy.deepcopy(unet), dtype), "epsilon"), make_generator=trainable,
+        make_critic=trainable, condition_shape=(78, 2048),
+        what="Stable Diffusion XL base 1.0's architecture (its weights are not on this machine)")
+
+
 def _sd35_medium(cfg):
     from diffusers import AutoencoderKL, SD3Transformer2DModel
     from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
@@ -123,6 +157,8 @@ def architecture_only(teacher_cfg):
 
     if teacher_cfg.name == "sd" and ALIASES.get(teacher_cfg.sd.model, teacher_cfg.sd.model) == ALIASES["sd15"]:
         return _sd15(teacher_cfg.sd)
+    if teacher_cfg.name == "sd" and ALIASES.get(teacher_cfg.sd.model, teacher_cfg.sd.model) == ALIASES["sdxl"]:
+        return _sdxl(teacher_cfg.sd)
     if teacher_cfg.name == "sd" and ALIASES.get(teacher_cfg.sd.model, teacher_cfg.sd.model) == ALIASES["sd35-medium"]:
         return _sd35_medium(teacher_cfg.sd)
     if teacher_cfg.name == "edm" and "imagenet64" in Path(teacher_cfg.edm.model).name.replace("-", ""):

@@ -9,7 +9,8 @@ from pathlib import Path
 
 from ..utils.errors import UserError
 
-ALIASES = {"sd15": "stable-diffusion-v1-5/stable-diffusion-v1-5", "sd35-medium": "stabilityai/stable-diffusion-3.5-medium"}
+ALIASES = {"sd15": "stable-diffusion-v1-5/stable-diffusion-v1-5", "sdxl": "stabilityai/stable-diffusion-xl-base-1.0",
+           "sd35-medium": "stabilityai/stable-diffusion-3.5-medium"}
 # Teachers shipped inside the package (diffusers folders), by name.
 SHIPPED = {"fashion-mnist": Path(__file__).resolve().parent.parent / "assets" / "fashion-teacher"}
 # EDM teachers shipped inside the package (dmd-edm/1 folders), by name.
