@@ -301,39 +301,19 @@ def fid(samples: Optional[Path] = typer.Argument(None, help="samples file or fol
     else:
         tensors, meta = load_samples(samples)
     desc = json.loads(meta.get("teacher", "{}"))
-    table = Table()
-    table.add_column("metric")
-    table.add_column("value", justify="right")
     if desc.get("name") == "gmm":
+        from .evaluation.samples import gmm_rows
+
         report = gmm_report(tensors["x"], desc, ref, seed)
-        table.title = report["metric"]
-        table.add_row("Frechet distance (GMM coords)", f"{report['frechet_distance']:.4f}")
-        table.add_row("precision (within 3 std of a mode)", f"{report['precision']:.3f}")
-        mass = report["mode_mass_ratio"]
-        table.add_row("mode mass / true weight (min .. max)", f"{min(mass):.2f} .. {max(mass):.2f}")
-        spread = [r for r in report["mode_spread_ratio"] if r == r]   # nan: a mode no sample reached
-        table.add_row("mode spread / true spread (min .. max)",
-                      f"{min(spread):.2f} .. {max(spread):.2f}" if spread else "no mode reached")
-        table.add_row("share between modes (exact mixture)", f"{report['far_share']:.3f} ({report['far_share_exact']:.3f})")
-        table.add_row("energy distance to exact samples, worst mode (in its stds)", f"{report['mode_energy']:.4f}")
-        table.add_row("samples / reference", f"{report['num_samples']} / {report['num_reference']} ({report['reference']})")
+        title, rows = report["metric"], gmm_rows(report)
     else:
-        from .evaluation.fid import fid_report
+        from .evaluation.fid import fid_report, fid_rows
 
         if ref == "gmm":
             raise UserError("--ref gmm is for samples of the gmm teacher; give imagenet64, an .npz, a folder "
                             "or a samples file")
         with progress_bar() as bar:
             report = fid_report(tensors, ref, features, mode, batch_size, crop=crop, progress=bar)
-        table.title = (f"FID, {report['features']} features, {report['mode']} mode"
-                       + (f", centre-cropped to {crop}px" if crop else ""))
-        table.add_row(f"FID ({report['num_samples']} samples)", f"{report['fid']:.3f}")
-        if "kid" in report:
-            table.add_row(f"KID ({report['num_samples']} samples)", f"{report['kid']:.5f}")
-        if "class_accuracy" in report:
-            table.add_row("class accuracy (by the feature network)", f"{report['class_accuracy']:.3f}")
-        if report["within_class_spread"] is not None:
-            table.add_row("within-class spread (per-pixel std)", f"{report['within_class_spread']:.3f}")
         if clip:
             from .evaluation.clip_score import captions_of, clip_score
             from .evaluation.fid import to_uint8_images
@@ -342,8 +322,14 @@ def fid(samples: Optional[Path] = typer.Argument(None, help="samples file or fol
             with progress_bar() as bar:
                 report["clip_score"] = clip_score(to_uint8_images(tensors), captions, clip, batch_size, progress=bar)
             report["clip_model"] = clip
-            table.add_row(f"CLIP score ({clip})", f"{report['clip_score']:.2f}")
-        table.add_row("reference", report["reference"])
+        title = (f"FID, {report['features']} features, {report['mode']} mode"
+                 + (f", centre-cropped to {crop}px" if crop else ""))
+        rows = fid_rows(report)
+    table = Table(title=title)
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for row in rows:
+        table.add_row(*row)
     Console().print(table)
     for note in report.get("notes", []):
         console.print(f"note: {note}", highlight=False)

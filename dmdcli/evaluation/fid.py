@@ -370,3 +370,18 @@ def make_reference(source: str, out: Path, features: str = "inception", mode: st
             np.savez(f, mu=mu, sigma=sigma, count=count, features=features, mode=mode, crop=crop,
                      features_sha256=sha256(network) if network.is_file() else "")
     return {"count": count, "dim": int(mu.shape[0])}
+
+
+def fid_rows(report: dict) -> list[tuple[str, str]]:
+    """`dmd fid`'s table: (metric, value) rows of a fid_report (with its CLIP score if measured)."""
+    n = report["num_samples"]
+    rows = [(f"FID ({n} samples)", f"{report['fid']:.3f}")]
+    if "kid" in report:
+        rows.append((f"KID ({n} samples)", f"{report['kid']:.5f}"))
+    if "class_accuracy" in report:
+        rows.append(("class accuracy (by the feature network)", f"{report['class_accuracy']:.3f}"))
+    if report["within_class_spread"] is not None:
+        rows.append(("within-class spread (per-pixel std)", f"{report['within_class_spread']:.3f}"))
+    if "clip_score" in report:
+        rows.append((f"CLIP score ({report['clip_model']})", f"{report['clip_score']:.2f}"))
+    return rows + [("reference", report["reference"])]

@@ -143,3 +143,17 @@ def gmm_report(x: torch.Tensor, teacher_desc: dict, ref: str, seed: int = 0) -> 
               "num_reference": len(reference), "reference": ref_name}
     report.update(mixture.mode_metrics(x, reference=reference if ref == "gmm" else None, seed=seed))
     return report
+
+
+def gmm_rows(report: dict) -> list[tuple[str, str]]:
+    """`dmd fid --ref gmm`'s table: (metric, value) rows of a gmm_report."""
+    mass = report["mode_mass_ratio"]
+    spread = [r for r in report["mode_spread_ratio"] if r == r]   # nan: a mode no sample reached
+    return [("Frechet distance (GMM coords)", f"{report['frechet_distance']:.4f}"),
+            ("precision (within 3 std of a mode)", f"{report['precision']:.3f}"),
+            ("mode mass / true weight (min .. max)", f"{min(mass):.2f} .. {max(mass):.2f}"),
+            ("mode spread / true spread (min .. max)",
+             f"{min(spread):.2f} .. {max(spread):.2f}" if spread else "no mode reached"),
+            ("share between modes (exact mixture)", f"{report['far_share']:.3f} ({report['far_share_exact']:.3f})"),
+            ("energy distance to exact samples, worst mode (in its stds)", f"{report['mode_energy']:.4f}"),
+            ("samples / reference", f"{report['num_samples']} / {report['num_reference']} ({report['reference']})")]
