@@ -238,9 +238,11 @@ def sample(run: Optional[Path] = typer.Argument(None, help="run or checkpoint fo
             raise UserError("--teacher-steps must be at least 1 when sampling a teacher alone")
         from .utils.processes import process_state
 
-        if prompts is not None:
-            set_ = [*set_, f"teacher.sd.prompts={json.dumps(prompts)}"]
         t, guidance = _teacher_from(teacher, None, set_, guidance, {})
+        if prompts is not None:
+            from .evaluation.generate import use_prompts
+
+            use_prompts(t, prompts)   # one line for a teacher without prompts
         t.to(process_state().device)
         sampler = sampler or t.default_sampler
         with progress_bar() as bar:

@@ -105,6 +105,8 @@ def test_clip_problems_are_one_line(tmp_path, sd_run, clip_folder, features, cap
     assert "CLIP model 'nobody/no-clip' is not available offline" in err and "Traceback" not in err
     assert main(["fid", str(samples), *ref, "--prompts", "x.txt"]) == 2
     assert "--prompts goes with --from RUN" in capsys.readouterr().err
+    assert main(["sample", "--teacher", "gmm", "--num", "2", "--out", str(tmp_path / "g"), "--prompts", "x.txt"]) == 2
+    assert "--prompts is for text-to-image teachers (sd); this one is 'gmm'" in capsys.readouterr().err
     plain = tmp_path / "plain.safetensors"   # samples without captions (an older or pixel teacher's)
     tensors = load_file(str(samples / "samples.safetensors"))
     from safetensors.torch import save_file
