@@ -148,11 +148,16 @@ class SDTeacher(UNetTeacher):
         if unet.config.in_channels != self.vae.config.latent_channels:
             raise UserError(f"{cfg.model}: the UNet takes {unet.config.in_channels} channels, the VAE makes "
                             f"{self.vae.config.latent_channels} (an inpainting model?); give a text-to-image model")
-        self._setup(unet, scheduler_config, dtype)
-        size = unet.config.sample_size if not cfg.resolution else cfg.resolution // self.vae_scale_factor
-        self.sample_shape = (unet.config.in_channels, size, size)
+        self._latent_setup(unet, scheduler_config, dtype)
+
+    def _latent_setup(self, net, scheduler_config: dict, dtype: torch.dtype) -> None:
+        """What every latent text teacher sets once its parts are loaded: the frozen real score,
+        the sample shape at the recipe's resolution, the prompts."""
+        self._setup(net, scheduler_config, dtype)
+        size = net.config.sample_size if not self.cfg.resolution else self.cfg.resolution // self.vae_scale_factor
+        self.sample_shape = (net.config.in_channels, size, size)
         self.num_classes = None
-        self.prompts = self._read_prompts(cfg.prompts)
+        self.prompts = self._read_prompts(self.cfg.prompts)
         self._empty, self._prompt_ids = None, None
 
     @property
@@ -180,8 +185,9 @@ class SDTeacher(UNetTeacher):
 
     def to(self, device):
         super().to(device)
-        self.vae.to(device)
-        self.text_encoder.to(device)
+        for name in ("vae", "text_encoder", "text_encoder_2", "text_encoder_3"):   # those the model has
+            if getattr(self, name, None) is not None:
+                getattr(self, name).to(device)
         self._empty = None
         self._prompt_ids = self._prompt_ids.to(device) if self._prompt_ids is not None else None
         return self

@@ -87,21 +87,7 @@ class SD3Teacher(SDTeacher):
         if transformer.config.in_channels != self.vae.config.latent_channels:
             raise UserError(f"{cfg.model}: the transformer takes {transformer.config.in_channels} channels, the VAE "
                             f"makes {self.vae.config.latent_channels}; give a text-to-image SD3 model")
-        self._setup(transformer, scheduler_config, dtype)
-        size = transformer.config.sample_size if not cfg.resolution else cfg.resolution // self.vae_scale_factor
-        self.sample_shape = (transformer.config.in_channels, size, size)
-        self.num_classes = None
-        self.prompts = self._read_prompts(cfg.prompts)
-        self._empty, self._prompt_ids = None, None
-
-    def to(self, device):
-        super(SDTeacher, self).to(device)
-        for net in (self.vae, self.text_encoder, self.text_encoder_2, self.text_encoder_3):
-            if net is not None:
-                net.to(device)
-        self._empty = None
-        self._prompt_ids = self._prompt_ids.to(device) if self._prompt_ids is not None else None
-        return self
+        self._latent_setup(transformer, scheduler_config, dtype)
 
     def _lengths(self) -> list[int]:
         return [t.model_max_length for t in self.tokenizers] + ([self.t5_length] if self.text_encoder_3 else [])

@@ -69,20 +69,7 @@ class SDXLTeacher(SDTeacher):
         self.text_encoder_2 = load(CLIPTextModelWithProjection, "text_encoder_2")
         self.tokenizers = [hub.load(CLIPTokenizer, cfg.model, sub, cfg.revision) for sub in ("tokenizer", "tokenizer_2")]
         self.zero_unconditional = bool(pipeline_config.get("force_zeros_for_empty_prompt", True))
-        self._setup(unet, scheduler_config, dtype)
-        size = unet.config.sample_size if not cfg.resolution else cfg.resolution // self.vae_scale_factor
-        self.sample_shape = (unet.config.in_channels, size, size)
-        self.num_classes = None
-        self.prompts = self._read_prompts(cfg.prompts)
-        self._empty, self._prompt_ids = None, None
-
-    def to(self, device):
-        super(SDTeacher, self).to(device)
-        for net in (self.vae, self.text_encoder, self.text_encoder_2):
-            net.to(device)
-        self._empty = None
-        self._prompt_ids = self._prompt_ids.to(device) if self._prompt_ids is not None else None
-        return self
+        self._latent_setup(unet, scheduler_config, dtype)
 
     @property
     def condition_shape(self) -> tuple[int, int]:
