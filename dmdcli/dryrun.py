@@ -155,6 +155,26 @@ def estimate(r: Recipe, teacher, generator=None, critic=None) -> tuple[dict, dic
     return state, acts, peak
 
 
+def sharded_peak(r: Recipe, state: dict, acts: dict, generator, critic, processes: int) -> int:
+    """The peak per process with generator and critic sharded over `processes` (FSDP2,
+    dmdcli/sharding.py): their weights, gradients, AdamW state and EMA divided among the
+    processes; the frozen networks and the activations whole on each; plus the units FSDP2
+    gathers whole at once: the root's (embeddings, input and output layers, kept through a
+    pass) and the two largest blocks (the one running and the one prefetched), in bf16 under
+    mixed precision bf16."""
+    from .sharding import blocks
+
+    unit_bytes = 2 if r.train.mixed_precision == "bf16" else 4
+    gathered = 0
+    for net in (generator, critic):
+        sizes = sorted((_params(b) for b in blocks(net)), reverse=True)
+        gathered = max(gathered, (_params(net) - sum(sizes) + sum(sizes[:2])) * unit_bytes)
+    grads = {"generator turn": sum(p.numel() * 4 for p in generator.parameters() if p.requires_grad),
+             "critic turn": sum(p.numel() * 4 for p in critic.parameters() if p.requires_grad)}
+    trained = sum(v for k, v in state.items() if k not in ("frozen", "gradients"))
+    return (trained + max(grads.values())) // processes + state["frozen"] + max(acts.values()) + gathered
+
+
 def report(r: Recipe) -> str:
     """Parameter counts; weights, gradients, optimiser state and activations per process; the
     cards that fits; passes per iteration. A recipe's published teacher that is not on this
@@ -186,7 +206,11 @@ def report(r: Recipe) -> str:
              + " (generator and critic in fp32; frozen networks in their dtype)",
              f"# activations at batch {r.train.batch_size} (mixed_precision {r.train.mixed_precision}, "
              f"gradient checkpointing {ckpt}): " + ", ".join(f"{k} {size(v)}" for k, v in acts.items()),
-             f"# peak per process: about {size(peak)}: {_verdict(peak, r, peak - max(acts.values()))}"]
+             f"# peak per process: about {size(peak)}: {_verdict(peak, r, peak - max(acts.values()))}"
+             + (" (unsharded; train.sharding = 'fsdp2' below)" if r.train.sharding == "fsdp2" else ""),
+             "# sharded with train.sharding = 'fsdp2' (generator and critic state split, frozen networks whole): "
+             "peak per process about " + ", ".join(
+                 f"{size(sharded_peak(r, state, acts, generator, critic, n))} over {n}" for n in (2, 4, 8))]
     if r.train.lora_rank:
         lines.append("# train.lora_rank: only the adapters have gradients and AdamW state")
     lines += [f"# {line}" for line in passes_per_iteration(r, bool(teacher.num_classes) or teacher.name == "sd")]

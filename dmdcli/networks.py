@@ -204,11 +204,13 @@ class CriticWithHead(nn.Module):
     forward(x_t, t, cond, real=None) -> (prediction, logits): the full critic on x_t; with
     `real` = (x_r, t_r, cond_r), real images also pass, up to the bottleneck only, in the same
     call (DDP: one forward per backward), and the logits are the fakes' then the reals'.
-    `logits(x_t, t, cond)` stops at the bottleneck too: the decoder's half is not run."""
+    `logits(x_t, t, cond)` stops at the bottleneck too: the decoder's half is not run
+    (unless stop_at_bottleneck is False: FSDP2 cannot end a pass mid-forward)."""
 
-    def __init__(self, critic: nn.Module):
+    def __init__(self, critic: nn.Module, stop_at_bottleneck: bool = True):
         super().__init__()
         self.critic = critic
+        self.stop_at_bottleneck = stop_at_bottleneck
         self.prediction_type = critic.prediction_type
         module, channels, spatial = bottleneck(critic)
         self.head = GANHead(channels, spatial)
@@ -236,7 +238,7 @@ class CriticWithHead(nn.Module):
         return pred, features
 
     def logits(self, x_t: torch.Tensor, t: torch.Tensor, cond=None) -> torch.Tensor:
-        return self.head(self._run("stop", x_t, t, cond)[1])
+        return self.head(self._run("stop" if self.stop_at_bottleneck else "keep", x_t, t, cond)[1])
 
     def forward(self, x_t: torch.Tensor, t: torch.Tensor, cond=None, real=None):
         pred, features = self._run("keep", x_t, t, cond)

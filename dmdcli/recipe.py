@@ -122,6 +122,9 @@ class TrainConfig:
     on_non_finite: str = _choices("stop", "skip", default="stop")   # skip: drop the update, count it
     lora_rank: int = 0                  # > 0: train LoRA adapters of this rank (peft) on frozen UNets
     gradient_checkpointing: bool = False   # recompute activations in backward: less memory, ~30% slower
+    # "fsdp2": generator and critic sharded over the processes of `accelerate launch --multi_gpu`
+    # (FSDP2, one unit per block; checkpoints still whole); "none": DDP replicas.
+    sharding: str = _choices("none", "fsdp2", default="none")
     ema_decay: float = 0.0              # EMA of the generator (diffusers' EMAModel); 0: off, as the authors
     # The DM loss's timesteps, uniform in [first, last] (the papers': 0.02 T to 0.98 T). An
     # epsilon teacher's x0 error grows with sigma: where sigma is far above the data's, the

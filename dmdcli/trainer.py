@@ -8,6 +8,7 @@ generator steps once every `critic_steps_per_generator_step` iterations after
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import re
 import warnings
@@ -20,10 +21,9 @@ from accelerate import Accelerator, DistributedDataParallelKwargs, InitProcessGr
 from diffusers.optimization import get_scheduler
 from transformers.optimization import get_wsd_schedule
 from diffusers.training_utils import EMAModel
-from safetensors.torch import load_file, save_file
 
 from .utils import checkpoint
-from . import losses
+from . import losses, sharding, training_state
 from .utils.errors import UserError
 from .real_data import RealData
 from .networks import CriticWithHead, add_lora, enable_gradient_checkpointing, frozen
@@ -91,6 +91,9 @@ class DMDTrainer:
         self.gan = uses_gan(r)
         self.acc = accelerator or make_accelerator(r)
         refuse_sharding(self.acc)
+        self.sharded = r.train.sharding == "fsdp2"
+        if self.sharded:
+            sharding.check(r, self.acc.num_processes)
         device = self.acc.device
         self.teacher = build_teacher(r.teacher).to(device)
         self.schedule = self.teacher.schedule
@@ -118,15 +121,19 @@ class DMDTrainer:
             if r.train.critic_ema_decay > 0 else None
         self.real = None
         if self.gan:
-            critic = CriticWithHead(critic)
+            # Sharded, a pass for the GAN logits runs the whole critic: FSDP2 cannot stop mid-forward.
+            critic = CriticWithHead(critic, stop_at_bottleneck=not self.sharded)
             self.real = RealData(self.teacher, r.gan.dataset)
+        if self.sharded:   # before the optimisers: they hold the sharded parameters
+            generator, critic = (sharding.shard(net, device, r.train.mixed_precision) for net in (generator, critic))
         opt_g = adamw([p for p in generator.parameters() if p.requires_grad], r.train.lr_generator, r, device)
         opt_c = adamw([p for p in critic.parameters() if p.requires_grad], r.train.lr_critic, r, device)
         # Schedulers stay unprepared: accelerate would step them once per process.
         # The generator's counts from its first turn (train_step), the critic's from the first iteration.
         self.sched_g = lr_schedule(opt_g, r.train, r.train.steps - r.train.critic_warmup_steps)
         self.sched_c = lr_schedule(opt_c, r.train, r.train.steps)
-        self.generator, self.critic, self.opt_g, self.opt_c = self.acc.prepare(generator, critic, opt_g, opt_c)
+        self.generator, self.critic, self.opt_g, self.opt_c = (generator, critic, opt_g, opt_c) if self.sharded \
+            else self.acc.prepare(generator, critic, opt_g, opt_c)
         # Optional EMA of the generator's weights (SPEC section 7: peers use it; the authors did not).
         # min_decay = decay: diffusers otherwise caps the decay at (1 + n) / (10 + n) after n
         # steps (0.985 at 600 generator steps for a recipe's 0.995). The generator starts from
@@ -243,8 +250,10 @@ class DMDTrainer:
             eps_g = self._randn(x.shape)
             # The critic is frozen for this pass and stops at its bottleneck (the head reads
             # nothing later): the generator's GAN loss builds no gradients for the critic.
+            # (Sharded, its parameters stay as they are: FSDP2 keeps requires_grad from the start,
+            # and critic_step drops what this pass leaves in its gradients.)
             critic = self.acc.unwrap_model(self.critic)
-            with frozen(critic), self.acc.autocast():
+            with frozen(critic) if not self.sharded else contextlib.nullcontext(), self.acc.autocast():
                 logits = critic.logits(self.schedule.add_noise(x, eps_g, t_g), t_g, cond)
             loss_gan = losses.gan_generator_loss(logits)
             loss = loss + r.gan.generator_weight * loss_gan
@@ -257,7 +266,8 @@ class DMDTrainer:
             self.opt_g.zero_grad(set_to_none=True)
             return {"skipped_generator": 1}
         self.acc.backward(loss)
-        logs["grad_norm_g"] = self.acc.clip_grad_norm_(self.generator.parameters(), r.train.grad_clip).detach()
+        logs["grad_norm_g"] = sharding.full_tensor(
+            self.acc.clip_grad_norm_(self.generator.parameters(), r.train.grad_clip).detach())
         self.opt_g.step()
         self.opt_g.zero_grad(set_to_none=True)
         if self.ema is not None:
@@ -367,85 +377,20 @@ class DMDTrainer:
         self.step += 1
         return logs
 
-    # -- state ------------------------------------------------------------------------------
+    # -- state (dmdcli/training_state.py) -----------------------------------------------------
     def save(self) -> Path | None:
-        acc, r = self.acc, self.recipe
-        if acc.is_main_process:
-            checkpoint.begin(self.run_dir, self.step)
-        acc.wait_for_everyone()
-        tmp = checkpoint.tmp_path(self.run_dir, self.step)
-        checkpoint.save_tree(tmp, f"rng-rank{acc.process_index}", {
-            "rng": self.rng.get_state(), "data_rng": self.data_rng.get_state(), "torch": torch.get_rng_state()})
-        acc.wait_for_everyone()
-        final = None
-        if acc.is_main_process:
-            save_file(acc.unwrap_model(self.generator).state_dict(), str(tmp / "generator.safetensors"))
-            save_file(acc.unwrap_model(self.critic).state_dict(), str(tmp / "critic.safetensors"))
-            if self.ema is not None:
-                save_file(self.ema_state_dict(), str(tmp / "generator_ema.safetensors"))
-            if self.critic_ema is not None:
-                save_file(self.critic_ema.state_dict(), str(tmp / "critic_ema.safetensors"))
-            checkpoint.save_tree(tmp, "state", {
-                "step": self.step, "num_processes": acc.num_processes,
-                "opt_g": self.opt_g.state_dict(), "opt_c": self.opt_c.state_dict(),
-                "sched_g": self.sched_g.state_dict(), "sched_c": self.sched_c.state_dict(),
-                "scaler": acc.scaler.state_dict() if acc.scaler is not None else None,
-                # The EMA's weights are generator_ema.safetensors; only its counters go here.
-                "ema": {k: v for k, v in self.ema.state_dict().items() if k != "shadow_params"}
-                if self.ema is not None else None})
-            final = checkpoint.commit(tmp, self.step, r.run.keep_checkpoints)
-        acc.wait_for_everyone()
-        return final
+        return training_state.save(self)
 
     def load(self, ckpt: Path) -> None:
-        acc = self.acc
-        acc.unwrap_model(self.generator).load_state_dict(load_file(str(ckpt / "generator.safetensors")))
-        acc.unwrap_model(self.critic).load_state_dict(load_file(str(ckpt / "critic.safetensors")))
-        state = checkpoint.load_tree(ckpt, "state")
-        # Checkpoints of earlier versions lack later keys: their number of processes is the
-        # number of RNG files, and they had no scaler or EMA state.
-        state.setdefault("num_processes", len(list(ckpt.glob("rng-rank*.safetensors"))))
-        state.setdefault("scaler", None)
-        if self.ema is not None and state.get("ema") is None:
-            raise UserError(f"{ckpt} holds no EMA state, and this recipe keeps one (train.ema_decay); "
-                            f"start a new run (--set run.out=...)")
-        if self.critic_ema is not None:
-            if not (ckpt / "critic_ema.safetensors").is_file():
-                raise UserError(f"{ckpt} holds no critic EMA, and this recipe keeps one (train.critic_ema_decay); "
-                                f"start a new run (--set run.out=...)")
-            self.critic_ema.load_state_dict(load_file(str(ckpt / "critic_ema.safetensors")))
-        self.opt_g.load_state_dict(state["opt_g"])
-        self.opt_c.load_state_dict(state["opt_c"])
-        self.sched_g.load_state_dict(state["sched_g"])
-        self.sched_c.load_state_dict(state["sched_c"])
-        if self.ema is not None:
-            weights = load_file(str(ckpt / "generator_ema.safetensors"))
-            names = [name for name, _ in acc.unwrap_model(self.generator).named_parameters()]
-            self.ema.load_state_dict({**state["ema"], "shadow_params": [weights[n] for n in names]})
-            self.ema.min_decay = self.recipe.train.ema_decay   # checkpoints of 0.1 kept diffusers' warm-up
-            self.ema.to(acc.device)   # EMAModel keeps what it was given (here: CPU tensors)
-        if state["scaler"] is not None and acc.scaler is not None:
-            acc.scaler.load_state_dict(state["scaler"])
-        self.step = state["step"]
-        if state["num_processes"] != acc.num_processes:
-            raise UserError(f"{ckpt} was written by {state['num_processes']} process(es) and this run has "
-                            f"{acc.num_processes}; resume with the same number (accelerate launch --num_processes)")
-        rng = checkpoint.load_tree(ckpt, f"rng-rank{acc.process_index}")
-        self.rng.set_state(rng["rng"])
-        self.data_rng.set_state(rng["data_rng"])
-        torch.set_rng_state(rng["torch"])
+        training_state.load(self, ckpt)
 
     def ema_state_dict(self) -> dict:
-        """The generator's state dict with the EMA weights in place of its parameters."""
-        net = self.acc.unwrap_model(self.generator)
-        state = {k: v.detach().clone() for k, v in net.state_dict().items()}
-        for (name, _), shadow in zip(net.named_parameters(), self.ema.shadow_params):
-            state[name] = shadow.detach().clone().to(state[name].dtype)
-        return state
+        return training_state.ema_state_dict(self)
 
     # -- the run ----------------------------------------------------------------------------
     def preview(self, name: str) -> None:
-        if not self.acc.is_main_process or not self.recipe.run.preview_samples:
+        # Sharded, every process runs the generator (its blocks are gathered from all of them).
+        if not self.recipe.run.preview_samples or not (self.acc.is_main_process or self.sharded):
             return
         n = min(self.recipe.run.preview_samples, self.teacher.preview_limit or self.recipe.run.preview_samples)
         g = torch.Generator(device=self.acc.device).manual_seed(12345)
@@ -468,21 +413,22 @@ class DMDTrainer:
         finally:
             if self.ema is not None:
                 self.ema.restore(params)
-        self.teacher.save_preview(x, None, labels, self.run_dir / "previews" / f"{name}.png",
-                                  title=f"{self.recipe.train.method} student, {name}")
+        if self.acc.is_main_process:
+            self.teacher.save_preview(x, None, labels, self.run_dir / "previews" / f"{name}.png",
+                                      title=f"{self.recipe.train.method} student, {name}")
 
 
 def refuse_sharding(acc) -> None:
-    """Checkpoints here are whole state dicts written by the main process: under FSDP,
-    DeepSpeed or any other sharding they would hold one process's shard and resume wrong.
-    Only plain and data-parallel launches pass; refuse before a day of GPU time is spent."""
+    """accelerate's own FSDP or DeepSpeed wrappers would write one process's shard as a
+    checkpoint: only plain and data-parallel launches pass; sharding is train.sharding's
+    (FSDP2 applied here, inside the processes `accelerate launch --multi_gpu` starts)."""
     from accelerate.utils import DistributedType
 
     kind = DistributedType(acc.distributed_type)
     if kind != DistributedType.NO and not kind.value.startswith("MULTI_"):
-        raise UserError(f"distill does not support {kind.value} yet (its checkpoints would hold one process's "
-                        f"shard); launch with DDP (accelerate launch --multi_gpu) and save memory with "
-                        f"train.gradient_checkpointing, train.lora_rank or mixed_precision bf16")
+        raise UserError(f"distill does not take accelerate's {kind.value} launch; launch with "
+                        f"`accelerate launch --multi_gpu` and set train.sharding = 'fsdp2' to shard the "
+                        f"generator and critic (FSDP2)")
 
 
 def _tracker(name: str):

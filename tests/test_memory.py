@@ -3,6 +3,7 @@ activation measure on the meta device equals an independent count on real tensor
 shipped GPU recipes fit the cards they say they fit."""
 
 import copy
+import re
 
 import pytest
 import torch
@@ -147,6 +148,12 @@ def test_gpu_recipes_fit_the_cards_they_name(capsys):
         assert "# measured on " in out and "architecture" in out
         peak = next(line for line in out.splitlines() if line.startswith("# peak per process"))
         assert peak.endswith(verdict), (name, peak)
+        # Sharded (FSDP2): the trained state splits, the rest stays whole on every process.
+        sharded = next(line for line in out.splitlines() if line.startswith("# sharded with train.sharding"))
+        whole = float(re.search(r"about ([\d.]+) GiB", peak)[1])
+        p2, p4, p8 = (float(re.search(rf"([\d.]+) GiB over {n}\b", sharded)[1]) for n in (2, 4, 8))
+        assert whole > p2 > p4 > p8, (name, sharded)
+        assert p2 - p4 == pytest.approx(2 * (p4 - p8), rel=0.02), (name, sharded)
 
 
 def test_activation_turns_follow_the_recipe(tmp_path, unet_teacher):

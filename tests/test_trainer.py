@@ -405,7 +405,7 @@ def test_sharded_launches_are_refused_before_any_work(kind, tiny_recipe, monkeyp
     from dmdcli.trainer import refuse_sharding
 
     monkeypatch.setattr(dmdcli.trainer, "build_teacher", lambda cfg: pytest.fail("a teacher was loaded"))
-    with pytest.raises(UserError, match=f"distill does not support {kind} yet .* launch with DDP"):
+    with pytest.raises(UserError, match=f"distill does not take accelerate.s {kind} launch; launch with .accelerate launch --multi_gpu. and set train.sharding = .fsdp2."):
         DMDTrainer(load_recipe(tiny_recipe()), accelerator=SimpleNamespace(distributed_type=DistributedType[kind]))
     for fine in ("NO", "MULTI_CPU", "MULTI_GPU"):
         refuse_sharding(SimpleNamespace(distributed_type=DistributedType[fine]))
