@@ -19,10 +19,13 @@ stamp() { echo "[$((SECONDS - t0)) s] $*"; }
 
 RUNS=()
 if [ "$HALF" != v1 ]; then
-    # DMD2: two time-scale rule and GAN on real images (recipes/fashion.toml).
+    # DMD2: two time-scale rule and GAN on real images (recipes/fashion.toml), then its restart:
+    # a new run from the last checkpoint, 500 iterations (the recipe's comments say why).
     $DMD distill recipes/fashion.toml
+    $DMD distill recipes/fashion.toml --set run.out=runs/fashion-restart --set train.init_from=runs/fashion \
+        --set train.steps=500
     stamp "DMD2 distilled"
-    RUNS+=(runs/fashion)
+    RUNS+=(runs/fashion-restart)
 fi
 if [ "$HALF" != dmd2 ]; then
     # DMD v1: regression on teacher ODE pairs (Heun 18 steps, unguided, as the recipe's teacher).

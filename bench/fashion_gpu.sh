@@ -2,6 +2,7 @@
 # Issue 7's benchmark (bench/fashion.sh's commands) on one GPU machine inside a short lease.
 # These networks are far too small to fill a GPU, so the distillations run side by side:
 #   fashion           DMD2, recipes/fashion.toml as it stands (3,500 steps, the EDM teacher)
+#   fashion-restart   its restart: 500 more steps from its last checkpoint (the shipped student)
 #   fashion-dmd       DMD v1, bench/fashion.sh's settings (the recipe's 3,500 steps)
 # and, with LONG=N, two more: the same runs with train.steps=N and train.batch_size=LONG_BATCH
 # (fashion-long, fashion-dmd-long), and with VARIANTS="NAME:KEY=VALUE;KEY=VALUE NAME2:..." one
@@ -57,11 +58,14 @@ run make-pairs $DMD make-pairs --teacher edm --recipe recipes/fashion.toml --ste
     --batch-size "$BATCH" --out pairs/fashion || exit 1
 # The two DMD2 runs read Fashion-MNIST's training images: unpack them once, before both start.
 run fashion-mnist $PY -c "from dmdcli.datasets import load_images; load_images('fashion-mnist')" || exit 1
-RUNS=(fashion fashion-dmd)
+RUNS=(fashion fashion-restart fashion-dmd)
 [ "$LONG" -gt 0 ] && RUNS+=(fashion-long fashion-dmd-long)
 for variant in $VARIANTS; do RUNS+=("${variant%%:*}"); done
 stamp "${#RUNS[@]} distillations side by side, $CAP s each at most"
-run fashion capped $DMD distill recipes/fashion.toml & pids=($!)
+# DMD2, then its restart from the last checkpoint (500 iterations; recipes/fashion.toml says why).
+{ run fashion capped $DMD distill recipes/fashion.toml && run fashion-restart capped $DMD distill \
+    recipes/fashion.toml --set run.out=runs/fashion-restart --set train.init_from=runs/fashion --set train.steps=500; } &
+pids=($!)
 run fashion-dmd capped $DMD distill recipes/fashion.toml --set run.out=runs/fashion-dmd "${V1[@]}" & pids+=($!)
 if [ "$LONG" -gt 0 ]; then
     run fashion-long capped $DMD distill recipes/fashion.toml --set run.out=runs/fashion-long \
