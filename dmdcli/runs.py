@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import json
 import tomllib
+from functools import partial
 from pathlib import Path
 
 from safetensors.torch import load_file
 
+from . import sharding
 from .utils import checkpoint
 from .teachers import hub
 from .utils.errors import UserError
@@ -94,8 +96,11 @@ def init_from(trainer, source: Path) -> str:
     gen_file = ckpt / "generator_ema.safetensors"
     gen_file = gen_file if gen_file.is_file() else ckpt / "generator.safetensors"
     generator = trainer.acc.unwrap_model(trainer.generator)
+    # Sharded networks (train.sharding) take whole state dicts through torch's scatter.
+    load = partial(sharding.load_state_dict, broadcast=False) if trainer.sharded else \
+        (lambda net, state, strict=True: net.load_state_dict(state, strict=strict))
     try:
-        generator.load_state_dict(load_file(str(gen_file)))
+        load(generator, load_file(str(gen_file)))
     except RuntimeError as e:
         raise UserError(f"train.init_from: {gen_file} does not fit this recipe's generator "
                         f"({str(e).splitlines()[-1].strip()[:200]}); start from a run of the same teacher "
@@ -105,7 +110,7 @@ def init_from(trainer, source: Path) -> str:
     plain = (lambda k: k.removeprefix("critic."))
     theirs = {plain(k): v for k, v in load_file(str(ckpt / "critic.safetensors")).items()}
     matched = {k: theirs[plain(k)] for k in own if plain(k) in theirs and theirs[plain(k)].shape == own[k].shape}
-    critic.load_state_dict(matched, strict=False)
+    load(critic, matched, strict=False)
     if trainer.ema is not None:   # the EMA starts at the loaded weights
         trainer.ema.shadow_params = [p.detach().clone() for p in generator.parameters()]
     if trainer.critic_ema is not None:

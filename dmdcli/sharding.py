@@ -98,12 +98,12 @@ def full_optimizer_state(net: nn.Module, opt: torch.optim.Optimizer) -> dict:
     return get_optimizer_state_dict(net, opt, options=StateDictOptions(**OPTIONS))
 
 
-def load_state_dict(net: nn.Module, state: dict, strict: bool = True) -> None:
-    """Load a whole state dict into a sharded network: process 0's `state` is scattered (the
-    others may pass {}); every process calls it."""
+def load_state_dict(net: nn.Module, state: dict, strict: bool = True, broadcast: bool = True) -> None:
+    """Load a whole state dict into a sharded network; every process calls it. broadcast:
+    process 0's `state` is sent to the others (they may pass {}); else each passes its own."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
-    set_model_state_dict(net, state, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True,
+    set_model_state_dict(net, state, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=broadcast,
                                                               strict=strict))
 
 

@@ -145,14 +145,18 @@ def test_what_sharding_cannot_do_is_refused_in_one_line(tmp_path, setting, says)
 
 @linux_only
 def test_sharded_run_with_lora_gradient_checkpointing_bf16_and_previews(tmp_path):
-    """What sharding keeps: the critic's LoRA adapters train while its base weights stay the
-    teacher's, activation recomputation and FSDP2's bf16 policy run, and every process takes
-    part in the preview that process 0 writes."""
+    """What sharding keeps: a start from another run (train.init_from), the critic's LoRA
+    adapters training while its base weights stay the teacher's, activation recomputation,
+    FSDP2's bf16 policy, and a preview that every process takes part in and process 0 writes."""
+    first = sharded_recipe(tmp_path, "first", False)
+    assert run_dmd("distill", first, "--set", "train.steps=2", "--set", "train.lora_rank=2").returncode == 0
     recipe = sharded_recipe(tmp_path, "opts", True)
     done = launch(recipe, *[a for s in ("train.lora_rank=2", "train.gradient_checkpointing=true",
-                                        "train.mixed_precision='bf16'", "run.preview_samples=4")
+                                        "train.mixed_precision='bf16'", "run.preview_samples=4",
+                                        f"train.init_from='{tmp_path / 'runs' / 'first'}'")
                             for a in ("--set", s)])
     assert done.returncode == 0, done.stderr[-3000:]
+    assert "generator from generator_ema.safetensors" in done.stderr   # train.init_from, read sharded
     run = tmp_path / "runs" / "opts"
     assert (run / "previews" / f"step-{STEPS:08d}.png").is_file()
     critic = weights(run, STEPS, "critic")
