@@ -102,8 +102,9 @@ def activation_bytes(r: Recipe, teacher, generator, critic) -> dict[str, int]:
             "critic turn": saved_bytes(critic_turn, [critic], dtype)}
 
 
-def _networks(r: Recipe, teacher):
-    """The generator and the critic as the trainer makes them, on the meta device."""
+def _networks(r: Recipe, teacher, stop_at_bottleneck: bool = True):
+    """The generator and the critic as the trainer makes them, on the meta device (sharded
+    runs pass the whole critic for the GAN's logits: stop_at_bottleneck False)."""
     from .networks import CriticWithHead, add_lora, enable_gradient_checkpointing
     from .teachers import make_student
 
@@ -115,7 +116,7 @@ def _networks(r: Recipe, teacher):
             enable_gradient_checkpointing(net)
     if r.gan.generator_weight > 0 or r.gan.critic_weight > 0:
         with torch.device("meta"):
-            critic = CriticWithHead(critic)
+            critic = CriticWithHead(critic, stop_at_bottleneck=stop_at_bottleneck)
     return generator, critic
 
 
@@ -158,21 +159,25 @@ def estimate(r: Recipe, teacher, generator=None, critic=None) -> tuple[dict, dic
 def sharded_peak(r: Recipe, state: dict, acts: dict, generator, critic, processes: int) -> int:
     """The peak per process with generator and critic sharded over `processes` (FSDP2,
     dmdcli/sharding.py): their weights, gradients, AdamW state and EMA divided among the
-    processes; the frozen networks and the activations whole on each; plus the units FSDP2
-    gathers whole at once: the root's (embeddings, input and output layers, kept through a
-    pass) and the two largest blocks (the one running and the one prefetched), in bf16 under
-    mixed precision bf16."""
+    processes (in a generator turn with the GAN, the critic's gradients too: it is not frozen
+    there); the frozen networks and the activations (`acts`: measured with the whole critic
+    passed for the GAN's logits, as sharded runs do) whole on each; plus what FSDP2 holds
+    whole at once: both roots' layers (kept gathered), the two largest blocks (the one running
+    and the one prefetched) and, in backward, the largest block's unsharded gradients and its
+    fp32 reduce-scatter buffer. Gathers are bf16 under mixed precision bf16."""
     from .sharding import blocks
 
     unit_bytes = 2 if r.train.mixed_precision == "bf16" else 4
-    gathered = 0
-    for net in (generator, critic):
-        sizes = sorted((_params(b) for b in blocks(net)), reverse=True)
-        gathered = max(gathered, (_params(net) - sum(sizes) + sum(sizes[:2])) * unit_bytes)
-    grads = {"generator turn": sum(p.numel() * 4 for p in generator.parameters() if p.requires_grad),
-             "critic turn": sum(p.numel() * 4 for p in critic.parameters() if p.requires_grad)}
+    sizes = {id(net): sorted((_params(b) for b in blocks(net)), reverse=True) for net in (generator, critic)}
+    roots = sum(_params(net) - sum(sizes[id(net)]) for net in (generator, critic))
+    largest = max((v for s in sizes.values() for v in s[:1]), default=0)
+    running = max(sum(s[:2]) for s in sizes.values())
+    gathered = (roots + running) * unit_bytes + largest * (unit_bytes + 4)
+    grad_g = sum(p.numel() * 4 for p in generator.parameters() if p.requires_grad)
+    grad_c = sum(p.numel() * 4 for p in critic.parameters() if p.requires_grad)
+    grads = max(grad_g + (grad_c if r.gan.generator_weight > 0 else 0), grad_c)
     trained = sum(v for k, v in state.items() if k not in ("frozen", "gradients"))
-    return (trained + max(grads.values())) // processes + state["frozen"] + max(acts.values()) + gathered
+    return (trained + grads) // processes + state["frozen"] + max(acts.values()) + gathered
 
 
 def report(r: Recipe) -> str:
@@ -196,6 +201,9 @@ def report(r: Recipe) -> str:
     extras = {name: getattr(teacher, name, None) for name in FROZEN_PARTS}
     n_gen, n_critic = _params(generator), _params(critic)
     state, acts, peak = estimate(r, teacher, generator, critic)
+    # Sharded, the GAN's logits pass the whole critic (FSDP2 cannot stop at the bottleneck).
+    whole_acts = activation_bytes(r, teacher, generator, _networks(r, teacher, stop_at_bottleneck=False)[1]) \
+        if hasattr(critic, "head") else acts
     gan = hasattr(critic, "head")
     ckpt = "on" if r.train.gradient_checkpointing else "off"
     lines = ["# dry run: nothing was trained",
@@ -210,7 +218,7 @@ def report(r: Recipe) -> str:
              + (" (unsharded; train.sharding = 'fsdp2' below)" if r.train.sharding == "fsdp2" else ""),
              "# sharded with train.sharding = 'fsdp2' (generator and critic state split, frozen networks whole): "
              "peak per process about " + ", ".join(
-                 f"{size(sharded_peak(r, state, acts, generator, critic, n))} over {n}" for n in (2, 4, 8))]
+                 f"{size(sharded_peak(r, state, whole_acts, generator, critic, n))} over {n}" for n in (2, 4, 8))]
     if r.train.lora_rank:
         lines.append("# train.lora_rank: only the adapters have gradients and AdamW state")
     lines += [f"# {line}" for line in passes_per_iteration(r, bool(teacher.num_classes) or teacher.name == "sd")]

@@ -185,8 +185,9 @@ class DMDTrainer:
         k = int(torch.randint(len(ts), (1,), generator=torch.Generator().manual_seed(
             self.recipe.run.seed * 7919 + self.step))) if len(ts) > 1 else 0
         renoise = [self._randn(z.shape) for _ in range(k - 1)]
-        x = student_sample(self.acc.unwrap_model(self.generator), self.schedule, z, cond, ts[:k], renoise=renoise) \
-            if k else z * self.schedule.init_noise_sigma
+        with self.acc.autocast():   # as every other pass (sharded bf16 weights take no fp32 input)
+            x = student_sample(self.acc.unwrap_model(self.generator), self.schedule, z, cond, ts[:k],
+                               renoise=renoise) if k else z * self.schedule.init_noise_sigma
         if k:
             x = self.schedule.add_noise(x, self._randn(x.shape),
                                         torch.full((len(x),), ts[k], device=x.device, dtype=torch.long))
@@ -399,6 +400,8 @@ class DMDTrainer:
         labels = labels.to(self.acc.device) if labels is not None else None
         generator = self.acc.unwrap_model(self.generator)
         batch = self.teacher.preview_batch or n
+        if self.sharded:   # FSDP2 keeps the root's weights gathered after a no-grad forward (no backward
+            generator.reshard()   # reshards them): the swap below must reach the weights the next pass uses
         params = list(generator.parameters())
         if self.ema is not None:   # previews show what `sample` will use; the weights come back exactly
             self.ema.store(params)
@@ -411,6 +414,8 @@ class DMDTrainer:
                                               self.recipe.student.timesteps, g).float().cpu()
                                for i, c in zip(range(0, n, batch), conds)])
         finally:
+            if self.sharded:
+                generator.reshard()
             if self.ema is not None:
                 self.ema.restore(params)
         if self.acc.is_main_process:

@@ -22,7 +22,9 @@ def _weights(trainer, net) -> dict:
 
 
 def _optimizer(trainer, net, opt) -> dict:
-    if trainer.sharded:
+    # An optimiser that has not stepped yet is saved as it is: torch's gather would first take a
+    # zero step to create its state, and AdamW's next step would count from 2.
+    if trainer.sharded and opt.state:
         return sharding.full_optimizer_state(net, opt)
     return opt.state_dict() if trainer.acc.is_main_process else {}
 
@@ -93,8 +95,9 @@ def load(trainer, ckpt: Path) -> None:
         trainer.critic_ema.load_state_dict(load_file(str(ckpt / "critic_ema.safetensors")))
     if trainer.sharded:
         main = acc.is_main_process
-        sharding.load_optimizer_state(trainer.generator, trainer.opt_g, state["opt_g"] if main else {})
-        sharding.load_optimizer_state(trainer.critic, trainer.opt_c, state["opt_c"] if main else {})
+        for net, opt, key in ((trainer.generator, trainer.opt_g, "opt_g"), (trainer.critic, trainer.opt_c, "opt_c")):
+            if state[key]["state"]:   # (every process reads the same state file: they agree)
+                sharding.load_optimizer_state(net, opt, state[key] if main else {})
     else:
         trainer.opt_g.load_state_dict(state["opt_g"])
         trainer.opt_c.load_state_dict(state["opt_c"])

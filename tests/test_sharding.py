@@ -49,7 +49,7 @@ def sharded_recipe(tmp_path, name: str, sharded: bool):
             for i in range(4):
                 pixels = torch.randint(0, 256, (16, 16), generator=g, dtype=torch.uint8).numpy()
                 Image.fromarray(pixels, mode="L").save(tmp_path / "images" / str(c) / f"{i}.png")
-    extra = (f'lr_generator = 1e-3\nlr_critic = 1e-3\nema_decay = 0.9\n'
+    extra = (f'lr_generator = 1e-3\nlr_critic = 1e-3\nema_decay = 0.9\ncritic_warmup_steps = 4\n'
              + ('sharding = "fsdp2"\n' if sharded else "")
              + f'[gan]\ngenerator_weight = 3e-2\ncritic_weight = 1e-2\ndataset = "imagefolder:{tmp_path / "images"}"\n')
     path = unet2d_recipe(tmp_path / f"{name}.toml", teacher, tmp_path / "runs" / name, steps=STEPS, ratio=2, extra=extra)
@@ -71,7 +71,9 @@ def test_sharded_run_trains_as_one_process_resumes_after_sigkill_and_exports(tmp
     run SIGKILLed after its first checkpoint and rerun ends bitwise equal to the uninterrupted
     one; its checkpoint exports to a diffusers folder that reproduces `dmd sample`."""
     one, two = sharded_recipe(tmp_path, "one", False), sharded_recipe(tmp_path, "two", True)
-    every = ["--set", "run.checkpoint_every=4"]
+    # A checkpoint at step 4, before the generator's first step (critic warm-up), and a preview
+    # with every checkpoint (it swaps the EMA weights in and out).
+    every = ["--set", "run.checkpoint_every=4", "--set", "run.preview_samples=4"]
     first = run_dmd("distill", one, *every)
     assert first.returncode == 0, first.stderr
     second = launch(two, *every)
