@@ -126,5 +126,5 @@ def ema_state_dict(trainer) -> dict:
     for (name, _), shadow in zip(net.named_parameters(), trainer.ema.shadow_params):
         whole = sharding.full_tensor(shadow.detach())
         if name in state:
-            state[name] = whole.cpu().clone().to(state[name].dtype) if trainer.sharded else whole.clone().to(state[name].dtype)
+            state[name] = whole.to(state[name].device, state[name].dtype, copy=True)
     return state
