@@ -44,8 +44,10 @@ demo-toy2d: $(BIN)/dmd
 	$(BIN)/dmd sample runs/toy2d --num 10000 --out runs/toy2d/samples
 	$(BIN)/dmd fid runs/toy2d/samples --ref gmm
 
+# One pytest worker a core (pytest-xdist; tests/conftest.py gives each worker its share of the
+# threads and hands out the long tests first); the slowest ten are listed.
 test: $(BIN)/dmd | $(FASHION)
-	$(BIN)/python -m pytest -q -m "not slow"
+	$(BIN)/python -m pytest -q -m "not slow" -n auto --durations=10
 
 test-slow: $(BIN)/dmd
 	$(BIN)/python -m pytest -q -m slow

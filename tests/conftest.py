@@ -8,6 +8,44 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 ROOT = Path(__file__).resolve().parents[1]
 
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+    # `make test` runs `pytest -n auto`: the workers share the cores, each with its share of threads,
+    # and so do the processes a worker starts (OMP_NUM_THREADS is read by torch in each of them).
+    import torch
+
+    _threads = max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))
+    os.environ["OMP_NUM_THREADS"] = str(_threads)
+    torch.set_num_threads(_threads)
+
+
+# Modules with tests of a minute or more (`make test` lists the slowest): collected first, so that
+# the workers of `pytest -n` start on them and finish together, not one waiting on the last.
+LONG_FIRST = ("test_sharding", "test_toy2d", "test_demo", "test_fault_injection", "test_multiprocess",
+              "test_compare", "test_edm", "test_shipped_teacher", "test_resume", "test_signals")
+
+
+def pytest_collection_modifyitems(items):
+    rank = {name: i for i, name in enumerate(LONG_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.stem, len(rank)))   # stable: the rest keep their order
+
+
+def launch_command(*args, processes: int = 2) -> list[str]:
+    """`accelerate launch` of `dmd ARGS` on `processes` CPU processes (DDP over gloo), on a free port
+    so that launches in parallel test workers do not meet on accelerate's default 29500."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
+            "--num_machines", "1", "--main_process_port", str(port), "--mixed_precision", "no",
+            "--dynamo_backend", "no", "-m", "dmdcli", *map(str, args)]
+
+
+def launch_env() -> dict:
+    """The environment of a launched run: offline, quiet, one thread a process."""
+    return {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
+
 
 def run_dmd(*args, cwd=None, timeout=600):
     """Run `python -m dmdcli` in a subprocess; returns CompletedProcess with text output."""

@@ -13,16 +13,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import ROOT
+from conftest import ROOT, launch_command, launch_env
 from dmdcli.utils import checkpoint
 
 
 def launch(recipe, *extra, command="distill"):
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-           "-m", "dmdcli", command, *map(str, [recipe, *extra] if recipe else extra)]
-    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    cmd = launch_command(command, *([recipe, *extra] if recipe else extra))
+    return subprocess.run(cmd, cwd=ROOT, env=launch_env(), capture_output=True, text=True, timeout=600)
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="gloo DDP on Linux")
@@ -76,11 +73,7 @@ def test_sigterm_to_one_rank_stops_every_rank_at_one_checkpoint(tmp_path, tiny_r
     alone would leave the other waiting in a collective)."""
     recipe = tiny_recipe(steps=100000, checkpoint_every=10)
     run_dir = tmp_path / "runs" / "tiny"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu",
-                             "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
-                             "--dynamo_backend", "no", "-m", "dmdcli", "distill", str(recipe)],
-                            cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    proc = subprocess.Popen(launch_command("distill", recipe), cwd=ROOT, env=launch_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
     deadline = time.time() + 300
     while time.time() < deadline and not (run_dir / "checkpoints" / "step-00000010").exists() \
@@ -118,8 +111,7 @@ def test_a_run_folder_the_processes_do_not_share_is_refused(tmp_path, tiny_recip
     for rank in (0, 1):
         node = tmp_path / f"node{rank}"
         node.mkdir()
-        env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1",
-               "PYTHONPATH": str(ROOT), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": "2",
+        env = {**launch_env(), "PYTHONPATH": str(ROOT), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": "2",
                "RANK": str(rank), "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1", "NODE_RANK": str(rank)}
         procs.append(subprocess.Popen([sys.executable, "-m", "dmdcli", "distill", str(recipe), "--set",
                                        'run.out="runs/tiny"'], cwd=node, env=env, stdout=subprocess.PIPE,

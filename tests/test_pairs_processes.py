@@ -8,7 +8,7 @@ import subprocess
 import sys
 import time
 
-from conftest import ROOT, run_dmd
+from conftest import ROOT, launch_command, launch_env, run_dmd
 from dmdcli.teachers.gmm import GMMTeacher
 from dmdcli.pairs import verify_pairs
 from dmdcli.recipe import GMMConfig
@@ -25,11 +25,8 @@ def shards(folder):
 def test_one_and_two_processes_make_the_same_pairs(tmp_path):
     one = run_dmd(*ARGS, "--num", "90", "--shard-size", "16", "--out", tmp_path / "one")
     assert one.returncode == 0, one.stderr
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
-    two = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-                          "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-                          "-m", "dmdcli", *ARGS, "--num", "90", "--shard-size", "16", "--out", str(tmp_path / "two")],
-                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    two = subprocess.run(launch_command(*ARGS, "--num", "90", "--shard-size", "16", "--out", tmp_path / "two"),
+                         cwd=ROOT, env=launch_env(), capture_output=True, text=True, timeout=300)
     assert two.returncode == 0, two.stderr[-3000:]
     assert len(shards(tmp_path / "one")) == 6
     assert shards(tmp_path / "one") == shards(tmp_path / "two")

@@ -9,13 +9,12 @@ import subprocess
 import sys
 import time
 
-import numpy as np
 import pytest
 import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from conftest import ROOT, run_dmd
+from conftest import ROOT, launch_command, launch_env, run_dmd
 from test_multiprocess import launch
 from tiny_models import save_tiny_unet2d, unet2d_recipe
 
@@ -49,7 +48,7 @@ def sharded_recipe(tmp_path, name: str, sharded: bool):
             for i in range(4):
                 pixels = torch.randint(0, 256, (16, 16), generator=g, dtype=torch.uint8).numpy()
                 Image.fromarray(pixels, mode="L").save(tmp_path / "images" / str(c) / f"{i}.png")
-    extra = (f'lr_generator = 1e-3\nlr_critic = 1e-3\nema_decay = 0.9\ncritic_warmup_steps = 4\n'
+    extra = ('lr_generator = 1e-3\nlr_critic = 1e-3\nema_decay = 0.9\ncritic_warmup_steps = 4\n'
              + ('sharding = "fsdp2"\n' if sharded else "")
              + f'[gan]\ngenerator_weight = 3e-2\ncritic_weight = 1e-2\ndataset = "imagefolder:{tmp_path / "images"}"\n')
     path = unet2d_recipe(tmp_path / f"{name}.toml", teacher, tmp_path / "runs" / name, steps=STEPS, ratio=2, extra=extra)
@@ -90,11 +89,7 @@ def test_sharded_run_trains_as_one_process_resumes_after_sigkill_and_exports(tmp
 
     # SIGKILL after the step-4 checkpoint (the whole launch: launcher and both ranks), then rerun.
     killed = sharded_recipe(tmp_path, "killed", True)
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-                             "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-                             "-m", "dmdcli", "distill", str(killed), *every],
-                            cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    proc = subprocess.Popen(launch_command("distill", killed, *every), cwd=ROOT, env=launch_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None and \
