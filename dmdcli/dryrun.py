@@ -201,10 +201,10 @@ def report(r: Recipe) -> str:
     extras = {name: getattr(teacher, name, None) for name in FROZEN_PARTS}
     n_gen, n_critic = _params(generator), _params(critic)
     state, acts, peak = estimate(r, teacher, generator, critic)
+    gan = hasattr(critic, "head")
     # Sharded, the GAN's logits pass the whole critic (FSDP2 cannot stop at the bottleneck).
     whole_acts = activation_bytes(r, teacher, generator, _networks(r, teacher, stop_at_bottleneck=False)[1]) \
-        if hasattr(critic, "head") else acts
-    gan = hasattr(critic, "head")
+        if gan else acts
     ckpt = "on" if r.train.gradient_checkpointing else "off"
     lines = ["# dry run: nothing was trained",
              f"# parameters: generator {n_gen:,}, critic {n_critic:,}" + (" (GAN head included)" if gan else "")

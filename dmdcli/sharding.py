@@ -17,6 +17,8 @@ back (process 0 reads, the others receive). Optimiser states are keyed by parame
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 from torch import nn
 
@@ -67,16 +69,14 @@ def shard(net: nn.Module, device: torch.device, mixed_precision: str) -> nn.Modu
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 
     mesh = init_device_mesh(device.type, (torch.distributed.get_world_size(),))
-    bf16 = mixed_precision == "bf16"
-    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 \
-        else MixedPrecisionPolicy()
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
+        if mixed_precision == "bf16" else MixedPrecisionPolicy()
     net.to(device)
     for block in blocks(net):
         fully_shard(block, mesh=mesh, mp_policy=policy)
     # The root's inputs stay as given (autocast casts per op): EDM's skip connection reads x_t in
     # fp32, where a bf16 copy's rounding is as large as the smallest sigmas.
-    fully_shard(net, mesh=mesh, mp_policy=MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32,
-                                                               cast_forward_inputs=False) if bf16 else policy)
+    fully_shard(net, mesh=mesh, mp_policy=dataclasses.replace(policy, cast_forward_inputs=False))
     if hasattr(net, "logits"):   # CriticWithHead's GAN pass, called outside forward
         register_fsdp_forward_method(net, "logits")
     return net

@@ -73,8 +73,8 @@ def test_sigterm_to_one_rank_stops_every_rank_at_one_checkpoint(tmp_path, tiny_r
     alone would leave the other waiting in a collective)."""
     recipe = tiny_recipe(steps=100000, checkpoint_every=10)
     run_dir = tmp_path / "runs" / "tiny"
-    proc = subprocess.Popen(launch_command("distill", recipe), cwd=ROOT, env=launch_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
+    proc = subprocess.Popen(launch_command("distill", recipe), cwd=ROOT, env=launch_env(), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
     deadline = time.time() + 300
     while time.time() < deadline and not (run_dir / "checkpoints" / "step-00000010").exists() \
             and proc.poll() is None:
@@ -111,8 +111,8 @@ def test_a_run_folder_the_processes_do_not_share_is_refused(tmp_path, tiny_recip
     for rank in (0, 1):
         node = tmp_path / f"node{rank}"
         node.mkdir()
-        env = {**launch_env(), "PYTHONPATH": str(ROOT), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": "2",
-               "RANK": str(rank), "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1", "NODE_RANK": str(rank)}
+        env = {**launch_env(), "PYTHONPATH": str(ROOT), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
+               "WORLD_SIZE": "2", "RANK": str(rank), "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1", "NODE_RANK": str(rank)}
         procs.append(subprocess.Popen([sys.executable, "-m", "dmdcli", "distill", str(recipe), "--set",
                                        'run.out="runs/tiny"'], cwd=node, env=env, stdout=subprocess.PIPE,
                                       stderr=subprocess.PIPE, text=True))

@@ -89,8 +89,8 @@ def test_sharded_run_trains_as_one_process_resumes_after_sigkill_and_exports(tmp
 
     # SIGKILL after the step-4 checkpoint (the whole launch: launcher and both ranks), then rerun.
     killed = sharded_recipe(tmp_path, "killed", True)
-    proc = subprocess.Popen(launch_command("distill", killed, *every), cwd=ROOT, env=launch_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
+    proc = subprocess.Popen(launch_command("distill", killed, *every), cwd=ROOT, env=launch_env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None and \
             not (runs / "killed" / "checkpoints" / "step-00000004").exists():
