@@ -135,14 +135,17 @@ class TrainConfig:
     critic_ema_decay: float = 0.0
     # A new run's generator (and its critic, where names and shapes match) start from another
     # run's newest checkpoint (its EMA generator where it kept one) or from one checkpoint
-    # folder; read once, when the run has no checkpoint of its own. "Regress, then DMD2"
-    # (the authors' SDXL 1-step) and SD1.5's stage two (GAN on real images) are two commands.
+    # folder, or from a student written by `dmd export` (the shipped fashion-mnist-dmd2 too; the
+    # critic then starts from the teacher); read once, when the run has no checkpoint of its own.
+    # "Regress, then DMD2" (the authors' SDXL 1-step) and SD1.5's stage two (GAN on real images)
+    # are two commands.
     init_from: str = ""
 
 
 @dataclass
 class RegressionConfig:
-    """DMD v1 only: loss on teacher ODE pairs made by `dmd make-pairs`."""
+    """DMD v1's loss on teacher ODE pairs made by `dmd make-pairs`; under dmd2 it adds to the
+    generator's loss as well (recipes/toy2d.toml)."""
     pairs: str = ""                     # a folder made by `dmd make-pairs`
     weight: float = 0.25                # the paper's lambda_reg
     # "lpips" is the paper's (on decoded images, upsampled to 224) and needs lpips_weights.

@@ -88,19 +88,30 @@ def init_from(trainer, source: Path) -> str:
     the generator whole (the EMA weights where that run kept them), the critic's tensors
     whose names and shapes match (a GAN head is new when that run had none). Returns a
     line saying what was read."""
-    ckpt = source if (source / "generator.safetensors").is_file() else \
+    if not source.exists() and str(source) in hub.SHIPPED_STUDENTS:
+        source = hub.SHIPPED_STUDENTS[str(source)]
+    exported = exported_student(source) is not None
+    ckpt = source if exported or (source / "generator.safetensors").is_file() else \
         checkpoint.newest_for_all(source) if source.is_dir() else None
     if ckpt is None:
         raise UserError(f"train.init_from = {str(source)!r} holds no checkpoint; give a `dmd distill` run "
-                        f"folder with checkpoints/ or one of its checkpoints/step-* folders")
-    gen_file = ckpt / "generator_ema.safetensors"
+                        f"folder with checkpoints/, one of its checkpoints/step-* folders, or a student "
+                        f"written by `dmd export`")
+    gen_file = ckpt / ("model.safetensors" if exported else "generator_ema.safetensors")
     gen_file = gen_file if gen_file.is_file() else ckpt / "generator.safetensors"
     generator = trainer.acc.unwrap_model(trainer.generator)
     # Sharded networks (train.sharding) take whole state dicts through torch's scatter.
     load = partial(sharding.load_state_dict, broadcast=False) if trainer.sharded else \
         (lambda net, state, strict=True: net.load_state_dict(state, strict=strict))
     try:
-        load(generator, load_file(str(gen_file)))
+        # An exported student holds the network alone (float16 in the shipped one): the
+        # generator's own parameters take its values in their own dtype.
+        state = load_file(str(gen_file))
+        if exported:
+            own = generator.state_dict()
+            state = {**own, **{f"model.{k}": v.to(own[f"model.{k}"].dtype) if f"model.{k}" in own else v
+                               for k, v in state.items()}}
+        load(generator, state)
     except RuntimeError as e:
         raise UserError(f"train.init_from: {gen_file} does not fit this recipe's generator "
                         f"({str(e).splitlines()[-1].strip()[:200]}); start from a run of the same teacher "
@@ -108,7 +119,9 @@ def init_from(trainer, source: Path) -> str:
     critic = trainer.acc.unwrap_model(trainer.critic)
     own = critic.state_dict()
     plain = (lambda k: k.removeprefix("critic."))
-    theirs = {plain(k): v for k, v in load_file(str(ckpt / "critic.safetensors")).items()}
+    # An exported student has no critic: the critic stays the teacher's copy, as in a fresh run.
+    theirs = {} if exported else \
+        {plain(k): v for k, v in load_file(str(ckpt / "critic.safetensors")).items()}
     matched = {k: theirs[plain(k)] for k in own if plain(k) in theirs and theirs[plain(k)].shape == own[k].shape}
     load(critic, matched, strict=False)
     if trainer.ema is not None:   # the EMA starts at the loaded weights

@@ -77,3 +77,26 @@ def test_shipped_student_is_small_and_draws_its_classes_in_one_step(tmp_path):
     with torch.no_grad():
         pred = classifier.classify((samples["x"].clamp(-1, 1) + 1) * 127.5).argmax(1)
     assert (pred == samples["label"]).float().mean() >= 0.7
+
+
+def test_a_run_starts_from_the_shipped_student(tmp_path):
+    """train.init_from = "fashion-mnist-dmd2": the generator (and its EMA) starts at the shipped
+    float16 weights, the critic at the teacher's, as in a fresh run (an export has no critic)."""
+    from dmdcli.recipe import load_recipe
+    from dmdcli.runs import init_from
+    from dmdcli.trainer import DMDTrainer
+
+    recipe = load_recipe(Path(dmdcli.__file__).resolve().parents[1] / "recipes" / "fashion.toml",
+                         [f"run.out='{tmp_path / 'run'}'", "gan.generator_weight=0", "gan.critic_weight=0",
+                          "train.ema_decay=0.99"])
+    tr = DMDTrainer(recipe)
+    critic_before = {k: v.clone() for k, v in tr.acc.unwrap_model(tr.critic).state_dict().items()}
+    said = init_from(tr, Path("fashion-mnist-dmd2"))
+    assert said.startswith(f"initialised from {STUDENT_ASSET}: generator from model.safetensors, critic 0 of")
+    gen = tr.acc.unwrap_model(tr.generator)
+    shipped = load_file(str(STUDENT_ASSET / "model.safetensors"))
+    own = gen.model.state_dict()
+    assert all(torch.equal(own[k], v.float()) for k, v in shipped.items()) and len(own) == len(shipped)
+    assert all(torch.equal(s, p) for s, p in zip(tr.ema.shadow_params, gen.parameters()))
+    critic = tr.acc.unwrap_model(tr.critic).state_dict()
+    assert all(torch.equal(critic[k], v) for k, v in critic_before.items())
