@@ -29,7 +29,7 @@ def main():
                                            "run.log_with='none'", *over])
     distill(r)
     _, teacher, generator, _ = load_student(r.run.out)
-    z = torch.randn(10000, 2, generator=torch.Generator().manual_seed(123))
+    z = torch.randn(10000, teacher.mixture.dim, generator=torch.Generator().manual_seed(123))
     m = teacher.mixture.mode_metrics(student_sample(generator, teacher.schedule, z, None, [999]))
     spread, mass = m["mode_spread_ratio"], m["mode_mass_ratio"]
     print(f"{name} {over}: precision {m['precision']:.3f}  spread {min(spread):.2f}..{max(spread):.2f}  "

@@ -1,6 +1,8 @@
-"""The algorithm, proven on the exact teacher: DMD2-style training of recipes/toy2d.toml
-(shortened) reaches the mode targets under VP noise and under rectified flow (the same
-mixture, teacher.gmm.schedule = "flow"); flipping the DM gradient's sign does not."""
+"""The algorithm, proven on the exact teacher. recipes/toy2d.toml (shortened) is DMD2 plus
+regression on the teacher's ODE pairs: it must reach the mode targets and the modes' shape
+(every mode's spread within 0.8..1.2 of the mixture's). The DM gradient is checked alone
+(no pairs, which would teach the modes by themselves): under rectified flow it reaches the mode
+targets, and flipped under VP it does not."""
 
 from pathlib import Path
 
@@ -8,19 +10,29 @@ import pytest
 import torch
 
 from dmdcli import losses
+from dmdcli.pairs import PairSettings, make_pairs
 from dmdcli.recipe import load_recipe
 from dmdcli.runs import load_student
 from dmdcli.sampling import student_sample
 from dmdcli.runner import distill
+from dmdcli.teachers.gmm import GMMTeacher
 
 RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "toy2d.toml"
-# The test variant: 4,000 iterations (500 critic warm-up, 700 generator steps) at batch 256,
-# about 35 s on 2 cores. Seeds 0-2 reached precision 0.92-0.94 here.
-SHORT = ["train.steps=4000", "train.batch_size=256", "run.preview_samples=0"]
+# The recipe's test variant: its 8,000 iterations at batch 256 instead of 512, on 8,192 pairs
+# instead of 32,768 (about 80 s on one thread). At 4,000 iterations the modes are still 1.15 to
+# 1.29 times too wide (BENCHMARKS.md). The DM gradient alone is checked on the short variant:
+# 4,000 iterations (500 critic warm-up, 700 generator steps) at batch 256, about 40 s.
+HALF = ["train.batch_size=256", "run.preview_samples=0"]
+SHORT = ["train.steps=4000", *HALF]
+NO_PAIRS = ["regression.pairs=''"]
 
 
-def train_and_measure(tmp_path: Path, overrides=()) -> dict:
-    recipe = load_recipe(RECIPE, [*SHORT, f"run.out={tmp_path / 'run'}", *overrides])
+def train_and_measure(tmp_path: Path, overrides=SHORT) -> dict:
+    recipe = load_recipe(RECIPE, [f"run.out={tmp_path / 'run'}", f"regression.pairs={tmp_path / 'pairs'}",
+                                  *overrides])
+    if recipe.regression.pairs:   # the recipe's make-pairs command, at a quarter of its size
+        make_pairs(GMMTeacher(recipe.teacher.gmm), Path(recipe.regression.pairs), 8192,
+                   PairSettings(steps=50, shard_size=8192), batch_size=4096)
     distill(recipe)
     _, teacher, generator, _ = load_student(recipe.run.out)
     z = torch.randn(10000, 2, generator=torch.Generator().manual_seed(123))
@@ -32,16 +44,30 @@ def passes_mode_test(m: dict) -> bool:
     return m["precision"] >= 0.85 and all(0.5 <= r <= 1.5 for r in m["mode_mass_ratio"])
 
 
-@pytest.mark.parametrize("schedule", ["vp", "flow"])
-def test_toy2d_student_covers_every_mode(tmp_path, schedule):
-    m = train_and_measure(tmp_path, [f"teacher.gmm.schedule={schedule}"])
+def has_the_modes_shape(m: dict) -> bool:
+    """Issue 25's target, every mode's spread within 0.8..1.2 of the mixture's, with at most 4
+    points more samples between modes than exact samples have and the worst mode's energy
+    distance under 0.2 mode stds (exact samples: below 0.01; the recipe's runs: 0.02 to 0.15).
+    The recipe without its pairs: spread up to 1.29 to 1.36, 7 to 10% between modes (exact:
+    1.4%), energy 0.14 to 0.29."""
+    return (all(0.8 <= r <= 1.2 for r in m["mode_spread_ratio"]) and m["far_share"] <= m["far_share_exact"] + 0.04
+            and m["mode_energy"] < 0.2)
+
+
+def test_toy2d_recipe_gets_every_mode_and_its_shape(tmp_path):
+    m = train_and_measure(tmp_path, HALF)
+    assert passes_mode_test(m) and has_the_modes_shape(m), m
+
+
+def test_toy2d_dm_gradient_alone_covers_every_mode_under_flow(tmp_path):
+    m = train_and_measure(tmp_path, [*SHORT, "teacher.gmm.schedule=flow", *NO_PAIRS])
     assert passes_mode_test(m), m
 
 
 def test_toy2d_with_flipped_dm_gradient_fails(tmp_path, monkeypatch):
     """The mode test sees a wrong DM gradient. One noise path is enough: both reach
     losses.dm_gradient through the same call, after their own conversions to x0, and a wrong
-    conversion fails the flow half of the test above."""
+    conversion fails the flow test above."""
     real = losses.dm_gradient
 
     def flipped(x, x0_real, x0_fake):
@@ -49,16 +75,19 @@ def test_toy2d_with_flipped_dm_gradient_fails(tmp_path, monkeypatch):
         return -grad, bad
 
     monkeypatch.setattr(losses, "dm_gradient", flipped)
-    m = train_and_measure(tmp_path)
+    m = train_and_measure(tmp_path, [*SHORT, *NO_PAIRS])
     assert not passes_mode_test(m), m
 
 
 @pytest.mark.slow
 def test_toy2d_full_recipe(tmp_path):
-    """The recipe exactly as shipped (about 90 s), as recorded in BENCHMARKS.md."""
-    recipe = load_recipe(RECIPE, [f"run.out={tmp_path / 'run'}"])
+    """The recipe exactly as shipped (its 32,768 pairs; about 2 minutes), as recorded in
+    BENCHMARKS.md."""
+    recipe = load_recipe(RECIPE, [f"run.out={tmp_path / 'run'}", f"regression.pairs={tmp_path / 'pairs'}"])
+    make_pairs(GMMTeacher(recipe.teacher.gmm), Path(recipe.regression.pairs), 32768,
+               PairSettings(steps=50, shard_size=8192), batch_size=4096)
     distill(recipe)
     _, teacher, generator, _ = load_student(recipe.run.out)
     z = torch.randn(10000, 2, generator=torch.Generator().manual_seed(123))
     m = teacher.mixture.mode_metrics(student_sample(generator, teacher.schedule, z, None, [999]))
-    assert passes_mode_test(m), m
+    assert passes_mode_test(m) and has_the_modes_shape(m), m
