@@ -28,13 +28,15 @@ if [ "$HALF" != v1 ]; then
     RUNS+=(runs/fashion-restart)
 fi
 if [ "$HALF" != dmd2 ]; then
-    # DMD v1: regression on teacher ODE pairs (Heun 18 steps, unguided, as the recipe's teacher).
+    # DMD v1: regression on teacher ODE pairs (Heun 18 steps, unguided, as the recipe's teacher),
+    # one critic step per generator step, the generator at 1e-4 and regression weight 1 (at the
+    # recipe's 3e-4 and the paper's 0.25 every class collapsed to one image; BENCHMARKS.md).
     $DMD make-pairs --teacher edm --recipe recipes/fashion.toml --steps 18 --sampler heun --num 4096 \
         --batch-size "$BATCH" --out pairs/fashion
     stamp "pairs made"
     $DMD distill recipes/fashion.toml --set run.out=runs/fashion-dmd --set train.method=dmd \
         --set train.critic_steps_per_generator_step=1 --set regression.pairs=pairs/fashion \
-        --set gan.generator_weight=0 --set gan.critic_weight=0
+        --set regression.weight=1.0 --set train.lr_generator=1e-4 --set gan.generator_weight=0 --set gan.critic_weight=0
     stamp "DMD v1 distilled"
     RUNS+=(runs/fashion-dmd)
 fi

@@ -49,8 +49,10 @@ run() {   # run NAME CMD...: log to $LOGS/NAME.log; print its tail and return 1 
 }
 fail=0
 wait_all() { local p; for p in "$@"; do wait "$p" || fail=1; done; }
+# DMD v1: one critic step per generator step; the generator at 1e-4 and regression weight 1 (at
+# the recipe's 3e-4 and the paper's 0.25 every class collapsed to one image; BENCHMARKS.md).
 V1=(--set train.method=dmd --set train.critic_steps_per_generator_step=1 --set regression.pairs=pairs/fashion
-    --set gan.generator_weight=0 --set gan.critic_weight=0)
+    --set regression.weight=1.0 --set train.lr_generator=1e-4 --set gan.generator_weight=0 --set gan.critic_weight=0)
 capped() { timeout -s TERM -k 60 "$CAP" "$@"; }
 
 stamp "make-pairs ($PAIRS pairs, Heun 18 steps, unguided: the EDM teacher's default)"
