@@ -104,13 +104,11 @@ def init_from(trainer, source: Path) -> str:
     load = partial(sharding.load_state_dict, broadcast=False) if trainer.sharded else \
         (lambda net, state, strict=True: net.load_state_dict(state, strict=strict))
     try:
-        # An exported student holds the network alone (float16 in the shipped one): the
-        # generator's own parameters take its values in their own dtype.
         state = load_file(str(gen_file))
-        if exported:
+        if exported:   # the generator's network alone, float16 in the shipped student: cast to ours
             own = generator.state_dict()
-            state = {**own, **{f"model.{k}": v.to(own[f"model.{k}"].dtype) if f"model.{k}" in own else v
-                               for k, v in state.items()}}
+            state = {f"model.{k}": v.to(own[f"model.{k}"].dtype) if f"model.{k}" in own else v
+                     for k, v in state.items()}
         load(generator, state)
     except RuntimeError as e:
         raise UserError(f"train.init_from: {gen_file} does not fit this recipe's generator "

@@ -1,14 +1,17 @@
 """The Fashion-MNIST teacher shipped in the package: small, loadable by name, and it draws a
 grid of garments, one class a column (the grid in docs/ was made the same way, 10 rows at 32 steps)."""
 
+import shutil
 from pathlib import Path
 
+import pytest
 import torch
 from PIL import Image
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 import dmdcli
 from dmdcli.cli import main
+from dmdcli.utils.errors import UserError
 
 ASSET = Path(dmdcli.__file__).resolve().parent / "assets" / "fashion-teacher"
 
@@ -100,3 +103,10 @@ def test_a_run_starts_from_the_shipped_student(tmp_path):
     assert all(torch.equal(s, p) for s, p in zip(tr.ema.shadow_params, gen.parameters()))
     critic = tr.acc.unwrap_model(tr.critic).state_dict()
     assert all(torch.equal(critic[k], v) for k, v in critic_before.items())
+    # An export that lacks one of the generator's tensors is refused, not half-read.
+    partial = tmp_path / "partial"
+    shutil.copytree(STUDENT_ASSET, partial)
+    save_file({k: v for k, v in shipped.items() if k != sorted(shipped)[0]}, str(partial / "model.safetensors"))
+    with pytest.raises(UserError, match=f"train.init_from: {partial / 'model.safetensors'} does not fit this "
+                                        f"recipe's generator \\(Missing key"):
+        init_from(tr, partial)

@@ -28,11 +28,11 @@ SHORT = ["train.steps=4000", *HALF]
 NO_PAIRS = ["regression.pairs=''"]
 
 
-def train_and_measure(tmp_path: Path, overrides=SHORT) -> dict:
+def train_and_measure(tmp_path: Path, overrides=SHORT, num_pairs: int = 8192) -> dict:
     recipe = load_recipe(RECIPE, [f"run.out={tmp_path / 'run'}", f"regression.pairs={tmp_path / 'pairs'}",
                                   *overrides])
-    if recipe.regression.pairs:   # the recipe's make-pairs command, at a quarter of its size
-        make_pairs(GMMTeacher(recipe.teacher.gmm), Path(recipe.regression.pairs), 8192,
+    if recipe.regression.pairs:   # the recipe's make-pairs command (32,768 pairs there)
+        make_pairs(GMMTeacher(recipe.teacher.gmm), Path(recipe.regression.pairs), num_pairs,
                    PairSettings(steps=50, shard_size=8192), batch_size=4096)
     distill(recipe)
     _, teacher, generator, _ = load_student(recipe.run.out)
@@ -84,11 +84,5 @@ def test_toy2d_with_flipped_dm_gradient_fails(tmp_path, monkeypatch):
 def test_toy2d_full_recipe(tmp_path):
     """The recipe exactly as shipped (its 32,768 pairs; about 2 minutes), as recorded in
     BENCHMARKS.md."""
-    recipe = load_recipe(RECIPE, [f"run.out={tmp_path / 'run'}", f"regression.pairs={tmp_path / 'pairs'}"])
-    make_pairs(GMMTeacher(recipe.teacher.gmm), Path(recipe.regression.pairs), 32768,
-               PairSettings(steps=50, shard_size=8192), batch_size=4096)
-    distill(recipe)
-    _, teacher, generator, _ = load_student(recipe.run.out)
-    z = torch.randn(10000, 2, generator=torch.Generator().manual_seed(123))
-    m = teacher.mixture.mode_metrics(student_sample(generator, teacher.schedule, z, None, [999]))
+    m = train_and_measure(tmp_path, [], num_pairs=32768)
     assert passes_mode_test(m) and has_the_modes_shape(m), m
