@@ -16,11 +16,13 @@ class MLPDenoiser(nn.Module):
     """net(x_t, t, labels) -> prediction of `prediction_type` ("sample", "epsilon", ...).
 
     Input: x_t, a sinusoidal embedding of t, and a learned class embedding whose last row
-    is the null class (for classifier-free guidance) when num_classes is set.
+    is the null class (for classifier-free guidance) when num_classes is set. activation:
+    "silu" (smooth, for scores) or "relu" (piecewise linear, for maps with sharp edges).
     """
 
     def __init__(self, dim: int, hidden: int = 256, layers: int = 3, num_classes: int | None = None,
-                 prediction_type: str = "epsilon", time_channels: int = 32, num_train_timesteps: int = 1000):
+                 prediction_type: str = "epsilon", time_channels: int = 32, num_train_timesteps: int = 1000,
+                 activation: str = "silu"):
         super().__init__()
         self.prediction_type = prediction_type
         self.time_channels = time_channels
@@ -30,7 +32,7 @@ class MLPDenoiser(nn.Module):
         widths = [dim + time_channels + (hidden if num_classes else 0)] + [hidden] * layers
         body: list[nn.Module] = []
         for a, b in zip(widths[:-1], widths[1:]):
-            body += [nn.Linear(a, b), nn.SiLU()]
+            body += [nn.Linear(a, b), {"silu": nn.SiLU, "relu": nn.ReLU}[activation]()]
         self.body = nn.Sequential(*body, nn.Linear(hidden, dim))
 
     def forward(self, x_t: torch.Tensor, t: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
