@@ -17,6 +17,7 @@ back (process 0 reads, the others receive). Optimiser states are keyed by parame
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 
 import torch
@@ -80,6 +81,28 @@ def shard(net: nn.Module, device: torch.device, mixed_precision: str) -> nn.Modu
     if hasattr(net, "logits"):   # CriticWithHead's GAN pass, called outside forward
         register_fsdp_forward_method(net, "logits")
     return net
+
+
+@contextlib.contextmanager
+def ema_weights(net: nn.Module, ema):
+    """`net` computing with the weights of `ema` (diffusers' EMAModel; None: its own) inside the
+    block and exactly its own after it. Sharded, the root is resharded on the way in and out:
+    FSDP2 keeps the root's weights gathered after a no-grad forward (only a backward reshards
+    them), so a swap that did not reshard would miss the weights the next forward uses."""
+    sharded = is_sharded(net)
+    if sharded:
+        net.reshard()
+    params = list(net.parameters())
+    if ema is not None:
+        ema.store(params)
+        ema.copy_to(params)
+    try:
+        yield net
+    finally:
+        if sharded:
+            net.reshard()
+        if ema is not None:
+            ema.restore(params)
 
 
 def is_sharded(net: nn.Module) -> bool:

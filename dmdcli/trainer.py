@@ -400,24 +400,15 @@ class DMDTrainer:
         labels = labels.to(self.acc.device) if labels is not None else None
         generator = self.acc.unwrap_model(self.generator)
         batch = self.teacher.preview_batch or n
-        if self.sharded:   # FSDP2 keeps the root's weights gathered after a no-grad forward (no backward
-            generator.reshard()   # reshards them): the swap below must reach the weights the next pass uses
-        params = list(generator.parameters())
-        if self.ema is not None:   # previews show what `sample` will use; the weights come back exactly
-            self.ema.store(params)
-            self.ema.copy_to(params)
-        try:   # the conditions as training makes them, the student under the run's mixed precision
+        # Previews show what `sample` will use (the EMA's weights); training's come back exactly.
+        with sharding.ema_weights(generator, self.ema):
+            # The conditions as training makes them, the student under the run's mixed precision.
             conds = [self.teacher.encode_condition(labels[i:i + batch] if labels is not None else None)
                      for i in range(0, n, batch)]
             with self.acc.autocast():
                 x = torch.cat([student_sample(generator, self.schedule, z[i:i + batch], c,
                                               self.recipe.student.timesteps, g).float().cpu()
                                for i, c in zip(range(0, n, batch), conds)])
-        finally:
-            if self.sharded:
-                generator.reshard()
-            if self.ema is not None:
-                self.ema.restore(params)
         if self.acc.is_main_process:
             self.teacher.save_preview(x, None, labels, self.run_dir / "previews" / f"{name}.png",
                                       title=f"{self.recipe.train.method} student, {name}")

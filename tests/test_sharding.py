@@ -62,6 +62,50 @@ def weights(run, step, name):
 
 
 @linux_only
+def test_ema_weights_swap_in_and_out_of_a_sharded_network(monkeypatch):
+    """The preview's swap of the generator's EMA weights on an FSDP2-sharded network (one gloo
+    process): inside, the network computes with the EMA's weights; after, exactly with its own,
+    also after a no-grad forward, which leaves FSDP2's root gathered. Without the reshard on the
+    way out, the next forward ran on the EMA's root weights: the two-process runs below, which
+    end within float noise of one process, did not see it."""
+    import socket
+
+    import torch.distributed as dist
+    from diffusers.training_utils import EMAModel
+
+    from dmdcli import sharding
+    from dmdcli.networks import MLPDenoiser
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(port))
+    dist.init_process_group("gloo", rank=0, world_size=1)
+    try:
+        torch.manual_seed(0)
+        net = sharding.shard(MLPDenoiser(2), torch.device("cpu"), "no")
+        ema = EMAModel(net.parameters(), decay=0.5)
+        opt = torch.optim.AdamW(net.parameters(), lr=0.1)
+        x, t = torch.randn(8, 2), torch.full((8,), 999)
+        for _ in range(3):   # the weights and their EMA apart
+            net(x, t).square().mean().backward()
+            opt.step()
+            opt.zero_grad()
+            ema.step(net.parameters())
+        with torch.no_grad():
+            net(x, t)   # as when the critic's turn makes fakes: the root stays gathered
+            own = net(x, t)
+            with sharding.ema_weights(net, ema):
+                averaged = net(x, t)
+            after = net(x, t)
+        assert not torch.equal(averaged, own)
+        assert torch.equal(after, own), (after - own).abs().max()
+    finally:
+        dist.destroy_process_group()
+
+
+@linux_only
 def test_sharded_run_trains_as_one_process_resumes_after_sigkill_and_exports(tmp_path):
     """Two sharded processes at batch 2 end where one unsharded process at batch 4 ends, with the
     same checkpoint files: the mean difference of the weights at 1% of how far they moved (float
