@@ -116,7 +116,7 @@ class TrainConfig:
     weight_decay: float = 0.01          # AdamW weight decay of both
     warmup_steps: int = 500             # linear learning-rate warm-up, in iterations (the generator's from its first turn)
     lr_decay_steps: int = 0             # > 0: both rates fall linearly to zero over the run's last this many iterations
-    grad_clip: float = 10.0             # gradient norm clip of both networks
+    grad_clip: float = 10.0             # gradient norm clip of both networks; 0: off
     dm_weight: float = 1.0              # weight of the distribution-matching loss
     mixed_precision: str = _choices("no", "bf16", "fp16", default="no")   # accelerate's autocast (the authors: bf16)
     on_non_finite: str = _choices("stop", "skip", default="stop")   # skip: drop the update, count it
@@ -198,7 +198,7 @@ class TeacherTrainConfig:
     batch_size: int = 64               # images per step
     lr: float = 2e-4                   # AdamW learning rate
     warmup_steps: int = 200            # linear learning-rate warm-up, in steps
-    grad_clip: float = 1.0             # gradient norm clip
+    grad_clip: float = 1.0             # gradient norm clip; 0: off
     weight_decay: float = 0.0          # AdamW weight decay
     ema_decay: float = 0.999           # EMA of the weights (the teacher saved is the EMA)
     class_dropout: float = 0.1         # share of labels replaced by the null class (for CFG)

@@ -182,7 +182,7 @@ def train_teacher(r: TeacherRecipe, progress_factory=None, console=None) -> tupl
             y[torch.rand(len(y), generator=rng) < r.train.class_dropout] = family.null
             loss = family.loss(unet, x0, y.to(acc.device), rng, acc.device)
             acc.backward(loss)
-            acc.clip_grad_norm_(unet.parameters(), r.train.grad_clip)
+            acc.clip_grad_norm_(unet.parameters(), r.train.grad_clip or float("inf"))   # 0: off
             opt.step()
             lr_sched.step()
             opt.zero_grad(set_to_none=True)

@@ -268,7 +268,7 @@ class DMDTrainer:
             return {"skipped_generator": 1}
         self.acc.backward(loss)
         logs["grad_norm_g"] = sharding.full_tensor(
-            self.acc.clip_grad_norm_(self.generator.parameters(), r.train.grad_clip).detach())
+            self.acc.clip_grad_norm_(self.generator.parameters(), r.train.grad_clip or float("inf")).detach())
         self.opt_g.step()
         self.opt_g.zero_grad(set_to_none=True)
         if self.ema is not None:
@@ -328,7 +328,7 @@ class DMDTrainer:
             self.sched_c.step()   # the schedule counts iterations, skipped or not (as the generator's)
             return {"skipped_critic": 1}
         self.acc.backward(loss)
-        self.acc.clip_grad_norm_(self.critic.parameters(), r.train.grad_clip)
+        self.acc.clip_grad_norm_(self.critic.parameters(), r.train.grad_clip or float("inf"))   # 0: off
         self.opt_c.step()
         self.sched_c.step()
         self.opt_c.zero_grad(set_to_none=True)

@@ -36,6 +36,18 @@ def test_generator_moves_only_on_its_turns_and_critic_every_step(tiny_recipe):
     assert [i for i, t in enumerate(turns) if t] == [2, 5, 8]
 
 
+def test_grad_clip_zero_turns_clipping_off(tiny_recipe):
+    """train.grad_clip = 0 updates both networks as an unreachable clip does; it used to clip
+    every gradient to norm 0, leaving the networks only AdamW's weight decay."""
+    common = ("train.critic_steps_per_generator_step=1", "train.critic_warmup_steps=0", "train.warmup_steps=0")
+    off, high = trainer_for(tiny_recipe, "train.grad_clip=0", *common), trainer_for(tiny_recipe, "train.grad_clip=1e9", *common)
+    for _ in range(3):
+        off.train_step()
+        high.train_step()
+    for a, b in ((off.generator, high.generator), (off.critic, high.critic)):
+        assert all(torch.equal(x, y) for x, y in zip(a.parameters(), b.parameters()))
+
+
 def test_learning_rates_decay_to_zero_together_over_the_last_iterations(tiny_recipe):
     """Both schedules end at the run's last iteration although the generator's counts from its
     first turn (iteration 4): at iteration 35 both rates are half, at 40 zero."""
