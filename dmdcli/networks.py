@@ -30,9 +30,10 @@ class MLPDenoiser(nn.Module):
         self.num_classes = num_classes
         self.label_embedding = nn.Embedding(num_classes + 1, hidden) if num_classes else None
         widths = [dim + time_channels + (hidden if num_classes else 0)] + [hidden] * layers
+        act = {"silu": nn.SiLU, "relu": nn.ReLU}[activation]
         body: list[nn.Module] = []
         for a, b in zip(widths[:-1], widths[1:]):
-            body += [nn.Linear(a, b), {"silu": nn.SiLU, "relu": nn.ReLU}[activation]()]
+            body += [nn.Linear(a, b), act()]
         self.body = nn.Sequential(*body, nn.Linear(hidden, dim))
 
     def forward(self, x_t: torch.Tensor, t: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:

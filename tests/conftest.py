@@ -29,14 +29,19 @@ def pytest_collection_modifyitems(items):
     items.sort(key=lambda item: rank.get(item.path.stem, len(rank)))   # stable: the rest keep their order
 
 
-def launch_command(*args, processes: int = 2) -> list[str]:
-    """`accelerate launch` of `dmd ARGS` on `processes` CPU processes (DDP over gloo), on a free port
-    so that launches in parallel test workers do not meet on accelerate's default 29500."""
+def free_port() -> int:
+    """A free local port, so that process groups of parallel test workers do not meet."""
     import socket
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+        return s.getsockname()[1]
+
+
+def launch_command(*args, processes: int = 2) -> list[str]:
+    """`accelerate launch` of `dmd ARGS` on `processes` CPU processes (DDP over gloo), on a free port
+    so that launches in parallel test workers do not meet on accelerate's default 29500."""
+    port = free_port()
     return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
             "--num_machines", "1", "--main_process_port", str(port), "--mixed_precision", "no",
             "--dynamo_backend", "no", "-m", "dmdcli", *map(str, args)]

@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from conftest import ROOT, launch_command, launch_env, run_dmd
+from conftest import ROOT, free_port, launch_command, launch_env, run_dmd
 from test_multiprocess import launch
 from tiny_models import save_tiny_unet2d, unet2d_recipe
 
@@ -68,19 +68,14 @@ def test_ema_weights_swap_in_and_out_of_a_sharded_network(monkeypatch):
     also after a no-grad forward, which leaves FSDP2's root gathered. Without the reshard on the
     way out, the next forward ran on the EMA's root weights: the two-process runs below, which
     end within float noise of one process, did not see it."""
-    import socket
-
     import torch.distributed as dist
     from diffusers.training_utils import EMAModel
 
     from dmdcli import sharding
     from dmdcli.networks import MLPDenoiser
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
-    monkeypatch.setenv("MASTER_PORT", str(port))
+    monkeypatch.setenv("MASTER_PORT", str(free_port()))
     dist.init_process_group("gloo", rank=0, world_size=1)
     try:
         torch.manual_seed(0)
