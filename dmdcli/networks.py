@@ -6,6 +6,7 @@ Image teachers bring their own networks (diffusers UNets); this file is only for
 from __future__ import annotations
 
 import contextlib
+import math
 
 import torch
 from diffusers.models.embeddings import get_timestep_embedding
@@ -18,11 +19,15 @@ class MLPDenoiser(nn.Module):
     Input: x_t, a sinusoidal embedding of t, and a learned class embedding whose last row
     is the null class (for classifier-free guidance) when num_classes is set. activation:
     "silu" (smooth, for scores) or "relu" (piecewise linear, for maps with sharp edges).
+    x_alone_init: draw x_t's first-layer weights as if x_t were the layer's only input.
+    nn.Linear draws them at 1/sqrt(fan_in), and the embeddings widen the fan-in from dim to
+    dim + time_channels (+ hidden), which shrinks x_t's weights (4.1 times for 2-D): a map that
+    must jump between modes then starts too smooth, and Adam's bounded steps take long to grow it.
     """
 
     def __init__(self, dim: int, hidden: int = 256, layers: int = 3, num_classes: int | None = None,
                  prediction_type: str = "epsilon", time_channels: int = 32, num_train_timesteps: int = 1000,
-                 activation: str = "silu"):
+                 activation: str = "silu", x_alone_init: bool = False):
         super().__init__()
         self.prediction_type = prediction_type
         self.time_channels = time_channels
@@ -35,6 +40,9 @@ class MLPDenoiser(nn.Module):
         for a, b in zip(widths[:-1], widths[1:]):
             body += [nn.Linear(a, b), act()]
         self.body = nn.Sequential(*body, nn.Linear(hidden, dim))
+        if x_alone_init:
+            with torch.no_grad():
+                self.body[0].weight[:, :dim] *= math.sqrt(widths[0] / dim)
 
     def forward(self, x_t: torch.Tensor, t: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         t = t.expand(x_t.shape[0]) if t.ndim == 0 else t

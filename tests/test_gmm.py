@@ -193,6 +193,24 @@ def test_mode_shape_metrics_pass_the_mixture_and_fail_every_fake(name):
         assert all(0.8 < r < 1.2 for r in results["ring"]["mode_mass_ratio"])
 
 
+def test_bridges_between_far_apart_modes_count_as_between_modes_not_as_width():
+    """Exact samples of the tight mixture (centres 35 stds apart) with 5% moved onto the segments
+    between neighbouring centres, what a one-step student draws: they are bridges, not width.
+    Without the mode radius's cap at MODE_RADIUS_STDS stds (half the gap alone) no sample lay
+    outside a mode and the modes read 1.5 times too wide."""
+    mixture = Mixture.from_config(MIXTURES["tight"])
+    g = torch.Generator().manual_seed(3)
+    x, labels = mixture.sample(5000, g)
+    bridge = torch.arange(len(x)) % 20 == 0
+    along = torch.rand(int(bridge.sum()), 1, generator=g, dtype=torch.float64)
+    start, end = mixture.means[labels[bridge]], mixture.means[(labels[bridge] + 1) % len(mixture.means)]
+    x[bridge] = start + along * (end - start)
+    m = mixture.mode_metrics(x, seed=7)
+    assert 0.03 < m["far_share"] - m["far_share_exact"] < 0.05, m   # 5% x the segments' 77% beyond 4 stds of both ends
+    assert all(0.9 < r < 1.1 for r in m["mode_spread_ratio"]), m
+    assert not passes_mode_shape(m)
+
+
 def test_energy_distance_is_szekelys_unbiased_statistic():
     from dmdcli.teachers.gmm import energy_distance
 
@@ -203,3 +221,14 @@ def test_energy_distance_is_szekelys_unbiased_statistic():
     within_y = sum((y[i] - y[j]).norm() for i in range(5) for j in range(5) if i != j) / 20
     expected = 2 * between - within_x - within_y
     assert energy_distance(x, y, chunk=3) == pytest.approx(expected.item(), rel=1e-9)
+
+
+def test_generator_reads_its_noise_with_full_size_first_layer_weights():
+    """nn.Linear draws weights uniform in +-1/sqrt(fan_in); the 32 time-embedding inputs widen the
+    generator's fan-in from 2 to 34. Its noise columns are drawn as for 2 inputs (bound 0.71, not
+    0.17), the embedding's as before; the critic keeps nn.Linear's draw throughout."""
+    torch.manual_seed(0)
+    teacher = GMMTeacher(GMMConfig())
+    first = teacher.make_generator().body[0].weight
+    assert 0.65 < first[:, :2].abs().max() <= 2 ** -0.5 and first[:, 2:].abs().max() <= 34 ** -0.5
+    assert teacher.make_critic().body[0].weight.abs().max() <= 34 ** -0.5

@@ -34,6 +34,11 @@ SCHEDULER_CONFIG = {
 FLOW_SCHEDULER_CONFIG = {"num_train_timesteps": 1000, "shift": 3.0}
 
 
+# A mode's region in mode_metrics: at most this many of its stds from its centre (exact 2-D
+# samples fall outside it 0.03% of the time), and at most half the way to the nearest other centre.
+MODE_RADIUS_STDS = 4.0
+
+
 class Mixture:
     """Isotropic Gaussian mixture: means (K, D), stds (K,), weights (K,) summing to 1."""
 
@@ -102,11 +107,15 @@ class Mixture:
         - precision: share of samples within 3 std of some mode centre;
         - mode_mass_ratio: share of samples nearest each centre over that centre's weight;
         - mode_spread_ratio: per mode, the RMS per-dimension deviation from its centre of the
-          samples that lie within the mode's separating radius (half the distance to the nearest
-          other centre), over the same for the exact samples, so the truncation cancels: 1 for
-          the mixture, above 1 for modes too wide, below for modes too tight or collapsed;
-        - far_share: share of samples outside every separating radius (bridges between modes,
-          a uniform ring), beside the exact samples' own (far_share_exact);
+          samples that lie within the mode's radius (half the distance to the nearest other
+          centre, at most MODE_RADIUS_STDS of its stds), over the same for the exact samples, so
+          the truncation cancels: 1 for the mixture, above 1 for modes too wide, below for modes
+          too tight or collapsed;
+        - far_share: share of samples outside every mode's radius (bridges between modes, a
+          uniform ring), beside the exact samples' own (far_share_exact). The cap keeps bridges
+          out of the spread where modes lie far apart (radius 6, std 0.2: centres 35 stds apart):
+          without it, a student with 3% of its samples strung between such modes read 1.5 to
+          1.6 times too wide and 0.0% between modes, its modes' cores at 0.9 of the mixture's;
         - mode_energy: the largest over modes of the energy distance (2 E|x - y| - E|x - x'|
           - E|y - y'|, unbiased) between the samples and the exact samples nearest that mode (at
           most 2,000 of each), in units of the mode's std: about 0 only when every mode has the
@@ -133,11 +142,11 @@ class Mixture:
                 "far_share_exact": far_ref, "mode_energy": energy}
 
     def _mode_spread(self, x: torch.Tensor) -> tuple[torch.Tensor, float]:
-        """(per-mode RMS per-dimension deviation inside the separating radius (nan for a mode
-        no sample reaches), share of samples outside every separating radius)."""
+        """(per-mode RMS per-dimension deviation inside the mode's radius (nan for a mode no
+        sample reaches), share of samples outside every mode's radius)."""
         gaps = torch.cdist(self.means, self.means) + torch.diag(torch.full((len(self.means),), float("inf"),
                                                                            dtype=torch.float64))
-        radius = gaps.min(dim=1).values / 2
+        radius = torch.minimum(gaps.min(dim=1).values / 2, MODE_RADIUS_STDS * self.stds)
         d = torch.cdist(x, self.means)
         nearest = d.argmin(dim=1)
         inside = d[torch.arange(len(x)), nearest] <= radius[nearest]
@@ -199,10 +208,11 @@ class GMMTeacher(Teacher):
         conditional = torch.where(is_null[:, None], uncond, conditional)
         return classifier_free_guidance(uncond, conditional, guidance).to(x_t.dtype)
 
-    def _mlp(self, prediction_type: str, activation: str = "silu") -> MLPDenoiser:
+    def _mlp(self, prediction_type: str, activation: str = "silu", x_alone_init: bool = False) -> MLPDenoiser:
         return MLPDenoiser(self.mixture.dim, self.cfg.hidden, self.cfg.layers, self.num_classes,
                            prediction_type=prediction_type,
-                           num_train_timesteps=self.schedule.num_train_timesteps, activation=activation)
+                           num_train_timesteps=self.schedule.num_train_timesteps, activation=activation,
+                           x_alone_init=x_alone_init)
 
     def make_generator(self):
         # A freshly initialised MLP cannot start from the teacher: it predicts x directly. ReLU:
@@ -210,7 +220,10 @@ class GMMTeacher(Teacher):
         # noise and jumps between them, which a piecewise-linear MLP fits far sooner than a smooth
         # one (5 modes of std 0.2 at radius 6, 1,500 steps of regression on the teacher's pairs:
         # SiLU's modes 2.1..2.2 times too wide, ReLU's 1.5..1.6; BENCHMARKS.md, "Beyond the ring").
-        return self._mlp("sample", "relu")
+        # x_alone_init: the noise's first-layer weights at full size, not shrunk 4.1 times by the
+        # time embedding's share of the fan-in (the recipe on that mixture, bridges between modes
+        # counted as width: 2.03..2.19 times too wide with them shrunk, 1.73..1.90 at full size).
+        return self._mlp("sample", "relu", x_alone_init=True)
 
     def make_critic(self):
         # The fake score in the parametrisation a teacher of this family is trained in.
