@@ -197,7 +197,7 @@ def test_bridges_between_far_apart_modes_count_as_between_modes_not_as_width():
     """Exact samples of the tight mixture (centres 35 stds apart) with 5% moved onto the segments
     between neighbouring centres, what a one-step student draws: they are bridges, not width.
     Without the mode radius's cap at MODE_RADIUS_STDS stds (half the gap alone) no sample lay
-    outside a mode and the modes read 1.5 times too wide."""
+    outside a mode, and the test fails."""
     mixture = Mixture.from_config(MIXTURES["tight"])
     g = torch.Generator().manual_seed(3)
     x, labels = mixture.sample(5000, g)
