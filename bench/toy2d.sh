@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The toy2d benchmark: recipes/toy2d.toml as shipped (its pairs, then DMD2), 10,000 one-step samples, metrics
-# against the exact mixture, beside the teacher's 50-step ODE from the same noise (DDIM; Euler
+# against the exact mixture, beside the teacher's 50-step ODE from the same noise (Heun; Euler
 # under the flow schedule).
 # Usage: bench/toy2d.sh [SEED] [vp|flow]   (from the repository root after `make test` set up .venv)
 set -euo pipefail
@@ -10,7 +10,7 @@ out=runs/bench-toy2d-$schedule-seed$seed
 rm -rf "$out"
 bin=.venv/bin
 start=$(date +%s.%N)
-# The recipe's regression pairs: the teacher's 50-step ODE (DDIM; Euler under flow).
+# The recipe's regression pairs: the teacher's 50-step ODE (Heun; Euler under flow).
 $bin/dmd make-pairs --teacher gmm --recipe recipes/toy2d.toml --set teacher.gmm.schedule="$schedule" \
     --num 32768 --steps 50 --batch-size 4096 --shard-size 8192 --out "$out/pairs"
 $bin/dmd distill recipes/toy2d.toml --set run.out="$out" --set run.seed="$seed" --set teacher.gmm.schedule="$schedule" \

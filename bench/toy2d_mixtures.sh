@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The toy2d recipe beyond the ring it was tuned on (issue 25): for each mixture, the exact
-# teacher's ODE pairs (50 DDIM steps), then bench/toy2d_shape.py on the recipe as shipped, with the
+# teacher's ODE pairs (50 Heun steps, its default), then bench/toy2d_shape.py on the recipe as shipped, with the
 # mixture's settings, printing the mode metrics of 10,000 one-step samples. One thread a run.
 # Usage: bash bench/toy2d_mixtures.sh [NAME ...]   (default: every mixture below; from the
 # repository root after `make test` set up .venv)

@@ -144,8 +144,8 @@ def make_pairs(teacher: str = typer.Option(..., help="teacher: gmm, sd, unet2d, 
                set_: List[str] = typer.Option([], "--set", help="teacher setting, section.key=value"),
                prompts: Optional[str] = typer.Option(None, help="sd: prompts FILE (one a line) or HF_DATASET[:column]"),
                steps: int = typer.Option(50, help="ODE sampler steps"),
-               sampler: Optional[str] = typer.Option(None, help="ddim (eta 0), dpmpp-2m, euler or heun "
-                                                                "(default: heun for edm, else ddim)"),
+               sampler: Optional[str] = typer.Option(None, help="ddim (eta 0), dpmpp-2m, euler or heun (default: "
+                                                                "heun for edm and gmm, euler for flow, else ddim)"),
                guidance: Optional[float] = typer.Option(None, help="CFG scale, standard form (default: the "
                                                                   "recipe's or --set teacher.guidance; else sd 3, "
                                                                   "others 1)"),
@@ -199,7 +199,8 @@ def sample(run: Optional[Path] = typer.Argument(None, help="run or checkpoint fo
            guidance: Optional[float] = typer.Option(None, help="teacher CFG scale, standard form (default: the "
                                                                "run's recipe or --set teacher.guidance, else 1)"),
            sampler: Optional[str] = typer.Option(None, help="teacher sampler: ddim, dpmpp-2m, euler or heun "
-                                                            "(default: heun for edm, else ddim)"),
+                                                            "(default: heun for edm and gmm, euler for flow, "
+                                                            "else ddim)"),
            seed: int = typer.Option(0), batch_size: int = typer.Option(256),
            ema: bool = typer.Option(True, "--ema/--no-ema", help="use the generator's EMA weights if the run kept them"),
            images: str = typer.Option("none", help="also write the images: png (one file each) or npz (uint8)"),

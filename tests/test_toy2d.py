@@ -35,7 +35,7 @@ def train_and_measure(tmp_path: Path, overrides=SHORT, num_pairs: int = 8192) ->
                                   *overrides])
     if recipe.regression.pairs:   # the recipe's make-pairs command (32,768 pairs there)
         make_pairs(GMMTeacher(recipe.teacher.gmm), Path(recipe.regression.pairs), num_pairs,
-                   PairSettings(steps=50, shard_size=8192), batch_size=4096)
+                   PairSettings(steps=50, sampler="heun", shard_size=8192), batch_size=4096)
     distill(recipe)
     _, teacher, generator, _ = load_student(recipe.run.out)
     z = torch.randn(10000, 2, generator=torch.Generator().manual_seed(123))
@@ -60,9 +60,10 @@ def has_the_modes_shape(m: dict) -> bool:
 
 def test_toy2d_recipe_gets_every_mode_and_its_shape(tmp_path):
     """The recipe beyond the ring it was tuned on: its modes weighted 4,1,1,2,1,1,3,1 (spread
-    0.94..1.04, 2.4% between modes (exact 1.3%), energy 0.02). Since the generator reads its
-    noise with full-size weights, the breaks that failed it before pass at this size: no pairs
-    (0.93..1.16, 4.2% between modes) and a SiLU generator (0.93..1.19, 3.4%, energy 0.07); the
+    0.97..1.06, 2.8% between modes (exact 1.3%), energy 0.02, on Heun's pairs). Since the
+    generator reads its noise with full-size weights, the breaks that failed it before pass at
+    this size: no pairs (0.93..1.16, 4.2% between modes) and a SiLU generator (0.93..1.19, 3.4%,
+    energy 0.07, on the earlier 50-step DDIM pairs); the
     regression term has its own test (test_pairs.py), the generator's draw test_gmm.py's, the DM
     term the flipped test below. `-m slow` runs the ring at the recipe's full size."""
     m = train_and_measure(tmp_path, [*HALF, "teacher.gmm.weights=[4,1,1,2,1,1,3,1]"])
