@@ -148,6 +148,8 @@ def _make_pairs(teacher, out: Path, num: int, settings: PairSettings, batch_size
                 barrier, progress_factory) -> dict:
     expected = {"format": FORMAT, "teacher": teacher.describe(), **asdict(settings),
                 "sample_shape": list(teacher.sample_shape), "num_classes": teacher.num_classes, "dtype": "float32"}
+    if teacher.family == "vp" and settings.sampler in ("euler", "heun"):   # not resumed from older pairs,
+        expected["grid"] = "T - 1 down to 0"                                # made on the trailing grid
     manifest_path = out / "manifest.json"
     if rank == 0:
         for stale in out.glob(".*.tmp-*"):   # a killed call's half-written shard, record or manifest

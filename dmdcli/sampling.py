@@ -23,6 +23,9 @@ def make_scheduler(sampler: str, scheduler_config: dict):
         cfg["set_alpha_to_one"] = True  # the last step returns the x0 prediction
     if sampler == "dpmpp-2m":
         cfg.update(algorithm_type="dpmsolver++", solver_order=2, final_sigmas_type="zero")
+    if sampler in ("euler", "heun"):   # their sigmas on edm_vp_grid's timesteps: a teacher folder's
+        cfg.update(use_karras_sigmas=False, use_exponential_sigmas=False,   # own sigma spacing would
+                   use_beta_sigmas=False, interpolation_type="linear")     # refuse or ignore them
     return getattr(diffusers, SAMPLERS[sampler]).from_config(cfg)
 
 

@@ -98,6 +98,19 @@ def test_changed_settings_are_refused(tmp_path, capsys):
     assert f"{out} holds pairs made with other settings (steps differ); use another --out" in capsys.readouterr().err
 
 
+def test_heun_pairs_made_on_the_old_trailing_grid_are_not_resumed(tmp_path, capsys):
+    """Heun's and Euler's VP grid changed (T - 1 down to 0, was trailing): a folder whose manifest
+    lacks the grid was made on the old one, and finishing it would mix the two."""
+    out = tmp_path / "p"
+    assert main(["make-pairs", "--teacher", "gmm", "--num", "16", "--out", str(out), "--steps", "4"]) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["sampler"] == "heun" and manifest.pop("grid") == "T - 1 down to 0"
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    capsys.readouterr()
+    assert main(["make-pairs", "--teacher", "gmm", "--num", "16", "--out", str(out), "--steps", "4"]) == 2
+    assert f"{out} holds pairs made with other settings (grid differ); use another --out" in capsys.readouterr().err
+
+
 def test_corrupt_shard_is_named_when_training(tmp_path, capsys):
     out = tmp_path / "p"
     make_pairs(GMMTeacher(GMMConfig()), out, 16, PairSettings(steps=4, shard_size=8))
