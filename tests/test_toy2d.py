@@ -18,14 +18,15 @@ from dmdcli.runner import distill
 from dmdcli.teachers.gmm import GMMTeacher
 
 RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "toy2d.toml"
-# The recipe's test variant: its 8,000 iterations at batch 256 instead of 512, on 8,192 pairs
-# instead of 32,768 (about 2 minutes on one thread).
+# The recipe's test variant: its 15,500 iterations at batch 256 instead of 512, on 8,192 pairs
+# instead of 32,768 (about 4 minutes on one thread).
 # The DM gradient alone is checked on the short variant: 4,000 iterations (500 critic warm-up,
-# 700 generator steps) at batch 256, about 40 s; flipped, at 2,000 and the generator's rate at
-# 1e-3 without decay, where the same run unflipped passes the mode test (precision 0.887, mass
-# 0.89..1.18; at the recipe's 3e-3 with decay it still misses a mode at 2,000).
+# 700 generator steps) at batch 256 with the earlier 3-layer MLPs, about 40 s; flipped, at 2,000
+# and the generator's rate at 1e-3 without decay, where the same run unflipped passes the mode
+# test (precision 0.887, mass 0.89..1.18; at the recipe's 3e-3 with decay it still misses a mode
+# at 2,000).
 HALF = ["train.batch_size=256", "run.preview_samples=0"]
-SHORT = ["train.steps=4000", "train.lr_decay_steps=3500", *HALF]
+SHORT = ["train.steps=4000", "train.lr_decay_steps=3500", "teacher.gmm.layers=3", *HALF]
 EARLY = ["train.steps=2000", "train.lr_decay_steps=0", "train.lr_generator=1e-3"]
 NO_PAIRS = ["regression.pairs=''"]
 
@@ -60,10 +61,9 @@ def has_the_modes_shape(m: dict) -> bool:
 
 def test_toy2d_recipe_gets_every_mode_and_its_shape(tmp_path):
     """The recipe beyond the ring it was tuned on: its modes weighted 4,1,1,2,1,1,3,1 (spread
-    0.97..1.06, 2.8% between modes (exact 1.3%), energy 0.02, on Heun's pairs). Since the
-    generator reads its noise with full-size weights, the breaks that failed it before pass at
-    this size: no pairs (0.93..1.16, 4.2% between modes) and a SiLU generator (0.93..1.19, 3.4%,
-    energy 0.07, on the earlier 50-step DDIM pairs); the
+    0.96..1.01, 2.0% between modes (exact 1.3%), energy 0.005, 5 layers on Heun's pairs). The
+    recipe is strong enough at this size that its earlier breaks pass: no pairs (today 0.95..1.10,
+    2.8%) and a SiLU generator (0.93..1.19, 3.4%, energy 0.07 with the 3-layer recipe); the
     regression term has its own test (test_pairs.py), the generator's draw test_gmm.py's, the DM
     term the flipped test below. `-m slow` runs the ring at the recipe's full size."""
     m = train_and_measure(tmp_path, [*HALF, "teacher.gmm.weights=[4,1,1,2,1,1,3,1]"])
@@ -92,7 +92,7 @@ def test_toy2d_with_flipped_dm_gradient_fails(tmp_path, monkeypatch):
 
 @pytest.mark.slow
 def test_toy2d_full_recipe(tmp_path):
-    """The recipe exactly as shipped (its 32,768 pairs; about 2 minutes), as recorded in
+    """The recipe exactly as shipped (its 32,768 pairs; about 5 minutes), as recorded in
     BENCHMARKS.md."""
     m = train_and_measure(tmp_path, [], num_pairs=32768)
     assert passes_mode_test(m) and has_the_modes_shape(m), m
