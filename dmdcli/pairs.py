@@ -28,7 +28,7 @@ from .utils.io import atomic_path, sha256, write_json
 from .utils.processes import any_process, process_state
 from .utils.shards import ShardRows
 from .recipe import dotted
-from .sampling import SAMPLERS, teacher_ode
+from .sampling import EDM_GRID_SAMPLERS, SAMPLERS, teacher_ode
 from .teachers import uint8_images
 from .utils.stopping import StopRequest, Stopped
 
@@ -148,7 +148,7 @@ def _make_pairs(teacher, out: Path, num: int, settings: PairSettings, batch_size
                 barrier, progress_factory) -> dict:
     expected = {"format": FORMAT, "teacher": teacher.describe(), **asdict(settings),
                 "sample_shape": list(teacher.sample_shape), "num_classes": teacher.num_classes, "dtype": "float32"}
-    if teacher.family == "vp" and settings.sampler in ("euler", "heun"):   # not resumed from older pairs,
+    if teacher.family == "vp" and settings.sampler in EDM_GRID_SAMPLERS:   # not resumed from older pairs,
         expected["grid"] = "T - 1 down to 0"                                # made on the trailing grid
     manifest_path = out / "manifest.json"
     if rank == 0:

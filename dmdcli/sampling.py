@@ -12,6 +12,7 @@ from .utils.errors import UserError
 # sigma / alpha, so it runs on diffusers' Euler scheduler: diffusers' DDIMScheduler steps to
 # t - T // steps, off its own trailing grid when steps do not divide T (0.07 from the DDIM update
 # at 30 steps on the 2-D mixture, 0.65 at 80), and takes no timestep list.
+EDM_GRID_SAMPLERS = ("euler", "heun")   # on a VP schedule: T - 1 down to 0 (edm_vp_grid)
 SAMPLERS = {"ddim": "EulerDiscreteScheduler", "dpmpp-2m": "DPMSolverMultistepScheduler",
             "euler": "EulerDiscreteScheduler", "heun": "HeunDiscreteScheduler"}  # Heun: 2 calls a step
 
@@ -48,7 +49,7 @@ def teacher_ode(teacher, noise: torch.Tensor, cond, steps: int, guidance: float 
                        heun=sampler == "heun")
     sched = make_scheduler(sampler, teacher.scheduler_config)
     T = sched.config.num_train_timesteps
-    if sampler in ("euler", "heun"):   # EDM's samplers, on EDM's kind of grid
+    if sampler in EDM_GRID_SAMPLERS:   # EDM's samplers, on EDM's kind of grid
         sched.set_timesteps(timesteps=edm_vp_grid(steps, T), device=noise.device)
     elif sampler == "ddim":   # diffusers' trailing grid, T - 1 down to T / steps - 1, as a list for Euler
         sched.set_timesteps(timesteps=[round(T - i * T / steps) - 1 for i in range(steps)], device=noise.device)

@@ -137,8 +137,8 @@ def test_last_step_lands_on_the_denoiser_output(teacher_and_noise, sampler, step
 
 def test_heun_on_the_vp_grid_is_second_order(teacher_and_noise):
     """Against its own 400-step solution, Heun's error falls about 4 times when its steps double
-    (3.9, 3.6 measured here; 4.5, 4.0 on bench/vp_samplers.py's ring): its grid ends at t = 0 as EDM's ends at sigma_min. On diffusers'
-    trailing grid the last x0 was taken at timestep 1000 / steps - 1 and the error only halved
+    (3.9, 3.6 measured here; 4.5, 4.0 on bench/vp_samplers.py's ring): its grid ends at t = 0 as
+    EDM's ends at sigma_min. On diffusers' trailing grid the last x0 was taken at timestep 1000 / steps - 1 and the error only halved
     (1.8, 2.0), first order like DDIM's."""
     teacher, z = teacher_and_noise
     reference = teacher_ode(teacher, z, None, steps=400, sampler="heun").double()

@@ -86,7 +86,6 @@ def test_gan_term_alone_gives_weight_times_the_gradient_of_softplus_of_minus_the
     """With the DM weight 0, the generator's gradient is exactly gan.generator_weight x grad of
     mean softplus(-D(G(z) noised at t_g with eps_g)), D the critic's GAN head, at the trainer's
     own draws: a GAN term on x.detach(), with its sign flipped, or on un-noised samples fails."""
-    from dmdcli import losses
     from dmdcli.sampling import generator_x0
 
     tr = trainer_for(tiny_recipe, "gan.generator_weight=0.3", "gan.critic_weight=0.01", "train.critic_warmup_steps=0",

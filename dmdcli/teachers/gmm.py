@@ -114,8 +114,8 @@ class Mixture:
         - far_share: share of samples outside every mode's radius (bridges between modes, a
           uniform ring), beside the exact samples' own (far_share_exact). The cap keeps bridges
           out of the spread where modes lie far apart (radius 6, std 0.2: centres 35 stds apart):
-          without it, the toy2d recipe's student there, 4.4% of its samples strung between
-          modes, read 1.7 to 1.9 times too wide and 0.0% between modes, its cores 0.8..0.85;
+          without it, the 3-layer toy2d recipe's student there, 4.4% of its samples strung
+          between modes, read 1.7 to 1.9 times too wide and 0.0% between modes;
         - mode_energy: the largest over modes of the energy distance (2 E|x - y| - E|x - x'|
           - E|y - y'|, unbiased) between the samples and the exact samples nearest that mode (at
           most 2,000 of each), in units of the mode's std: about 0 only when every mode has the
