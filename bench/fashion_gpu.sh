@@ -4,6 +4,7 @@
 #   fashion           DMD2, recipes/fashion.toml as it stands (3,500 steps, the EDM teacher)
 #   fashion-restart   its restart: 500 more steps from its last checkpoint (the shipped student)
 #   fashion-dmd       DMD v1, bench/fashion.sh's settings (the recipe's 3,500 steps)
+#   fashion-dmd-restart  its restart, as DMD2's
 # and, with LONG=N, two more: the same runs with train.steps=N and train.batch_size=LONG_BATCH
 # (fashion-long, fashion-dmd-long), and with VARIANTS="NAME:KEY=VALUE;KEY=VALUE NAME2:..." one
 # DMD2 run per variant, the recipe with those --set overrides (runs/NAME), e.g.
@@ -49,10 +50,10 @@ run() {   # run NAME CMD...: log to $LOGS/NAME.log; print its tail and return 1 
 }
 fail=0
 wait_all() { local p; for p in "$@"; do wait "$p" || fail=1; done; }
-# DMD v1: one critic step per generator step; the generator at 1e-4 and regression weight 1 (at
-# the recipe's 3e-4 and the paper's 0.25 every class collapsed to one image; BENCHMARKS.md).
-V1=(--set train.method=dmd --set train.critic_steps_per_generator_step=1 --set regression.pairs=pairs/fashion
-    --set regression.weight=1.0 --set train.lr_generator=1e-4 --set gan.generator_weight=0 --set gan.critic_weight=0)
+# DMD v1: the recipe with regression on the pairs (the paper's weight 0.25) in place of the GAN
+# (bench/fashion.sh says why).
+V1=(--set train.method=dmd --set regression.pairs=pairs/fashion --set regression.weight=0.25
+    --set gan.generator_weight=0 --set gan.critic_weight=0)
 capped() { timeout -s TERM -k 60 "$CAP" "$@"; }
 
 stamp "make-pairs ($PAIRS pairs, Heun 18 steps, unguided: the EDM teacher's default)"
@@ -60,7 +61,7 @@ run make-pairs $DMD make-pairs --teacher edm --recipe recipes/fashion.toml --ste
     --batch-size "$BATCH" --out pairs/fashion || exit 1
 # The two DMD2 runs read Fashion-MNIST's training images: unpack them once, before both start.
 run fashion-mnist $PY -c "from dmdcli.datasets import load_images; load_images('fashion-mnist')" || exit 1
-RUNS=(fashion fashion-restart fashion-dmd)
+RUNS=(fashion fashion-restart fashion-dmd fashion-dmd-restart)
 [ "$LONG" -gt 0 ] && RUNS+=(fashion-long fashion-dmd-long)
 for variant in $VARIANTS; do RUNS+=("${variant%%:*}"); done
 stamp "${#RUNS[@]} distillations side by side, $CAP s each at most"
@@ -68,7 +69,9 @@ stamp "${#RUNS[@]} distillations side by side, $CAP s each at most"
 { run fashion capped $DMD distill recipes/fashion.toml && run fashion-restart capped $DMD distill \
     recipes/fashion.toml --set run.out=runs/fashion-restart --set train.init_from=runs/fashion --set train.steps=500; } &
 pids=($!)
-run fashion-dmd capped $DMD distill recipes/fashion.toml --set run.out=runs/fashion-dmd "${V1[@]}" & pids+=($!)
+{ run fashion-dmd capped $DMD distill recipes/fashion.toml --set run.out=runs/fashion-dmd "${V1[@]}" && run \
+    fashion-dmd-restart capped $DMD distill recipes/fashion.toml --set run.out=runs/fashion-dmd-restart \
+    --set train.init_from=runs/fashion-dmd --set train.steps=500 "${V1[@]}"; } & pids+=($!)
 if [ "$LONG" -gt 0 ]; then
     run fashion-long capped $DMD distill recipes/fashion.toml --set run.out=runs/fashion-long \
         --set train.steps="$LONG" --set train.batch_size="$LONG_BATCH" & pids+=($!)
@@ -82,7 +85,7 @@ for variant in $VARIANTS; do
     run "$name" capped $DMD distill recipes/fashion.toml --set run.out="runs/$name" "${sets[@]}" & pids+=($!)
 done
 wait_all "${pids[@]}"
-stamp "compare: ${RUNS[*]}, the teacher at 1, 4 and 50 steps, in one call"
+stamp "compare: ${RUNS[*]}, the teacher at 1, 4 and 18 steps, in one call"
 run compare $DMD compare "${RUNS[@]/#/runs/}" --out runs/fashion-compare --teacher-steps 1,4,18 \
     --ref fashion-mnist --features fashion --num "$NUM" --batch-size "$BATCH" || fail=1
 stamp done
