@@ -62,8 +62,9 @@ def has_the_modes_shape(m: dict) -> bool:
 
 def test_toy2d_recipe_gets_every_mode_and_its_shape(tmp_path):
     """The recipe beyond the ring it was tuned on: its modes weighted 4,1,1,2,1,1,3,1 (spread
-    0.97..1.02, 1.8% between modes (exact 1.3%), energy 0.006, 5 layers on Heun's pairs, at
-    regression weight 10; at weight 1 0.97..1.03, 2.1%, and at batch 256 0.96..1.01, 2.0%). The
+    0.97..1.03, 2.1% between modes (exact 1.3%), energy 0.007, 5 layers on Heun's pairs; at
+    batch 256 0.96..1.01, 2.0%). With the DM gradient flipped it fails (spread 1.00..1.16,
+    energy 0.76); at regression weight 3 or 10 it would pass flipped, hence the recipe's 1. The
     recipe is strong enough at this size that its earlier breaks pass: no pairs (0.95..1.10, 2.8%
     at batch 256) and a SiLU generator (0.93..1.19, 3.4%, energy 0.07 with the 3-layer recipe); the
     regression term has its own test (test_pairs.py), the generator's draw test_gmm.py's, the DM
