@@ -14,6 +14,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 import test_toy2d as T  # noqa: E402
 
 from dmdcli import losses  # noqa: E402
+from toy2d_shape import summary  # noqa: E402  (bench/, this script's folder)
 
 
 def main():
@@ -24,10 +25,7 @@ def main():
         over = over[1:]
     with tempfile.TemporaryDirectory() as d:
         m = T.train_and_measure(Path(d), [*T.QUARTER, "teacher.gmm.weights=[4,1,1,2,1,1,3,1]", *over])
-    spread, mass = m["mode_spread_ratio"], m["mode_mass_ratio"]
-    print(f"{sys.argv[1:]}: precision {m['precision']:.3f}  spread {min(spread):.2f}..{max(spread):.2f}  "
-          f"far {m['far_share']:.3f} (exact {m['far_share_exact']:.3f})  energy {m['mode_energy']:.3f}  "
-          f"mass {min(mass):.2f}..{max(mass):.2f}  test passes: {T.passes_mode_test(m) and T.has_the_modes_shape(m)}")
+    print(f"{sys.argv[1:]}: {summary(m)}  test passes: {T.passes_mode_test(m) and T.has_the_modes_shape(m)}")
 
 
 if __name__ == "__main__":

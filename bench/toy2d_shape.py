@@ -31,10 +31,15 @@ def main():
     _, teacher, generator, _ = load_student(r.run.out)
     z = torch.randn(10000, teacher.mixture.dim, generator=torch.Generator().manual_seed(123))
     m = teacher.mixture.mode_metrics(student_sample(generator, teacher.schedule, z, None, [999]))
+    print(f"{name} {over}: {summary(m)}  {time.time() - t0:.0f} s")
+
+
+def summary(m: dict) -> str:
+    """One line of `mode_metrics`' figures (also bench/toy2d_recipe_test.py's)."""
     spread, mass = m["mode_spread_ratio"], m["mode_mass_ratio"]
-    print(f"{name} {over}: precision {m['precision']:.3f}  spread {min(spread):.2f}..{max(spread):.2f}  "
-          f"far {m['far_share']:.3f} (exact {m['far_share_exact']:.3f})  energy {m['mode_energy']:.3f}  "
-          f"mass {min(mass):.2f}..{max(mass):.2f}  {time.time() - t0:.0f} s")
+    return (f"precision {m['precision']:.3f}  spread {min(spread):.2f}..{max(spread):.2f}  "
+            f"far {m['far_share']:.3f} (exact {m['far_share_exact']:.3f})  energy {m['mode_energy']:.3f}  "
+            f"mass {min(mass):.2f}..{max(mass):.2f}")
 
 
 if __name__ == "__main__":
