@@ -2,6 +2,9 @@
 
 import json
 
+import pytest
+import torch
+
 from conftest import dmd_here, run_dmd
 from tiny_models import save_tiny_unet2d, unet2d_recipe
 
@@ -28,6 +31,25 @@ def test_compare_measures_student_and_teacher_rows_alike(tmp_path):
     assert (tmp_path / "cmp" / "grid.png").read_bytes()[:4] == b"\x89PNG"
     assert "class accuracy" in result.stdout and "images/s" in result.stdout and "spread" in result.stdout
     assert "x the teacher's images per second at 2 steps" in result.stderr
+    # The student's row measures that run's own one-step samples: `dmd sample` of the run at the
+    # same seed gives the very samples compare kept, and `dmd fid` of them the row's FID and
+    # class accuracy. A compare that sampled the teacher, another run or the raw weights, or
+    # measured another row's samples, fails here.
+    from safetensors.torch import load_file
+
+    alone = dmd_here("sample", tmp_path / "run", "--num", 12, "--teacher-steps", 0, "--batch-size", 6,
+                     "--out", tmp_path / "alone")
+    assert alone.returncode == 0, alone.stderr
+    x = load_file(str(tmp_path / "alone" / "samples.safetensors"))["x"]
+    kept = [load_file(str(f))["x"] for f in (tmp_path / "cmp").glob("*/samples.safetensors")]
+    assert sum(torch.equal(x, k) for k in kept) == 1 and not torch.equal(x, load_file(
+        str(tmp_path / "cmp" / "teacher-1" / "samples.safetensors"))["x"])
+    fid = dmd_here("fid", tmp_path / "alone", "--ref", ref / "samples.safetensors", "--features", "fashion",
+                   "--batch-size", 6, "--json", tmp_path / "alone.json")
+    assert fid.returncode == 0, fid.stderr
+    measured = json.loads((tmp_path / "alone.json").read_text())
+    assert measured["fid"] == pytest.approx(rows[("student", 1)]["fid"], abs=1e-6)
+    assert measured["class_accuracy"] == rows[("student", 1)]["class_accuracy"]
 
 
 def test_compare_shares_the_teachers_rows_between_runs_and_resumes_unchanged_rows(tmp_path):

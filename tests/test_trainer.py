@@ -82,40 +82,6 @@ def test_gan_losses_train_the_generator_and_the_head_each_on_its_turn(tiny_recip
     assert all(torch.isfinite(torch.as_tensor(v)) for v in logs.values())
 
 
-def test_gan_term_alone_gives_weight_times_the_gradient_of_softplus_of_minus_the_logits(tiny_recipe):
-    """With the DM weight 0, the generator's gradient is exactly gan.generator_weight x grad of
-    mean softplus(-D(G(z) noised at t_g with eps_g)), D the critic's GAN head, at the trainer's
-    own draws: a GAN term on x.detach(), with its sign flipped, or on un-noised samples fails."""
-    from dmdcli.sampling import generator_x0
-
-    tr = trainer_for(tiny_recipe, "gan.generator_weight=0.3", "gan.critic_weight=0.01", "train.critic_warmup_steps=0",
-                     "train.dm_weight=0", "train.warmup_steps=0")
-    drawn = {"randn": [], "timesteps": []}
-    inputs, randn, timesteps = tr._generator_inputs, tr._randn, tr._timesteps
-    tr._generator_inputs = lambda n: drawn.setdefault("inputs", inputs(n))
-    tr._randn = lambda shape: drawn["randn"].append(randn(shape)) or drawn["randn"][-1]
-    tr._timesteps = lambda draw, n: drawn["timesteps"].append(timesteps(draw, n)) or drawn["timesteps"][-1]
-    gen, critic = tr.acc.unwrap_model(tr.generator), tr.acc.unwrap_model(tr.critic)
-    got = [None] * len(list(gen.parameters()))
-    hooks = [p.register_hook(lambda g, i=i: got.__setitem__(i, g.clone())) for i, p in enumerate(gen.parameters())]
-    before = snapshot(gen)
-    tr.generator_step()
-    for h in hooks:
-        h.remove()
-    with torch.no_grad():
-        for p, b in zip(gen.parameters(), before):
-            p.copy_(b)
-    x_in, t_in, cond = drawn["inputs"]
-    eps_g, t_g = drawn["randn"][-1], drawn["timesteps"][-1]   # the GAN pass draws last
-    x = generator_x0(gen, tr.schedule, x_in, t_in, cond)
-    logits = critic.logits(tr.schedule.add_noise(x, eps_g, t_g), t_g, cond)
-    expected = torch.autograd.grad(0.3 * torch.nn.functional.softplus(-logits).mean(), list(gen.parameters()))
-    assert all(g is not None for g in got)
-    for g, e in zip(got, expected):
-        torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-7)
-    assert max(float(e.abs().max()) for e in expected) > 0
-
-
 def test_gan_passes_stop_at_the_critics_bottleneck(tiny_recipe):
     """Past the bottleneck only the critic's denoising needs the network: the generator's GAN
     pass and the real images stop there (DMD2's authors do the same)."""
