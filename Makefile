@@ -38,7 +38,7 @@ demo-steps:
 	$(DMD) compare $(DEMO)/student $(DEMO_SHIPPED) --out $(DEMO)/compare --ref fashion-mnist --features fashion \
 	    --num $(DEMO_NUM) --teacher-steps 1,4,18 --batch-size 50
 
-# The exact 2-D teacher: the algorithm against a known score (about 6 minutes): the teacher's
+# The exact 2-D teacher: the algorithm against a known score (about 12 minutes): the teacher's
 # ODE pairs for the recipe's regression term, DMD2, then the mode metrics of 10,000 samples.
 demo-toy2d: $(BIN)/dmd
 	$(BIN)/dmd make-pairs --teacher gmm --recipe recipes/toy2d.toml --num 32768 --steps 50 \

@@ -28,7 +28,9 @@ def gradients_of_one_step(step, module):
     params = list(module.parameters())
     before = [p.detach().clone() for p in params]
     got = [None] * len(params)
-    hooks = [p.register_hook(lambda g, i=i: got.__setitem__(i, g.clone())) for i, p in enumerate(params)]
+    # Summed over every backward that reaches a parameter (a second backward of the same term shows).
+    hooks = [p.register_hook(lambda g, i=i: got.__setitem__(i, g.clone() if got[i] is None else got[i] + g))
+             for i, p in enumerate(params)]
     step()
     for h in hooks:
         h.remove()
@@ -110,6 +112,31 @@ def test_edm_critic_loss_is_edms_weighted_x0_loss(tmp_path):
     x_t = x + sigma * eps
     d = tr.schedule.to_x0(critic(x_t, t, cond), x_t, t, critic.prediction_type)
     loss = ((sigma ** -2 + 0.5 ** -2) * (d - x) ** 2).mean()
+    assert_gradients_equal(got, torch.autograd.grad(loss, list(critic.parameters())))
+
+
+def test_critic_gan_term_adds_weight_times_softplus_of_fake_and_minus_real_logits(tiny_recipe):
+    """With the GAN head on, the critic's gradient is its denoising loss's plus gan.critic_weight x
+    that of mean softplus(D(fake)) + mean softplus(-D(real)) (DMD2 eq. 4), the fakes noised at the
+    drawn t and eps, the reals (exact mixture samples here) at their own t_r and noise, all in one
+    critic call. Caught: fake and real logits swapped, the reals not noised."""
+    tr = trainer_for(tiny_recipe, "gan.generator_weight=0.01", "gan.critic_weight=0.5")
+    drawn = record_draws(tr)
+    reals = []
+    batch = tr.real.batch
+    tr.real.batch = lambda *a, **k: reals.append(batch(*a, **k)) or reals[-1]
+    gen, critic = tr.acc.unwrap_model(tr.generator), tr.acc.unwrap_model(tr.critic)
+    got = gradients_of_one_step(tr.critic_step, critic)   # the critic's own turn
+    (x_in, t_in, cond), = drawn["inputs"]
+    (_, eps, eps_r), (t, t_r) = drawn["randn"], drawn["timesteps"]   # z, the fakes' noise, the reals'
+    (images, labels), = reals
+    with torch.no_grad():
+        x = generator_x0(gen, tr.schedule, x_in, t_in, cond)
+    real = (tr.schedule.add_noise(images, eps_r, t_r), t_r, tr.real.condition(labels, x.device))
+    pred, logits = critic(tr.schedule.add_noise(x, eps, t), t, cond, real)
+    n = len(x)
+    loss = F.mse_loss(pred, tr.schedule.training_target(x, eps, t, critic.prediction_type)) + 0.5 * (
+        F.softplus(logits[:n]).mean() + F.softplus(-logits[n:]).mean())
     assert_gradients_equal(got, torch.autograd.grad(loss, list(critic.parameters())))
 
 
