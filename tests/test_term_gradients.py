@@ -47,6 +47,13 @@ def assert_gradients_equal(got, expected):
     assert max(float(e.abs().max()) for e in expected) > 0
 
 
+def drawn_fakes(tr, drawn):
+    """The generator's samples (no gradient) from the drawn inputs, and their conditions."""
+    (x_in, t_in, cond), = drawn["inputs"]
+    with torch.no_grad():
+        return generator_x0(tr.acc.unwrap_model(tr.generator), tr.schedule, x_in, t_in, cond), cond
+
+
 def trainer_for(tiny_recipe, *overrides):
     return DMDTrainer(load_recipe(tiny_recipe(), ["train.critic_warmup_steps=0", "train.warmup_steps=0", *overrides]))
 
@@ -81,12 +88,10 @@ def test_critic_loss_alone_gives_the_gradient_of_the_teachers_own_loss(tiny_reci
     for schedule in ("vp", "flow"):
         tr = trainer_for(tiny_recipe, f'teacher.gmm.schedule="{schedule}"')
         drawn = record_draws(tr)
-        gen, critic = tr.acc.unwrap_model(tr.generator), tr.acc.unwrap_model(tr.critic)
+        critic = tr.acc.unwrap_model(tr.critic)
         got = gradients_of_one_step(tr.critic_step, critic)   # the critic's own turn: fresh samples
-        (x_in, t_in, cond), = drawn["inputs"]
+        x, cond = drawn_fakes(tr, drawn)
         t, eps = drawn["timesteps"][-1], drawn["randn"][-1]   # the noise z is drawn first
-        with torch.no_grad():
-            x = generator_x0(gen, tr.schedule, x_in, t_in, cond)
         pred = critic(tr.schedule.add_noise(x, eps, t), t, cond)
         target = tr.schedule.training_target(x, eps, t, critic.prediction_type)
         assert_gradients_equal(got, torch.autograd.grad(F.mse_loss(pred, target), list(critic.parameters())))
@@ -102,12 +107,10 @@ def test_edm_critic_loss_is_edms_weighted_x0_loss(tmp_path):
                       '[train]\nbatch_size = 3\ncritic_warmup_steps = 0\nwarmup_steps = 0\n')
     tr = DMDTrainer(load_recipe(recipe))
     drawn = record_draws(tr)
-    gen, critic = tr.acc.unwrap_model(tr.generator), tr.acc.unwrap_model(tr.critic)
+    critic = tr.acc.unwrap_model(tr.critic)
     got = gradients_of_one_step(tr.critic_step, critic)
-    (x_in, t_in, cond), = drawn["inputs"]
+    x, cond = drawn_fakes(tr, drawn)
     t, eps = drawn["timesteps"][-1], drawn["randn"][-1]   # the noise z is drawn first
-    with torch.no_grad():
-        x = generator_x0(gen, tr.schedule, x_in, t_in, cond)
     sigma = tr.schedule.sigma(t).view(-1, 1, 1, 1)
     x_t = x + sigma * eps
     d = tr.schedule.to_x0(critic(x_t, t, cond), x_t, t, critic.prediction_type)
@@ -125,13 +128,11 @@ def test_critic_gan_term_adds_weight_times_softplus_of_fake_and_minus_real_logit
     reals = []
     batch = tr.real.batch
     tr.real.batch = lambda *a, **k: reals.append(batch(*a, **k)) or reals[-1]
-    gen, critic = tr.acc.unwrap_model(tr.generator), tr.acc.unwrap_model(tr.critic)
+    critic = tr.acc.unwrap_model(tr.critic)
     got = gradients_of_one_step(tr.critic_step, critic)   # the critic's own turn
-    (x_in, t_in, cond), = drawn["inputs"]
+    x, cond = drawn_fakes(tr, drawn)
     (_, eps, eps_r), (t, t_r) = drawn["randn"], drawn["timesteps"]   # z, the fakes' noise, the reals'
     (images, labels), = reals
-    with torch.no_grad():
-        x = generator_x0(gen, tr.schedule, x_in, t_in, cond)
     real = (tr.schedule.add_noise(images, eps_r, t_r), t_r, tr.real.condition(labels, x.device))
     pred, logits = critic(tr.schedule.add_noise(x, eps, t), t, cond, real)
     n = len(x)

@@ -96,7 +96,7 @@ def test_toy2d_with_flipped_dm_gradient_fails(tmp_path, monkeypatch):
 
 @pytest.mark.slow
 def test_toy2d_full_recipe(tmp_path):
-    """The recipe exactly as shipped (its 32,768 pairs; about 10 minutes), as recorded in
+    """The recipe exactly as shipped (its 32,768 pairs; about 11 minutes on 2 cores), as recorded in
     BENCHMARKS.md."""
     m = train_and_measure(tmp_path, [], num_pairs=32768)
     assert passes_mode_test(m) and has_the_modes_shape(m), m
