@@ -19,25 +19,23 @@ stamp() { echo "[$((SECONDS - t0)) s] $*"; }
 
 RUNS=()
 if [ "$HALF" != v1 ]; then
-    # DMD2: two time-scale rule and GAN on real images (recipes/fashion.toml), then its restart:
-    # a new run from the last checkpoint, 500 iterations (the recipe's comments say why).
+    # DMD2: two time-scale rule and GAN on real images, 5,000 iterations (recipes/fashion.toml).
     $DMD distill recipes/fashion.toml
-    $DMD distill recipes/fashion.toml --set run.out=runs/fashion-restart --set train.init_from=runs/fashion \
-        --set train.steps=500
     stamp "DMD2 distilled"
-    RUNS+=(runs/fashion-restart)
+    RUNS+=(runs/fashion)
 fi
 if [ "$HALF" != dmd2 ]; then
     # DMD v1: DM loss plus regression on teacher ODE pairs (Heun 18 steps, unguided, as the recipe's
     # teacher) at the paper's weight 0.25, in place of DMD2's GAN; the recipe's two time-scale rule
-    # (5 critic steps a generator step) and rates, then the same restart as DMD2's (at one critic
-    # step a generator step and 3e-4 every class collapsed to one image; BENCHMARKS.md).
+    # (5 critic steps a generator step) and rates for 3,500 iterations, then a restart: a new run from
+    # the last checkpoint, 500 iterations (at one critic step a generator step and 3e-4 every class
+    # collapsed to one image; BENCHMARKS.md).
     $DMD make-pairs --teacher edm --recipe recipes/fashion.toml --steps 18 --sampler heun --num 4096 \
         --batch-size "$BATCH" --shard-size 512 --out pairs/fashion
     stamp "pairs made"
     V1=(--set train.method=dmd --set regression.pairs=pairs/fashion --set regression.weight=0.25
         --set gan.generator_weight=0 --set gan.critic_weight=0)
-    $DMD distill recipes/fashion.toml --set run.out=runs/fashion-dmd "${V1[@]}"
+    $DMD distill recipes/fashion.toml --set run.out=runs/fashion-dmd --set train.steps=3500 "${V1[@]}"
     $DMD distill recipes/fashion.toml --set run.out=runs/fashion-dmd-restart --set train.init_from=runs/fashion-dmd \
         --set train.steps=500 "${V1[@]}"
     stamp "DMD v1 distilled"

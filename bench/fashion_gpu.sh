@@ -1,10 +1,9 @@
 #!/usr/bin/env bash
 # Issue 7's benchmark (bench/fashion.sh's commands) on one GPU machine inside a short lease.
 # These networks are far too small to fill a GPU, so the distillations run side by side:
-#   fashion           DMD2, recipes/fashion.toml as it stands (3,500 steps, the EDM teacher)
-#   fashion-restart   its restart: 500 more steps from its last checkpoint (the shipped student)
-#   fashion-dmd       DMD v1, bench/fashion.sh's settings (the recipe's 3,500 steps)
-#   fashion-dmd-restart  its restart, as DMD2's
+#   fashion           DMD2, recipes/fashion.toml as it stands (5,000 steps, the EDM teacher)
+#   fashion-dmd       DMD v1, bench/fashion.sh's settings (3,500 steps)
+#   fashion-dmd-restart  its restart: 500 more steps from its last checkpoint
 # and, with LONG=N, two more: the same runs with train.steps=N and train.batch_size=LONG_BATCH
 # (fashion-long, fashion-dmd-long), and with VARIANTS="NAME:KEY=VALUE;KEY=VALUE NAME2:..." one
 # DMD2 run per variant, the recipe with those --set overrides (runs/NAME), e.g.
@@ -61,15 +60,13 @@ run make-pairs $DMD make-pairs --teacher edm --recipe recipes/fashion.toml --ste
     --batch-size "$BATCH" --out pairs/fashion || exit 1
 # The two DMD2 runs read Fashion-MNIST's training images: unpack them once, before both start.
 run fashion-mnist $PY -c "from dmdcli.datasets import load_images; load_images('fashion-mnist')" || exit 1
-RUNS=(fashion fashion-restart fashion-dmd fashion-dmd-restart)
+RUNS=(fashion fashion-dmd fashion-dmd-restart)
 [ "$LONG" -gt 0 ] && RUNS+=(fashion-long fashion-dmd-long)
 for variant in $VARIANTS; do RUNS+=("${variant%%:*}"); done
 stamp "${#RUNS[@]} distillations side by side, $CAP s each at most"
-# DMD2, then its restart from the last checkpoint (500 iterations; recipes/fashion.toml says why).
-{ run fashion capped $DMD distill recipes/fashion.toml && run fashion-restart capped $DMD distill \
-    recipes/fashion.toml --set run.out=runs/fashion-restart --set train.init_from=runs/fashion --set train.steps=500; } &
+run fashion capped $DMD distill recipes/fashion.toml &
 pids=($!)
-{ run fashion-dmd capped $DMD distill recipes/fashion.toml --set run.out=runs/fashion-dmd "${V1[@]}" && run \
+{ run fashion-dmd capped $DMD distill recipes/fashion.toml --set run.out=runs/fashion-dmd --set train.steps=3500 "${V1[@]}" && run \
     fashion-dmd-restart capped $DMD distill recipes/fashion.toml --set run.out=runs/fashion-dmd-restart \
     --set train.init_from=runs/fashion-dmd --set train.steps=500 "${V1[@]}"; } & pids+=($!)
 if [ "$LONG" -gt 0 ]; then
