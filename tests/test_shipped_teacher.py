@@ -82,6 +82,24 @@ def test_shipped_student_is_small_and_draws_its_classes_in_one_step(tmp_path):
     assert (pred == samples["label"]).float().mean() >= 0.7
 
 
+def test_shipped_student_is_the_recipe_as_shipped():
+    """fashion-mnist-dmd2 is `dmd distill recipes/fashion.toml` as the recipe stands (BENCHMARKS.md's
+    figures are its): the recipe saved in the student differs from the shipped one only in keys that
+    leave the result alone (the same check a resumed run passes), and the weights are the run's
+    last checkpoint, at the recipe's train.steps."""
+    import json
+
+    from dmdcli.recipe import load_recipe
+    from dmdcli.runner import check_same_run
+
+    recipe = load_recipe(Path(dmdcli.__file__).resolve().parents[1] / "recipes" / "fashion.toml",
+                         ["run.out='runs/fashion'"])
+    check_same_run(STUDENT_ASSET, recipe)
+    config = json.loads((STUDENT_ASSET / "config.json").read_text())
+    assert config["student"]["checkpoint_step"] == recipe.train.steps
+    assert "steps = %d\n" % recipe.train.steps in (STUDENT_ASSET / "recipe.toml").read_text()
+
+
 def test_a_run_starts_from_the_shipped_student(tmp_path):
     """train.init_from = "fashion-mnist-dmd2": the generator (and its EMA) starts at the shipped
     float16 weights, the critic at the teacher's, as in a fresh run (an export has no critic)."""
