@@ -20,7 +20,7 @@
 # tomli-w and scipy<1.18 as wheels, and put Fashion-MNIST's four Debian files in
 # /usr/share/datasets/fashion-mnist. Wheels and data together exceed one call's 64 MiB, so
 # bring the data in a first call and the wheels in the next, while the machine is warm.
-# Four runs side by side on an H200 made about 6 to 11 iterations/s each. Exits 1 if a step failed.
+# Four runs side by side on an H200 (2026-11-27, the older layout) made about 6 to 11 iterations/s each. Exits 1 if a step failed.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 DMD="${DMD:-.venv/bin/dmd}"
@@ -58,7 +58,7 @@ capped() { timeout -s TERM -k 60 "$CAP" "$@"; }
 stamp "make-pairs ($PAIRS pairs, Heun 18 steps, unguided: the EDM teacher's default)"
 run make-pairs $DMD make-pairs --teacher edm --recipe recipes/fashion.toml --steps 18 --sampler heun --num "$PAIRS" \
     --batch-size "$BATCH" --out pairs/fashion || exit 1
-# The two DMD2 runs read Fashion-MNIST's training images: unpack them once, before both start.
+# The DMD2 runs read Fashion-MNIST's training images: unpack them once, before they start.
 run fashion-mnist $PY -c "from dmdcli.datasets import load_images; load_images('fashion-mnist')" || exit 1
 RUNS=(fashion fashion-dmd fashion-dmd-restart)
 [ "$LONG" -gt 0 ] && RUNS+=(fashion-long fashion-dmd-long)

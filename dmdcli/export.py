@@ -106,6 +106,7 @@ def export(run: str | Path, out: Path, fid: str = "not measured", float16: bool 
     if teacher.name not in ("sd", "unet2d", "edm"):
         raise UserError(f"export writes students of the sd, unet2d and edm teachers; this run's teacher "
                         f"is {teacher.name!r} (its student is in {run}/checkpoints as safetensors)")
+    shown = Path(out)   # the model card's usage names the folder as the user gave it (no machine paths)
     out = Path(out).resolve()
     if out.exists() and any(out.iterdir()) and "distilled with dmd" not in _card(out):
         raise UserError(f"{out} exists and is not an earlier export (no dmd model card); give a new or empty folder")
@@ -116,7 +117,7 @@ def export(run: str | Path, out: Path, fid: str = "not measured", float16: bool 
         _write_edm(tmp, teacher, generator, ts, step, torch.float16 if float16 else torch.float32)
         write_text(tmp / "recipe.toml", to_toml(recipe))   # so that sample and compare read the folder
         conditional = bool(teacher.num_classes)
-        usage = EDM_USAGE.format(out=out, shape=tuple(teacher.sample_shape),
+        usage = EDM_USAGE.format(out=shown, shape=tuple(teacher.sample_shape),
                                  labels=f"\nlabels = torch.arange(16) % {teacher.num_classes}" if conditional else "",
                                  label_arg="labels" if conditional else "None")
         _finish(tmp, out, recipe, teacher, step, fid, usage)
@@ -140,10 +141,10 @@ def export(run: str | Path, out: Path, fid: str = "not measured", float16: bool 
     merge_lora(unet)   # LoRA students ship as plain UNets, adapters merged
     if teacher.name == "sd" and teacher.family == "flow":
         _write_sd3(tmp, recipe.teacher.sd, unet, scheduler)
-        usage = SD3_USAGE.format(out=out, sigmas=[float(teacher.schedule.sigmas[t]) for t in ts])
+        usage = SD3_USAGE.format(out=shown, sigmas=[float(teacher.schedule.sigmas[t]) for t in ts])
     elif teacher.name == "sd" and teacher.describe().get("kind") == "sdxl":
         _write_sdxl(tmp, recipe.teacher.sd, unet, scheduler, teacher.zero_unconditional)
-        usage = SD_USAGE.format(out=out, steps=len(ts), timesteps=ts, pipeline="StableDiffusionXLPipeline")
+        usage = SD_USAGE.format(out=shown, steps=len(ts), timesteps=ts, pipeline="StableDiffusionXLPipeline")
     elif teacher.name == "sd":
         from diffusers import AutoencoderKL, StableDiffusionPipeline
         from transformers import CLIPTextModel, CLIPTokenizer
@@ -157,14 +158,14 @@ def export(run: str | Path, out: Path, fid: str = "not measured", float16: bool 
             tokenizer=hub.load(CLIPTokenizer, m, "tokenizer", rev),
             safety_checker=None, feature_extractor=None, requires_safety_checker=False)
         pipe.save_pretrained(tmp, safe_serialization=True)
-        usage = SD_USAGE.format(out=out, steps=len(ts), timesteps=ts, pipeline="StableDiffusionPipeline")
+        usage = SD_USAGE.format(out=shown, steps=len(ts), timesteps=ts, pipeline="StableDiffusionPipeline")
     else:
         unet.save_pretrained(tmp / "unet", safe_serialization=True)
         scheduler.save_pretrained(tmp / "scheduler")
         conditional = teacher.num_classes is not None
         schedule = f"sigmas={[float(teacher.schedule.sigmas[t]) for t in ts]}" if teacher.family == "flow" \
             else f"timesteps={ts}"
-        usage = UNET_USAGE.format(out=out, scheduler=type(scheduler).__name__, schedule=schedule,
+        usage = UNET_USAGE.format(out=shown, scheduler=type(scheduler).__name__, schedule=schedule,
                                   shape=tuple(teacher.sample_shape),
                                   labels=f"\nlabels = torch.arange(16) % {teacher.num_classes}" if conditional else "",
                                   class_arg=", class_labels=labels" if conditional else "")
