@@ -107,7 +107,7 @@ def export(run: str | Path, out: Path, fid: str = "not measured", float16: bool 
         raise UserError(f"export writes students of the sd, unet2d and edm teachers; this run's teacher "
                         f"is {teacher.name!r} (its student is in {run}/checkpoints as safetensors)")
     shown = Path(out)   # the model card's usage names the folder as the user gave it (no machine paths)
-    out = Path(out).resolve()
+    out = shown.resolve()
     if out.exists() and any(out.iterdir()) and "distilled with dmd" not in _card(out):
         raise UserError(f"{out} exists and is not an earlier export (no dmd model card); give a new or empty folder")
     tmp = out.with_name(f".{out.name}.tmp")

@@ -191,7 +191,7 @@ def test_sd_make_pairs_stores_latents_prompts_and_decoded_images(tmp_path, sd_fo
                  "--num", "4", "--out", str(out), "--steps", "2", "--decode", "--verify", "4"]) == 0
 
 
-def test_export_sd_student_is_a_one_step_pipeline(tmp_path, sd_folder, prompts):
+def test_export_sd_student_is_a_one_step_pipeline(tmp_path, sd_folder, prompts, monkeypatch):
     from diffusers import StableDiffusionPipeline
 
     from dmdcli.runs import load_student
@@ -202,6 +202,11 @@ def test_export_sd_student_is_a_one_step_pipeline(tmp_path, sd_folder, prompts):
     out = tmp_path / "export"
     assert main(["export", str(run), "--out", str(out), "--fid", "n/a (test)"]) == 0
     assert "num_inference_steps=1, timesteps=[999]" in (out / "README.md").read_text()
+    # The card's usage names the folder as given: a relative --out stays relative (no machine path).
+    monkeypatch.chdir(tmp_path)
+    assert main(["export", str(run), "--out", "export-rel"]) == 0
+    card = (tmp_path / "export-rel" / "README.md").read_text()
+    assert 'from_pretrained("export-rel")' in card and f'from_pretrained("{tmp_path}' not in card
     pipe = StableDiffusionPipeline.from_pretrained(out, safety_checker=None)
     assert type(pipe.scheduler).__name__ == "LCMScheduler"
     recipe, teacher, generator, _ = load_student(run)
